@@ -1,0 +1,223 @@
+"""The gRPC server: a thin servicer, and one guard that authenticates, admits, signs, logs and maps errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from google.protobuf.message import DecodeError
+from loguru import logger
+
+from neuron import auth, protocol
+from neuron.batching import ModelWorker
+from neuron.chain.base import Metagraph
+from neuron.config import MinerConfig
+from neuron.errors import InvalidArgument, NeuronError
+from neuron.model import LoadedModel
+from neuron.pb.neuron.v1 import axon_pb2 as pb
+from neuron.pb.neuron.v1 import axon_pb2_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Axon"].full_name
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The admitted caller of the current request."""
+
+    hotkey: str
+    stake: float
+
+
+_PEER: contextvars.ContextVar[Peer] = contextvars.ContextVar("peer", default=Peer("", 0.0))
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class AxonServicer(axon_pb2_grpc.AxonServicer):
+    """Decode, check, hand to the model worker, encode."""
+
+    def __init__(self, lm: LoadedModel, worker: ModelWorker, config: MinerConfig, hotkey: str):
+        self.lm, self.worker, self.limits, self.hotkey = lm, worker, config.limits, hotkey
+
+    async def Info(self, request, context):
+        return protocol.info(self.lm, self.limits, self.hotkey)
+
+    async def Forward(self, request, context):
+        job = protocol.forward_job(request, self.limits, self.lm)
+        out = await self.worker.forward(job, priority=-_PEER.get().stake, deadline=_deadline(context))
+        return protocol.forward_response(job, out)
+
+    async def Generate(self, request, context):
+        prompt, params = protocol.generate_params(request, self.limits, self.lm)
+        gen = self.worker.generate(prompt, params, priority=-_PEER.get().stake, deadline=_deadline(context))
+        start = time.monotonic()
+        try:
+            steps = [step async for step in gen]
+        finally:
+            gen.cancel()  # a no-op when finished; stops the decoding when the caller went away
+        compute = (time.monotonic() - start) * 1000 - gen.queue_ms
+        return protocol.response(steps, protocol.timings(len(prompt), gen.queue_ms, compute))
+
+    async def GenerateStream(self, request, context):
+        prompt, params = protocol.generate_params(request, self.limits, self.lm)
+        gen = self.worker.generate(prompt, params, priority=-_PEER.get().stake, deadline=_deadline(context))
+        start = time.monotonic()
+        try:
+            async for step in gen:
+                msg = protocol.chunk(step)
+                if step.finish_reason is not None:
+                    compute = (time.monotonic() - start) * 1000 - gen.queue_ms
+                    msg.timings.CopyFrom(protocol.timings(len(prompt), gen.queue_ms, compute))
+                yield msg
+        finally:
+            gen.cancel()
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Wraps every Axon method: verify the signature on the raw bytes, admit, run, sign the answer.
+
+    Handlers are rebuilt to take and return raw bytes, so the signature covers exactly what
+    travelled. NeuronErrors become their status codes here, and nowhere else.
+    """
+
+    def __init__(self, config: MinerConfig, keypair, metagraph: Callable[[], Metagraph | None]):
+        self.config = config
+        self.keypair = keypair
+        self.hotkey = keypair.ss58_address if keypair is not None else ""
+        a = config.auth
+        self.nonces = auth.BoundedNonceStore(retention=a.max_age_s + a.allowed_skew_s + 1.0)
+        self.admission = auth.Admission(a, metagraph)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary, handler.request_deserializer, handler.response_serializer))
+        return grpc.unary_stream_rpc_method_handler(
+            self._stream(method, handler.unary_stream, handler.request_deserializer, handler.response_serializer))
+
+    def _admit(self, method: str, raw: bytes, context) -> tuple[Peer, str]:
+        """The admitted peer and the request's nonce; raises Unauthenticated / PermissionDenied / ResourceExhausted."""
+        headers = auth.auth_headers(context.invocation_metadata() or ())
+        if not self.config.auth.required:
+            return Peer(headers.get(auth.HOTKEY_KEY, ""), 0.0), headers.get(auth.NONCE_KEY, "0")
+        a = self.config.auth
+        caller = auth.verify(headers, raw, method=auth.REQUEST, path=method, self_hotkey=self.hotkey,
+                             nonce_store=self.nonces, max_age=a.max_age_s, allowed_skew=a.allowed_skew_s)
+        stake = self.admission.admit(caller.hotkey_ss58)
+        return Peer(caller.hotkey_ss58, stake), str(caller.nonce_ns)
+
+    def _sign(self, method: str, nonce: str, body: bytes, peer: Peer) -> list[tuple[str, str]]:
+        if self.keypair is None or not peer.hotkey:
+            return []
+        return auth.sign(self.keypair, auth.RESPONSE, auth.response_path(method, nonce), body, peer.hotkey)
+
+    @staticmethod
+    def _parse(deserialize, raw: bytes):
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid protobuf message") from None
+
+    def _unary(self, method, inner, deserialize, serialize):
+        async def behavior(raw: bytes, context):
+            start, peer = time.monotonic(), Peer("", 0.0)
+            try:
+                peer, nonce = self._admit(method, raw, context)
+                _PEER.set(peer)
+                body = serialize(await inner(self._parse(deserialize, raw), context))
+                context.set_trailing_metadata(self._sign(method, nonce, body, peer))
+                _log(method, peer, "OK", start)
+                return body
+            except NeuronError as exc:
+                _log(method, peer, exc.code.name, start, str(exc))
+                await context.abort(exc.code, str(exc))
+            except asyncio.CancelledError:
+                _log(method, peer, "CANCELLED", start)
+                raise
+            except Exception:
+                logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
+        return behavior
+
+    def _stream(self, method, inner, deserialize, serialize):
+        async def behavior(raw: bytes, context):
+            start, peer, chunks = time.monotonic(), Peer("", 0.0), []
+            try:
+                peer, nonce = self._admit(method, raw, context)
+                _PEER.set(peer)
+                async for msg in inner(self._parse(deserialize, raw), context):
+                    body = serialize(msg)
+                    chunks.append(body)
+                    yield body
+                context.set_trailing_metadata(self._sign(method, nonce, auth.stream_digest(chunks), peer))
+                _log(method, peer, "OK", start, f"{len(chunks)} chunks")
+            except NeuronError as exc:
+                _log(method, peer, exc.code.name, start, str(exc))
+                await context.abort(exc.code, str(exc))
+            except asyncio.CancelledError:
+                _log(method, peer, "CANCELLED", start, f"after {len(chunks)} chunks")
+                raise
+            except Exception:
+                logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
+        return behavior
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+def _log(method: str, peer: Peer, outcome: str, start: float, detail: str = "") -> None:
+    ms = (time.monotonic() - start) * 1000
+    line = f"{_short(method)} from {peer.hotkey[:8] or '-'} {outcome} {ms:.1f} ms" + (f": {detail}" if detail else "")
+    (logger.info if outcome in ("OK", "CANCELLED") else logger.warning)(line)
+
+
+class Axon:
+    """The server, created apart from running: `await Axon(...).start()` binds and returns the port."""
+
+    def __init__(self, lm: LoadedModel, config: MinerConfig, keypair=None,
+                 metagraph: Callable[[], Metagraph | None] = lambda: None, servicer_factory=AxonServicer):
+        self.config = config
+        self.worker = ModelWorker(lm, config.batching)
+        self.guard = Guard(config, keypair, metagraph)
+        self.health = health.aio.HealthServicer()
+        options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
+                   ("grpc.max_send_message_length", protocol.MAX_RESPONSE_BYTES + 1024 * 1024),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(interceptors=[self.guard], options=options)
+        axon_pb2_grpc.add_AxonServicer_to_server(servicer_factory(lm, self.worker, config, self.guard.hotkey), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.config.axon.ip}:{self.config.axon.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.axon.ip}:{self.config.axon.port} (in use?)")
+        self.worker.start()
+        await self.server.start()
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        logger.info(f"axon serving {SERVICE} on {self.config.axon.ip}:{self.port}")
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish for `grace` seconds, then stop the model worker."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.axon.grace_s if grace is None else grace)
+        await asyncio.to_thread(self.worker.stop)
+        logger.info("axon stopped")

@@ -1,0 +1,216 @@
+"""Frozen config dataclasses, built from YAML defaults and dotted CLI overrides (`--axon.port 8091`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "opentensor/bt-opt-1.3b"  # Hugging Face id, local directory, or "tiny" (ships in the package)
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16", "bfloat16"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_batch: int = 16  # sequences in one Forward request
+    max_seq_len: int = 512  # tokens in one sequence, prompt plus new tokens
+    max_topk: int = 64  # top-k of a Forward
+    max_new_tokens: int = 256  # max_new_tokens of a Generate
+    max_logprobs_topn: int = 20  # alternatives per generated token
+    max_stop_sequences: int = 8  # stop strings in one Generate
+    max_stop_chars: int = 64  # characters in one stop string
+    max_prompt_chars: int = 16384  # characters of a text prompt
+    max_message_bytes: int = 4 * 1024 * 1024  # request size, enforced by gRPC itself
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_tokens: int = 4096  # forward: tokens (rows x padded length) merged into one batch
+    max_wait_ms: float = 2.0  # forward: how long the first request waits for others to join
+    max_generate_batch: int = 16  # generation: sequences decoded together
+    queue_size: int = 256  # requests waiting for the model; beyond it RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class AxonConfig:
+    ip: str = "0.0.0.0"  # address to bind
+    port: int = 8091  # port to bind; 0 picks a free one
+    external_ip: str = ""  # address published on the chain (NAT); empty: the first non-loopback address
+    external_port: int = 0  # port published on the chain; 0: the bound port
+    grace_s: float = 5.0  # on SIGTERM, how long in-flight calls may finish
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    required: bool = True  # refuse unsigned requests
+    max_age_s: float = 10.0  # a nonce older than this is stale
+    allowed_skew_s: float = 2.0  # a nonce this far in the future is accepted (clock drift)
+    require_validator_permit: bool = True  # miners answer validators only
+    min_stake: float = 0.0  # callers with less stake (TAO) are refused
+    allow_hotkeys: tuple[str, ...] = ()  # always admitted (if registered checks pass or not)
+    deny_hotkeys: tuple[str, ...] = ()  # always refused
+    rate_per_s: float = 20.0  # requests per second per hotkey (token bucket)
+    burst: int = 40  # bucket size
+    metagraph_refresh_s: float = 12.0  # how often the miner re-reads the metagraph for admission
+
+
+@dataclass(frozen=True)
+class WalletConfig:
+    name: str = "default"  # coldkey name
+    hotkey: str = "default"  # hotkey name
+    path: str = "~/.bittensor/wallets"  # where btcli keeps wallets
+
+
+@dataclass(frozen=True)
+class SubtensorConfig:
+    network: str = "finney"  # finney, test, local, or a ws:// / wss:// endpoint
+    chain_path: str = ""  # with network "local": the SQLite file of the local chain
+    netuid: int = 1  # the subnet
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    debug: bool = False  # debug-level logs
+    json: bool = False  # one JSON object per line
+
+
+@dataclass(frozen=True)
+class MinerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    axon: AxonConfig = field(default_factory=AxonConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dishonest: str = ""  # mock network only: behave as this kind of cheater (refused off a local chain)
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dataset: str = ""  # a .txt or .jsonl prompt file; empty: the corpus shipped in the package
+    sample_size: int = 16  # miners queried per round
+    forward_seq_len: int = 64  # tokens in a Forward prompt
+    forward_positions: int = 8  # random positions checked per Forward
+    topk: int = 16  # top-k asked for
+    max_new_tokens: int = 16  # tokens per Generate
+    timeout_s: float = 10.0  # deadline per query
+    round_interval_s: float = 2.0  # pause between rounds
+    alpha: float = 0.1  # moving-average weight of a new reward
+    max_weight: float = 0.5  # cap on one uid's share of the weights
+    epoch_rounds: int = 5  # rounds between weight-sets
+    state_path: str = "~/.neuron/validator_state.pt"  # moving averages, saved atomically after each round
+    rounds: int = 0  # stop after this many rounds; 0 runs until stopped
+
+
+def _convert(value: Any, typ: Any, name: str) -> Any:
+    """Turn a YAML or CLI value into the field's type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return _build(typ, value, name + ".")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return tuple(str(v) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported type {typ}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(prefix + u for u in sorted(unknown))}")
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _merge(base: dict, dotted: dict[str, Any]) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {p} is not a section")
+        node[leaf] = value
+    return out
+
+
+def load(cls: type, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Build `cls` from its dataclass defaults, then the YAML file, then dotted overrides."""
+    data: dict = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level")
+    return _build(cls, _merge(data, overrides or {}))
+
+
+def parse_dotted(argv: list[str]) -> dict[str, str]:
+    """`--a.b 1 --c.d=x --flag` -> {"a.b": "1", "c.d": "x", "flag": "true"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (options look like --section.name VALUE)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        else:
+            value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def with_overrides(cfg: Any, **changes: Any) -> Any:
+    """A copy of a frozen config with dotted keys replaced: with_overrides(c, **{"axon.port": 0})."""
+    return _build(type(cfg), _merge(dataclasses.asdict(cfg), changes))
+
+

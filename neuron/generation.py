@@ -1,0 +1,200 @@
+"""Batched decoding with a KV cache: sequences join between steps and leave when they finish."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from neuron.model import LoadedModel, position_ids
+
+LENGTH, EOS, STOP_SEQUENCE = "length", "eos", "stop_sequence"
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """One generation's sampling parameters and stop conditions (already validated)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None  # None: random
+    repetition_penalty: float = 1.0  # 1: off
+    stop: tuple[str, ...] = ()
+    logprobs_topn: int = 0
+
+
+@dataclass
+class Step:
+    """One generated token, as streamed to the caller."""
+
+    token_id: int
+    logprob: float  # under the unmodified model distribution
+    top_ids: list[int]
+    top_logprobs: list[float]
+    text: str  # the text this token adds
+    finish_reason: str | None = None
+
+
+@dataclass
+class Sequence:
+    """A generation in flight."""
+
+    prompt_ids: list[int]
+    params: GenParams
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # text of `generated` emitted so far (cut before a stop string)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _filter_logits(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to one row of logits (float32 [V])."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device).unique()
+        vals = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0.0:
+        return logits
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = logits.topk(p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < p.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p; the first always stays.
+        drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def _choose(logits: torch.Tensor, seq: Sequence) -> int:
+    filtered = _filter_logits(logits, seq)
+    if seq.params.temperature == 0.0:
+        return int(filtered.argmax())
+    probs = filtered.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+class Decoder:
+    """Owns a batch of sequences and their KV cache; every call runs on the model's worker thread."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.seqs: list[Sequence] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [B, L] 1 for real tokens, 0 for left padding
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def new_sequence(self, prompt_ids: list[int], params: GenParams) -> Sequence:
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.lm.device)
+            gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        return Sequence(list(prompt_ids), params, generator=gen)
+
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence]) -> list[Step]:
+        """Prefill new sequences (left-padded together), join them to the batch; their first tokens."""
+        width = max(len(s.prompt_ids) for s in seqs)
+        pad = self.lm.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.lm.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            device=self.lm.device)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+        self._join(out.past_key_values, mask)
+        self.seqs.extend(seqs)
+        return [self._advance(seq, row) for seq, row in zip(seqs, out.logits[:, -1, :].float())]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, Step]]:
+        """One token for every sequence in the batch."""
+        last = torch.tensor([[s.generated[-1]] for s in self.seqs], device=self.lm.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
+        pos = position_ids(self.mask)[:, -1:]
+        out = self.lm.model(input_ids=last, attention_mask=self.mask, position_ids=pos,
+                            past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return [(s, self._advance(s, row)) for s, row in zip(self.seqs, out.logits[:, -1, :].float())]
+
+    def remove(self, done: list[Sequence]) -> None:
+        """Drop finished or cancelled sequences from the batch (and leading all-padding columns)."""
+        if not done:
+            return
+        keep = [i for i, s in enumerate(self.seqs) if not any(s is d for d in done)]
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.lm.device)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def _join(self, cache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> Step:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token = _choose(logits, seq)
+        seq.generated.append(token)
+        top_ids: list[int] = []
+        top_lp: list[float] = []
+        if seq.params.logprobs_topn:
+            v, i = logprobs.topk(seq.params.logprobs_topn)
+            top_ids, top_lp = i.tolist(), v.tolist()
+        step = Step(token, float(logprobs[token]), top_ids, top_lp, self._text_delta(seq))
+        if token == self.lm.eos_token_id:
+            seq.finish_reason = EOS
+        elif seq.finish_reason is None and len(seq.generated) >= seq.params.max_new_tokens:
+            seq.finish_reason = LENGTH
+        step.finish_reason = seq.finish_reason
+        return step
+
+    def _text_delta(self, seq: Sequence) -> str:
+        """Text added by the last token; held back while a multi-byte character is incomplete."""
+        if seq.finish_reason is not None:
+            return ""
+        full = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        for stop in seq.params.stop:
+            cut = full.find(stop)
+            if cut != -1:
+                seq.finish_reason = STOP_SEQUENCE
+                full = full[:cut]
+                break
+        else:
+            full = full.rstrip("\ufffd")
+        if not full.startswith(seq.text):
+            return ""  # a merge re-spelled earlier text; keep what was already sent
+        delta, seq.text = full[len(seq.text):], full
+        return delta

@@ -1,0 +1,196 @@
+"""Load a causal LM (a Hugging Face id, a local directory, or the embedded `tiny`) and run forward passes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+TINY_PATH = Path(__file__).resolve().parent / "assets" / "tiny"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotFound(RuntimeError):
+    """The model could not be found locally and could not be downloaded."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and what a peer needs to know about them."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int  # length of a logits row
+    max_positions: int  # longest sequence the model can take
+    eos_token_id: int | None
+    weights_fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # On CPU fp16/bf16 matmuls are several times slower than fp32.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _source(name: str) -> str:
+    if name == "tiny":
+        return str(TINY_PATH)
+    return os.path.expanduser(name)
+
+
+def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load `name` (HF id, local path, or "tiny"); HF_HUB_OFFLINE=1 is honoured by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars garble an operator's log
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    dt = resolve_dtype(dtype, dev)
+    source = _source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        where = "a local directory" if os.path.isdir(source) else "not a local directory"
+        hub = "downloads are disabled (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
+        raise ModelNotFound(
+            f"model {name!r} could not be loaded from {source!r} ({where}; not in the Hugging Face cache, "
+            f"or {hub}): {str(exc).splitlines()[0]}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev).eval()
+    config = model.config
+    max_positions = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    lm = LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=dev,
+        dtype=dt,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        max_positions=max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        weights_fingerprint=weights_fingerprint(model),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(f"model {name}: {params / 1e6:.1f}M parameters, {dt} on {dev}, vocab {lm.vocab_size}, "
+                f"max positions {max_positions}, weights {lm.weights_fingerprint[:12]}")
+    return lm
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the vocabulary and special tokens."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ForwardOutput:
+    """Top-k next-token distributions at the requested positions of every row."""
+
+    topk_ids: torch.Tensor  # int64 [B, P, k]
+    topk_logprobs: torch.Tensor  # float32 [B, P, k]
+    rest_mass: torch.Tensor  # float32 [B, P]
+    hidden: torch.Tensor | None  # float32 [B, P, H]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def forward_logprobs(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Full log-softmax [B, S, V] in float32 (and last hidden states), left padding allowed."""
+    input_ids = input_ids.to(lm.device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(lm.device)
+    out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   output_hidden_states=want_hidden, use_cache=False)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    hidden = out.hidden_states[-1].float() if want_hidden else None
+    return logprobs, hidden
+
+
+@dataclass(frozen=True)
+class ForwardJob:
+    """One Forward request: rows of equal length, positions (None: all), top-k, hidden states or not."""
+
+    input_ids: torch.Tensor  # int64 [B, S]
+    positions: list[int] | None
+    topk: int
+    want_hidden: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@torch.inference_mode()
+def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput]:
+    """Run several jobs as one left-padded batch and split the answers back, one per job."""
+    width = max(j.seq_len for j in jobs)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.cat([torch.nn.functional.pad(j.input_ids, (width - j.seq_len, 0), value=pad) for j in jobs])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(j.input_ids), (width - j.seq_len, 0)) for j in jobs])
+    logprobs, hidden = forward_logprobs(lm, ids, mask, want_hidden=any(j.want_hidden for j in jobs))
+    outputs, row = [], 0
+    for job in jobs:
+        positions = torch.arange(job.seq_len) if job.positions is None else torch.tensor(job.positions)
+        # Positions count from the row's first real token.
+        index = (positions + (width - job.seq_len)).to(lm.device)
+        rows = slice(row, row + job.rows)
+        values, ids_k = logprobs[rows][:, index].topk(job.topk, dim=-1)
+        outputs.append(ForwardOutput(
+            topk_ids=ids_k.cpu(),
+            topk_logprobs=values.cpu(),
+            rest_mass=(1.0 - values.exp().sum(-1)).clamp(min=0.0).cpu(),
+            hidden=hidden[rows][:, index].cpu() if job.want_hidden else None,
+        ))
+        row += job.rows
+    return outputs
+
+
+def forward_topk(lm: LoadedModel, input_ids: torch.Tensor, positions: list[int] | None, topk: int,
+                 want_hidden: bool = False) -> ForwardOutput:
+    """Next-token top-k at `positions` (None: all) of each row, unbatched: the direct call."""
+    return forward_batch(lm, [ForwardJob(input_ids, positions, topk, want_hidden)])[0]
