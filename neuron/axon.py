@@ -99,8 +99,8 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
-            return handler
+        if handler is None or not details.method.startswith(f"/{SERVICE}/") or details.method.endswith("/Info"):
+            return handler  # health, reflection and Info are public: they do no model work
         method = details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -67,11 +67,12 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
         raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
     dt = resolve_dtype(dtype, dev)
     source = _source(name)
+    # Read at call time: huggingface_hub reads the variable once, at import.
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=offline)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         where = "a local directory" if os.path.isdir(source) else "not a local directory"
         hub = "downloads are disabled (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
         raise ModelNotFound(

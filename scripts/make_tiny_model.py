@@ -69,7 +69,7 @@ def main() -> None:
     model = make_model(tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(args.out)
-    model.save_pretrained(args.out, safe_serialization=True)
+    model.save_pretrained(args.out)
     model.generation_config.save_pretrained(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"tiny model: {sum(p.numel() for p in model.parameters())} parameters, {size // 1024} KiB in {args.out}")

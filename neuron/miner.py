@@ -1,0 +1,92 @@
+"""The miner: wiring only. Model + worker + axon + chain registration, address and metagraph refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+from loguru import logger
+
+from neuron.axon import Axon, AxonServicer
+from neuron.chain.base import Chain, Metagraph, NotRegistered
+from neuron.config import MinerConfig
+from neuron.model import load_model
+
+
+def external_ip(configured: str) -> str:
+    """The address published on the chain: configured, else the one the default route uses."""
+    if configured:
+        return configured
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks a route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class MetagraphCache:
+    """The latest metagraph, refreshed in the background; admission reads it without touching the chain."""
+
+    def __init__(self, chain: Chain | None, netuid: int):
+        self.chain, self.netuid = chain, netuid
+        self.current: Metagraph | None = None
+
+    def __call__(self) -> Metagraph | None:
+        return self.current
+
+    async def refresh(self) -> None:
+        if self.chain is not None:
+            self.current = await asyncio.to_thread(self.chain.metagraph, self.netuid)
+
+    async def keep_fresh(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep serving on the last good metagraph
+                logger.warning(f"metagraph refresh failed, keeping the one from block "
+                               f"{self.current.block if self.current else '-'}: {exc}")
+
+
+async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None,
+                    servicer_factory=AxonServicer) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    netuid = config.subtensor.netuid
+    keypair = wallet.hotkey if wallet is not None else None
+    metagraph = MetagraphCache(chain, netuid)
+    if chain is not None:
+        await metagraph.refresh()
+        hotkey = keypair.ss58_address
+        me = metagraph.current.by_hotkey(hotkey)
+        if me is None:
+            w = config.wallet
+            raise NotRegistered(
+                f"hotkey {hotkey} ({w.name}/{w.hotkey}) is not registered on netuid {netuid}; register it with: "
+                f"neuron register --netuid {netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
+                f"--subtensor.network {config.subtensor.network}"
+                + (f" --subtensor.chain_path {config.subtensor.chain_path}" if config.subtensor.chain_path else ""))
+        logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
+    lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+    axon = Axon(lm, config, keypair, metagraph, servicer_factory=servicer_factory)
+    port = await axon.start()
+    refresher = None
+    if chain is not None:
+        ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
+        await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
+        logger.info(f"served axon address {ip}:{public_port} on the chain")
+        refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("stopping: finishing in-flight requests")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if refresher is not None:
+            refresher.cancel()
+        await axon.stop()

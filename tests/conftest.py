@@ -1,0 +1,51 @@
+"""Shared fixtures: the real tiny model and SmolLM2 (loaded once), a real axon on port 0, wallets, a local chain."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No hub at test time: every model comes from the package or the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from neuron.config import MinerConfig, with_overrides
+from neuron.model import load_model
+
+SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuron").expanduser() / "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not (SMOLLM2 / ".complete").exists():
+        pytest.fail(f"SmolLM2 checkpoint missing at {SMOLLM2}: run `python scripts/fetch_smollm2.py` first "
+                    "(the README's test command does)")
+    return load_model(str(SMOLLM2), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session", params=["tiny", "smollm2"])
+def lm(request):
+    """Each test that takes `lm` runs on both models."""
+    return request.getfixturevalue(request.param)
+
+
+def miner_config(**overrides) -> MinerConfig:
+    """A miner config bound to loopback on a free port, auth off unless overridden."""
+    base = {"axon.ip": "127.0.0.1", "axon.port": 0, "auth.required": False, "axon.grace_s": 1.0}
+    base.update(overrides)
+    return with_overrides(MinerConfig(), **base)
+
+
+def make_wallet(path: Path, name: str, hotkey: str = "default"):
+    import bittensor as bt
+
+    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(path))
+    wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return wallet

@@ -1,0 +1,324 @@
+"""Small exact tests of the scoring functions."""
+
+import math
+
+import pytest
+import torch
+
+from neuron.scoring import (
+    PROB_FLOOR,
+    Thresholds,
+    ema_update,
+    quality_loss,
+    reset_uids,
+    reward,
+    verify_forward,
+    verify_generation,
+    weights_from_scores,
+)
+
+TH = Thresholds()
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def ref_from(rows):
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+def honest(ref, k):
+    lp, ids = ref.topk(k, dim=-1)
+    return ids, lp, 1 - lp.double().exp().sum(-1).float()
+
+
+def answer(ids, probs, rest):
+    return (
+        torch.tensor(ids),
+        torch.tensor(probs, dtype=torch.float64).log().float(),
+        torch.tensor(rest, dtype=torch.float32),
+    )
+
+
+# verify_forward
+
+
+def test_forward_honest_passes_with_exact_metrics():
+    ref = torch.log_softmax(torch.randn(5, 50, generator=torch.Generator().manual_seed(0)), -1)
+    v = verify_forward(ref, *honest(ref, 8), TH)
+    assert v.ok and v.reason == ""
+    assert v.metrics["topk_overlap"] == 1.0
+    assert v.metrics["ref_argmax_rank"] == 0.0
+    assert v.metrics["prob_distance"] == pytest.approx(0, abs=1e-6)
+    assert v.metrics["logprob_error"] == 0.0
+    assert v.metrics["rest_mass_error"] == pytest.approx(0, abs=1e-6)
+
+
+def test_forward_distance_counts_only_what_the_report_forces():
+    # Miner left out id 1 (p=0.3); it may hold at most the miner's k-th probability (0.15).
+    ref = ref_from([PROBS])
+    v = verify_forward(ref, *answer([[0, 2]], [[0.5, 0.15]], [0.35]), TH)
+    assert v.metrics["topk_overlap"] == 0.5
+    assert v.metrics["ref_argmax_rank"] == 0.0
+    assert v.metrics["prob_distance"] == pytest.approx(0.15, abs=1e-6)
+    assert not v.ok and v.reason == "top-k overlap 0.50 < 0.80 at position 0"
+
+
+@pytest.mark.parametrize(
+    "ref_probs, ids, probs, rest, distance",
+    [
+        # Honest with k=1: the rest block holds exactly the reference's remaining mass.
+        ([0.4, 0.35, 0.2, 0.05], [[0]], [[0.4]], [0.6], 0.0),
+        # Left-out id 1 (0.35) is capped by the miner's k-th probability, 0.05.
+        ([0.4, 0.35, 0.2, 0.05], [[0, 3]], [[0.9, 0.05]], [0.05], 0.5),
+        # Left-out ids 0 and 1 could hold 0.45 each, but the stated rest mass is only 0.05.
+        ([0.35, 0.3, 0.25, 0.1], [[3, 2]], [[0.5, 0.45]], [0.05], 0.6),
+    ],
+)
+def test_forward_distance_is_least_consistent_total_variation(ref_probs, ids, probs, rest, distance):
+    v = verify_forward(ref_from([ref_probs]), *answer(ids, probs, rest), Thresholds(min_topk_overlap=0))
+    assert v.metrics["prob_distance"] == pytest.approx(distance, abs=1e-6)
+
+
+def test_forward_wrong_probabilities_measured_exactly():
+    ref = ref_from([PROBS, PROBS])
+    ids, lp, rest = answer([[0, 1], [0, 1]], [[0.5, 0.3], [0.6, 0.3]], [0.2, 0.1])
+    v = verify_forward(ref, ids, lp, rest, TH)
+    assert v.metrics["prob_distance"] == pytest.approx(0.1, abs=1e-6)
+    assert v.metrics["logprob_error"] == pytest.approx(math.log(0.6 / 0.5), abs=1e-6)
+    assert v.metrics["rest_mass_error"] == pytest.approx(0.1, abs=1e-6)
+    assert v.reason == "probability distance 0.1000 > 0.0500 at position 1"
+    loose = Thresholds(max_prob_distance=1, max_logprob_error=1)
+    v = verify_forward(ref, ids, lp, rest, loose)
+    assert v.reason == "rest mass error 0.1000 > 0.0200 at position 1"
+
+
+def test_forward_random_ids_fail_overlap():
+    ref = ref_from([PROBS])
+    v = verify_forward(ref, *answer([[3, 2]], [[0.5, 0.3]], [0.2]), TH)
+    assert v.reason == "top-k overlap 0.00 < 0.80 at position 0"
+    assert v.metrics["ref_argmax_rank"] == 2.0
+
+
+def test_forward_argmax_rank():
+    ref = ref_from([PROBS])
+    ids, lp, rest = answer([[1, 2, 0]], [[0.3, 0.15, 0.05]], [0.5])
+    th = Thresholds(min_topk_overlap=0.0)
+    assert verify_forward(ref, ids, lp, rest, th).reason == "reference argmax rank 2 > 1 at position 0"
+
+
+@pytest.mark.parametrize(
+    "ids, probs, rest, reason",
+    [
+        ([[0, 4]], [[0.5, 0.3]], [0.2], "token id outside [0, 4)"),
+        ([[-1, 0]], [[0.5, 0.3]], [0.2], "token id outside [0, 4)"),
+        ([[0, 0]], [[0.5, 0.3]], [0.2], "duplicate token id in a row"),
+        ([[0, 1]], [[0.3, 0.5]], [0.2], "top-k logprobs not sorted in descending order"),
+        ([[0, 1]], [[0.5, 0.3]], [1.5], "rest mass outside [0, 1]"),
+        ([[0, 1]], [[0.5, 0.3]], [-0.1], "rest mass outside [0, 1]"),
+        ([[0, 1]], [[0.5, 0.3]], [0.5], "top-k mass + rest mass = 1.3000, not 1, at position 0"),
+        ([[0, 1]], [[1.5, 0.3]], [0.0], "positive logprob 0.4055"),
+    ],
+)
+def test_forward_malformed(ids, probs, rest, reason):
+    v = verify_forward(ref_from([PROBS]), *answer(ids, probs, rest), TH)
+    assert (v.ok, v.reason, v.metrics) == (False, reason, {})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_forward_non_finite(bad):
+    ids, lp, rest = answer([[0, 1]], [[0.5, 0.3]], [0.2])
+    lp[0, 1] = bad
+    assert verify_forward(ref_from([PROBS]), ids, lp, rest, TH).reason == "non-finite logprob or rest mass"
+    ids, lp, rest = answer([[0, 1]], [[0.5, 0.3]], [0.2])
+    rest[0] = bad
+    assert verify_forward(ref_from([PROBS]), ids, lp, rest, TH).reason == "non-finite logprob or rest mass"
+
+
+def test_forward_shapes_and_dtypes():
+    ref = ref_from([PROBS, PROBS])
+    ids, lp, rest = answer([[0, 1]], [[0.5, 0.3]], [0.2])
+    assert verify_forward(ref, ids, lp, rest, TH).reason.startswith("topk_ids must be integer [2, k]")
+    ref = ref_from([PROBS])
+    assert verify_forward(ref, ids.float(), lp, rest, TH).reason.startswith("topk_ids must be integer")
+    v = verify_forward(ref, ids, lp[:, :1], rest, TH)
+    assert v.reason.startswith("topk_logprobs must be float [1, 2]")
+    assert verify_forward(ref, ids, lp, rest[None], TH).reason.startswith("rest_mass must be float [1]")
+    too_many = torch.zeros(1, 5, dtype=torch.long)
+    assert verify_forward(ref, too_many, lp, rest, TH).reason.startswith("topk_ids")
+    with pytest.raises(ValueError):
+        verify_forward(ref[0], ids, lp, rest, TH)
+
+
+# verify_generation
+
+GEN_REF = ref_from([[0.7, 0.2, 0.09, 0.01], [0.1, 0.6, 0.25, 0.05], [0.2, 0.3, 0.1, 0.4]])
+EOS = 3
+
+
+def gen(tokens, reported=None, **kw):
+    args = dict(greedy=True, finish_reason="length", eos_token_id=EOS, max_new_tokens=3, th=TH)
+    args.update(kw)
+    t = torch.tensor(tokens)
+    if reported is None:
+        rep = GEN_REF[: len(tokens)].gather(1, t[:, None]).squeeze(1)
+    else:
+        rep = torch.tensor(reported)
+    return verify_generation(GEN_REF[: len(tokens)], t, rep, **args)
+
+
+def test_generation_honest_greedy():
+    v = gen([0, 1, 3], finish_reason="stop")
+    assert v.ok and v.metrics["token_rank"] == 0.0 and v.metrics["gen_logprob_error"] == 0.0
+    assert v.metrics["eos_prob"] == pytest.approx(0.4)
+    assert v.metrics["n_tokens"] == 3.0
+
+
+def test_generation_rank_tighter_for_greedy():
+    v = gen([0, 0, 1])
+    assert v.metrics["token_rank"] == 2.0
+    assert v.reason == "token rank 2 > 1 at step 1"
+    assert gen([0, 0, 1], greedy=False).ok
+
+
+def test_generation_logprob_error():
+    v = gen([0, 1, 2], reported=[math.log(0.7), math.log(0.6), math.log(0.2)], greedy=False)
+    assert v.metrics["gen_logprob_error"] == pytest.approx(math.log(2), abs=1e-6)
+    assert v.reason == "logprob error 0.6931 > 0.1000 at step 2"
+
+
+def test_generation_early_stop_needs_plausible_eos():
+    v = gen([1, 3], finish_reason="stop", greedy=False)
+    assert v.metrics["eos_prob"] == pytest.approx(0.05)
+    assert v.ok
+    v = gen([1, 3], finish_reason="stop", greedy=False, th=Thresholds(min_eos_prob=0.1))
+    assert v.reason == "P(eos) 5.00e-02 < 1.00e-01 at step 1"
+
+
+@pytest.mark.parametrize(
+    "tokens, kw, reason",
+    [
+        ([], {}, "empty generation"),
+        ([0, 1], {}, "finish 'length' after 2 of 3 tokens"),
+        ([0, 1, 3], {"max_new_tokens": 2}, "3 tokens > max_new_tokens 2"),
+        ([0, 1], {"finish_reason": "stop"}, "finish 'stop' without a final EOS token"),
+        ([0, 1, 3], {"finish_reason": "stop", "eos_token_id": None},
+         "finish 'stop' without a final EOS token"),
+        ([0, 1, 3], {}, "final EOS token but finish 'length'"),
+        ([3, 1, 3], {"finish_reason": "stop"}, "EOS at step 0 but generation went on"),
+        ([0, 1], {"finish_reason": "eos"}, "unknown finish reason 'eos'"),
+        ([0, 4], {"finish_reason": "stop_sequence"}, "token id outside [0, 4)"),
+    ],
+)
+def test_generation_malformed(tokens, kw, reason):
+    t = torch.tensor(tokens, dtype=torch.long)
+    ref = GEN_REF[: max(len(tokens), 1)] if tokens else GEN_REF[:0]
+    args = dict(greedy=False, finish_reason="length", eos_token_id=EOS, max_new_tokens=3, th=TH) | kw
+    v = verify_generation(ref, t, torch.full((len(tokens),), -1.0), **args)
+    assert (v.ok, v.reason) == (False, reason)
+
+
+def test_generation_stop_sequence_and_bad_values():
+    assert gen([0, 1], finish_reason="stop_sequence").ok
+    assert gen([0, 1], reported=[float("nan"), -1.0]).reason == "non-finite reported logprob"
+    assert gen([0, 1], reported=[0.5, -1.0]).reason == "positive logprob 0.5000"
+    assert gen([0, 1], reported=[-1.0]).reason.startswith("reported logprobs must be float [2]")
+    t = torch.tensor([0.0, 1.0])
+    v = verify_generation(GEN_REF[:2], t, t, greedy=True, finish_reason="length", eos_token_id=3,
+                          max_new_tokens=2, th=TH)
+    assert v.reason.startswith("tokens must be a 1-D integer tensor")
+
+
+def test_generation_reference_mismatch_is_a_bug():
+    with pytest.raises(ValueError):
+        verify_generation(GEN_REF, torch.tensor([0, 1]), torch.zeros(2), greedy=True,
+                          finish_reason="length", eos_token_id=3, max_new_tokens=3, th=TH)
+
+
+# quality_loss
+
+
+def test_quality_loss_exact():
+    ids, lp, rest = answer([[0, 1], [2, 3]], [[0.5, 0.3], [0.6, 0.4]], [0.2, 0.0])
+    loss = quality_loss(ids, lp, rest, torch.tensor([1, 5]), vocab_size=10)
+    assert loss == pytest.approx((-math.log(0.3) - math.log(PROB_FLOOR)) / 2, rel=1e-6)
+    loss = quality_loss(ids, lp, rest, torch.tensor([7, 2]), vocab_size=10)
+    assert loss == pytest.approx((-math.log(0.2 / 8) - math.log(0.6)) / 2, rel=1e-6)
+
+
+def test_quality_loss_rejects_bad_input():
+    ids, lp, rest = answer([[0, 1]], [[0.5, 0.3]], [0.2])
+    for targets, vocab in [(torch.tensor([10]), 10), (torch.tensor([-1]), 10), (torch.tensor([1, 2]), 10),
+                           (torch.tensor([1.0]), 10), (torch.tensor([1]), 1)]:
+        with pytest.raises(ValueError):
+            quality_loss(ids, lp, rest, targets, vocab)
+    with pytest.raises(ValueError):
+        quality_loss(ids, torch.tensor([[float("nan"), -1.0]]), rest, torch.tensor([1]), 10)
+    with pytest.raises(ValueError):
+        quality_loss(ids, lp[:, :1], rest, torch.tensor([1]), 10)
+
+
+# reward
+
+
+def test_reward_formula():
+    assert reward(True, 2.0, 0.0, 10.0, ref_loss=2.5) == 1.0
+    assert reward(True, 3.0, 5.0, 10.0, ref_loss=2.0) == pytest.approx(math.exp(-1) * 0.75)
+    assert reward(True, 2.0, 10.0, 10.0, ref_loss=2.0) == 0.5
+    assert reward(False, 2.0, 0.0, 10.0, ref_loss=2.0) == 0.0
+    assert reward(True, 2.0, 10.5, 10.0, ref_loss=2.0) == 0.0
+    assert reward(True, float("nan"), 1.0, 10.0, ref_loss=2.0) == 0.0
+    assert reward(True, float("inf"), 1.0, 10.0, ref_loss=2.0) == 0.0
+    with pytest.raises(ValueError):
+        reward(True, 2.0, 1.0, 0.0, ref_loss=2.0)
+
+
+# moving averages and weights
+
+
+def test_ema_update_only_queried_uids():
+    scores = torch.tensor([0.5, 0.5, 0.5, float("nan")])
+    out = ema_update(scores, torch.tensor([0, 2, 3]), torch.tensor([1.0, float("nan"), 1.0]), alpha=0.1)
+    assert torch.allclose(out, torch.tensor([0.55, 0.5, 0.45, 0.1]))
+    assert scores[0] == 0.5  # the input is left alone
+
+
+def test_ema_update_rejects_bad_input():
+    scores = torch.zeros(3)
+    for uids, rewards, alpha in [([3], [1.0], 0.1), ([-1], [1.0], 0.1), ([0, 0], [1.0, 1.0], 0.1),
+                                 ([0, 1], [1.0], 0.1), ([0], [1.0], 0.0), ([0], [1.0], 1.5)]:
+        with pytest.raises(ValueError):
+            ema_update(scores, torch.tensor(uids), torch.tensor(rewards), alpha)
+    with pytest.raises(ValueError):
+        ema_update(scores, torch.tensor([0.0]), torch.tensor([1.0]), 0.1)
+
+
+def test_reset_uids():
+    scores = torch.tensor([0.3, 0.4, 0.5])
+    assert reset_uids(scores, torch.tensor([1])).tolist() == pytest.approx([0.3, 0.0, 0.5])
+    with pytest.raises(ValueError):
+        reset_uids(scores, torch.tensor([3]))
+
+
+def test_weights_proportional_without_cap():
+    w = weights_from_scores(torch.tensor([3.0, 1.0, 0.0, float("nan"), -2.0]), max_weight=1.0)
+    assert w.dtype == torch.float32
+    assert w.tolist() == pytest.approx([0.75, 0.25, 0.0, 0.0, 0.0])
+
+
+def test_weights_iterative_cap():
+    w = weights_from_scores(torch.tensor([10.0, 4.0, 1.0, 1.0]), max_weight=0.35)
+    assert w.tolist() == pytest.approx([0.35, 0.35, 0.15, 0.15])
+    assert float(w.sum()) == pytest.approx(1.0)
+
+
+def test_weights_cap_impossible_gives_uniform_over_earners():
+    w = weights_from_scores(torch.tensor([5.0, 1.0, 0.0, float("nan")]), max_weight=0.4)
+    assert w.tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
+def test_weights_all_zero_and_bad_cap():
+    assert weights_from_scores(torch.tensor([0.0, float("nan")]), 0.5).tolist() == [0.0, 0.0]
+    for cap in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            weights_from_scores(torch.ones(3), cap)
+    with pytest.raises(ValueError):
+        weights_from_scores(torch.ones(2, 2), 0.5)
