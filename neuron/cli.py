@@ -60,13 +60,12 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
     if c.dishonest and (c.subtensor.network != "local"):
         raise cfg.ConfigError("--dishonest is for the mock network only: it needs --subtensor.network local")
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
-    servicer = None
     if c.dishonest:
-        from neuron.adversaries import servicer_for
+        from neuron.adversaries import KINDS
 
-        servicer = servicer_for(c.dishonest)
-    kwargs = {"servicer_factory": servicer} if servicer else {}
-    asyncio.run(run_miner(c, chain, wallet, **kwargs))
+        if c.dishonest not in KINDS:
+            raise cfg.ConfigError(f"--dishonest {c.dishonest}: expected one of {', '.join(KINDS)}")
+    asyncio.run(run_miner(c, chain, wallet))
     return 0
 
 
@@ -115,6 +114,11 @@ def cmd_register(argv: list[str], _yaml) -> int:
     args, wallet_cfg, sub = _wallet_and_chain(argv, parser)
     wallet = open_wallet(wallet_cfg)
     chain = _chain(sub)
+    if chain is None:
+        raise cfg.ConfigError("register needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
+    # A local chain starts empty; its subnets are created on first use, as a new user would expect.
+    if sub.network == "local" and chain.create_subnet(args.netuid):
+        logger.info(f"created subnet {args.netuid} on the local chain {sub.chain_path} with default settings")
     uid, new = chain.register(args.netuid, wallet)
     hotkey = wallet.hotkey.ss58_address
     if new:
@@ -129,7 +133,10 @@ def cmd_metagraph(argv: list[str], _yaml) -> int:
     parser.add_argument("--netuid", type=int, required=True)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args, _, sub = _wallet_and_chain(argv, parser)
-    mg = _chain(sub).metagraph(args.netuid)
+    chain = _chain(sub)
+    if chain is None:
+        raise cfg.ConfigError("metagraph needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
+    mg = chain.metagraph(args.netuid)
     rows = [dict(uid=n.uid, hotkey=n.hotkey, coldkey=n.coldkey, stake=n.stake, permit=n.validator_permit,
                  axon=str(n.axon) if n.axon else "", incentive=n.incentive, last_update=n.last_update)
             for n in mg.neurons]
@@ -179,6 +186,9 @@ def cmd_query(argv: list[str], _yaml) -> int:
     result = asyncio.run(ask())
     if not result.ok:
         print(f"error: {result.code.name}: {result.message}", file=sys.stderr)
+        if keypair is None and result.code.name == "UNAUTHENTICATED":
+            print("this miner answers signed requests only: pass --wallet.name/--wallet.hotkey of a registered "
+                  "validator hotkey", file=sys.stderr)
         return 1
     r = result.response
     if args.json:

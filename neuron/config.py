@@ -214,3 +214,19 @@ def with_overrides(cfg: Any, **changes: Any) -> Any:
     return _build(type(cfg), _merge(dataclasses.asdict(cfg), changes))
 
 
+
+
+@dataclass(frozen=True)
+class MocknetConfig:
+    model: str = "tiny"  # every node's model: "tiny" ships in the package
+    honest: int = 3  # honest miners
+    dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
+                                  "early_stop", "slow", "dead")  # one miner of each kind
+    rounds: int = 8  # validator rounds
+    netuid: int = 1
+    block_time_s: float = 0.25  # local chain block time
+    timeout_s: float = 4.0  # validator's deadline per query
+    workdir: str = ""  # chain, wallets, logs and state; empty: a fresh temporary directory
+    report: str = ""  # write the JSON report here
+    plot: str = ""  # draw weights over rounds as a PNG here
+    startup_timeout_s: float = 180.0  # how long miners may take to load and serve

@@ -10,7 +10,7 @@ from loguru import logger
 
 from neuron.axon import Axon, AxonServicer
 from neuron.chain.base import Chain, Metagraph, NotRegistered
-from neuron.config import MinerConfig
+from neuron.config import MinerConfig, WalletConfig
 from neuron.model import load_model
 
 
@@ -50,38 +50,42 @@ class MetagraphCache:
                                f"{self.current.block if self.current else '-'}: {exc}")
 
 
-async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None,
-                    servicer_factory=AxonServicer) -> None:
+async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
-    netuid = config.subtensor.netuid
-    keypair = wallet.hotkey if wallet is not None else None
-    metagraph = MetagraphCache(chain, netuid)
-    if chain is not None:
-        await metagraph.refresh()
-        hotkey = keypair.ss58_address
-        me = metagraph.current.by_hotkey(hotkey)
-        if me is None:
-            w = config.wallet
-            raise NotRegistered(
-                f"hotkey {hotkey} ({w.name}/{w.hotkey}) is not registered on netuid {netuid}; register it with: "
-                f"neuron register --netuid {netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
-                f"--subtensor.network {config.subtensor.network}"
-                + (f" --subtensor.chain_path {config.subtensor.chain_path}" if config.subtensor.chain_path else ""))
-        logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
-    lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-    axon = Axon(lm, config, keypair, metagraph, servicer_factory=servicer_factory)
-    port = await axon.start()
-    refresher = None
-    if chain is not None:
-        ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
-        await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
-        logger.info(f"served axon address {ip}:{public_port} on the chain")
-        refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    axon = refresher = None
     try:
+        netuid = config.subtensor.netuid
+        keypair = wallet.hotkey if wallet is not None else None
+        metagraph = MetagraphCache(chain, netuid)
+        if chain is not None:
+            await metagraph.refresh()
+            hotkey = keypair.ss58_address
+            me = metagraph.current.by_hotkey(hotkey)
+            if me is None:
+                raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
+                                    f"on netuid {netuid}; register it with: {register_command(config)}")
+            logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
+        lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+        servicer = AxonServicer
+        if config.dishonest:
+            from neuron import adversaries
+
+            servicer = adversaries.servicer_for(config.dishonest)
+            lm = adversaries.cheat_model(config.dishonest, lm)
+            logger.warning(f"this miner cheats ({config.dishonest}): for the mock network only")
+        server = Axon(lm, config, keypair, metagraph, servicer_factory=servicer)
+        port = await server.start()
+        axon = server  # stopped on the way out only once it started
+        if chain is not None:
+            ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
+            await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
+            logger.info(f"served axon address {ip}:{public_port} on the chain")
+            refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
         await stop.wait()
         logger.info("stopping: finishing in-flight requests")
     finally:
@@ -89,4 +93,17 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
             loop.remove_signal_handler(sig)
         if refresher is not None:
             refresher.cancel()
-        await axon.stop()
+        if axon is not None:
+            await axon.stop()
+
+
+def register_command(config: MinerConfig) -> str:
+    """The `neuron register` line for this miner's wallet and chain, to paste as it is."""
+    w, sub = config.wallet, config.subtensor
+    line = (f"neuron register --netuid {sub.netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
+            f"--subtensor.network {sub.network}")
+    if w.path != WalletConfig().path:
+        line += f" --wallet.path {w.path}"
+    if sub.chain_path:
+        line += f" --subtensor.chain_path {sub.chain_path}"
+    return line

@@ -1,0 +1,218 @@
+"""The mock network: a local chain, honest and dishonest miners as processes, and a validator, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from neuron import config as cfg
+from neuron.chain.local import LocalChain
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str  # "honest", "validator", or a dishonest kind
+    wallet: object
+    uid: int = -1
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+@dataclass
+class Result:
+    """What the mock network shows after its rounds."""
+
+    rows: list[dict] = field(default_factory=list)
+    weights_by_round: list[list[float]] = field(default_factory=list)
+
+    @property
+    def honest_weight(self) -> float:
+        return sum(r["weight"] for r in self.rows if r["kind"] == "honest")
+
+    @property
+    def worst_dishonest_weight(self) -> float:
+        return max((r["weight"] for r in self.rows if r["kind"] != "honest"), default=0.0)
+
+
+def _wallet(path: Path, name: str):
+    import bittensor as bt
+
+    w = bt.Wallet(name=name, hotkey="default", path=str(path))
+    w.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    w.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return w
+
+
+def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Path, logs: Path) -> None:
+    args = [sys.executable, "-m", "neuron.cli", "miner", "--model.name", c.model,
+            "--subtensor.network", "local", "--subtensor.chain_path", str(chain_path), "--subtensor.netuid", str(c.netuid),
+            "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
+            "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
+            "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
+    if node.kind != "honest":
+        args += ["--dishonest", node.kind]
+    # One thread per miner: a dozen processes share two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    node.log = logs / f"{node.name}.log"
+    with open(node.log, "w") as log:
+        node.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_serving(chain: LocalChain, c: cfg.MocknetConfig, miners: list[Node]) -> None:
+    deadline = time.monotonic() + c.startup_timeout_s
+    while True:
+        mg = chain.metagraph(c.netuid)
+        waiting = [m for m in miners if (n := mg.by_uid(m.uid)) is None or n.axon is None]
+        for m in miners:
+            if m.process.poll() is not None:
+                raise RuntimeError(f"miner {m.name} exited with {m.process.returncode} while starting:\n{_tail(m.log)}")
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(waiting)} miners did not serve within {c.startup_timeout_s:.0f} s: "
+                               f"{', '.join(m.name for m in waiting)}")
+        time.sleep(0.5)
+
+
+def _stop(miners: list[Node]) -> None:
+    for m in miners:
+        if m.process is not None and m.process.poll() is None:
+            m.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for m in miners:
+        if m.process is None:
+            continue
+        try:
+            m.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning(f"miner {m.name} did not stop in time; killing it")
+            os.killpg(m.process.pid, signal.SIGKILL)
+            m.process.wait()
+
+
+async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Node, workdir: Path, result: Result,
+                    miners: list[Node]):
+    from neuron.model import load_model
+    from neuron.validator import Validator
+
+    vc = cfg.with_overrides(cfg.ValidatorConfig(), **{
+        "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
+        "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
+        "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0})
+    lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
+    v = Validator(vc, chain, validator_node.wallet, lm)
+    try:
+        for _ in range(c.rounds):
+            await v.run_round()
+            result.weights_by_round.append(v.weights().tolist())
+        return v
+    finally:
+        await v.close()
+
+
+def run(c: cfg.MocknetConfig) -> Result:
+    """Start everything, run the rounds, stop everything; the per-uid result."""
+    workdir = Path(c.workdir or tempfile.mkdtemp(prefix="neuron-mocknet-"))
+    wallets, logs = workdir / "wallets", workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    chain = LocalChain(workdir / "chain.sqlite", block_time=c.block_time_s)
+    n_nodes = 1 + c.honest + len(c.dishonest)
+    chain.create_subnet(c.netuid, max_uids=max(64, n_nodes), weights_rate_limit=1, min_validator_stake=1.0,
+                        max_validators=4, immunity_period=10_000)
+    validator = Node("validator", "validator", _wallet(wallets, "validator"))
+    miners = [Node(f"honest-{i}", "honest", _wallet(wallets, f"honest-{i}")) for i in range(c.honest)]
+    miners += [Node(f"cheat-{k}", k, _wallet(wallets, f"cheat-{k}")) for k in c.dishonest]
+    for node in [validator, *miners]:
+        node.uid, _ = chain.register(c.netuid, node.wallet)
+    chain.add_stake(c.netuid, validator.wallet.hotkey.ss58_address, 1000.0)
+    logger.info(f"mock network in {workdir}: local chain, validator uid {validator.uid}, {len(miners)} miners "
+                f"({c.honest} honest, {len(c.dishonest)} dishonest)")
+    result = Result()
+    try:
+        for m in miners:
+            _start_miner(m, c, chain.path, wallets, logs)
+        _wait_serving(chain, c, miners)
+        logger.info(f"all {len(miners)} miners serve; running {c.rounds} validator rounds")
+        v = asyncio.run(_validate(c, chain, validator, workdir, result, miners))
+    finally:
+        _stop(miners)
+    mg = chain.metagraph(c.netuid)
+    weights = v.weights()
+    for m in miners:
+        stats = v.state.stats.get(str(m.uid))
+        queried = stats.queried if stats else 0
+        reasons = sorted(stats.reasons.items(), key=lambda kv: -kv[1]) if stats else []
+        result.rows.append({
+            "uid": m.uid, "hotkey": m.wallet.hotkey.ss58_address, "kind": m.kind,
+            "verified_fraction": (stats.verified / queried) if queried else 0.0, "queried": queried,
+            "score": v.state.scores[m.uid], "weight": float(weights[m.uid]),
+            "incentive": mg.by_uid(m.uid).incentive, "caught_for": reasons[0][0] if reasons else "",
+        })
+    return result
+
+
+def print_table(result: Result) -> None:
+    print(f"{'uid':>4}  {'kind':<11} {'verified':>8}  {'score':>6}  {'weight':>7}  {'incentive':>9}  caught for")
+    for r in sorted(result.rows, key=lambda r: (r["kind"] != "honest", r["uid"])):
+        print(f"{r['uid']:>4}  {r['kind']:<11} {r['verified_fraction']:>8.0%}  {r['score']:>6.3f}  {r['weight']:>7.3f}  "
+              f"{r['incentive']:>9.3f}  {r['caught_for'] or '-'}")
+    print(f"honest miners hold {result.honest_weight:.1%} of the weight; the best dishonest miner holds "
+          f"{result.worst_dishonest_weight:.1%}")
+
+
+def plot(result: Result, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in sorted(result.rows, key=lambda r: r["uid"]):
+        series = [w[r["uid"]] if r["uid"] < len(w) else 0.0 for w in result.weights_by_round]
+        ax.plot(range(1, len(series) + 1), series, label=f"uid {r['uid']} {r['kind']}",
+                linestyle="-" if r["kind"] == "honest" else "--")
+    ax.set_xlabel("round")
+    ax.set_ylabel("weight")
+    ax.set_title("Validator weights per miner")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str], yaml_path: str | None) -> int:
+    path = yaml_path or str(cfg.CONFIG_DIR / "mocknet.yaml")
+    c = cfg.load(cfg.MocknetConfig, path if Path(path).exists() else None, cfg.parse_dotted(argv))
+    from neuron.adversaries import KINDS
+
+    unknown = [k for k in c.dishonest if k not in KINDS]
+    if unknown:
+        raise cfg.ConfigError(f"--dishonest: unknown kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
+    result = run(c)
+    print_table(result)
+    if c.report:
+        Path(c.report).write_text(json.dumps({"rows": result.rows, "honest_weight": result.honest_weight,
+                                              "weights_by_round": result.weights_by_round}, indent=2))
+        print(f"report: {c.report}")
+    if c.plot:
+        plot(result, c.plot)
+        print(f"plot: {c.plot}")
+    return 0
