@@ -173,18 +173,20 @@ class Decoder:
         if seq.params.logprobs_topn:
             v, i = logprobs.topk(seq.params.logprobs_topn)
             top_ids, top_lp = i.tolist(), v.tolist()
-        step = Step(token, float(logprobs[token]), top_ids, top_lp, self._text_delta(seq))
+        # The end is known before the text: the last delta flushes what was held back.
         if token == self.lm.eos_token_id:
             seq.finish_reason = EOS
-        elif seq.finish_reason is None and len(seq.generated) >= seq.params.max_new_tokens:
+        elif len(seq.generated) >= seq.params.max_new_tokens:
             seq.finish_reason = LENGTH
+        step = Step(token, float(logprobs[token]), top_ids, top_lp, self._text_delta(seq))
         step.finish_reason = seq.finish_reason
         return step
 
     def _text_delta(self, seq: Sequence) -> str:
-        """Text added by the last token; held back while a multi-byte character is incomplete."""
-        if seq.finish_reason is not None:
-            return ""
+        """Text added by the last token; held back while a multi-byte character is incomplete.
+
+        The deltas of a whole generation add up to the decoded tokens (cut before a stop string).
+        """
         full = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
         for stop in seq.params.stop:
             cut = full.find(stop)
@@ -193,7 +195,8 @@ class Decoder:
                 full = full[:cut]
                 break
         else:
-            full = full.rstrip("\ufffd")
+            if seq.finish_reason is None:
+                full = full.rstrip("\ufffd")
         if not full.startswith(seq.text):
             return ""  # a merge re-spelled earlier text; keep what was already sent
         delta, seq.text = full[len(seq.text):], full
