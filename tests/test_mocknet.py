@@ -1,0 +1,34 @@
+"""The whole system on one machine: local chain, miner processes (honest and every dishonest kind), validator."""
+
+import json
+
+from neuron.cli import main
+
+# What each cheat must be caught by: the first check it cannot pass.
+CAUGHT_BY = {
+    "random": "forward:", "different": "forward:", "truncated": "forward:", "quantized": "forward:",
+    "noise": "forward:", "replay": "forward:", "echo": "generate:", "early_stop": "generate:",
+    "slow": "deadline_exceeded", "dead": "deadline_exceeded",
+}
+
+
+def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
+    report, plot = tmp_path / "report.json", tmp_path / "weights.png"
+    code = main(["mocknet", "--rounds", "4", "--workdir", str(tmp_path / "net"), "--report", str(report),
+                 "--plot", str(plot)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "honest miners hold" in out
+    data = json.loads(report.read_text())
+    rows = data["rows"]
+    kinds = sorted(r["kind"] for r in rows if r["kind"] != "honest")
+    assert kinds == sorted(CAUGHT_BY)
+    honest = [r for r in rows if r["kind"] == "honest"]
+    assert len(honest) == 3 and all(r["verified_fraction"] == 1.0 for r in honest)
+    assert sum(r["weight"] for r in honest) >= 0.95
+    for r in rows:
+        assert {"uid", "hotkey", "kind", "verified_fraction", "weight"} <= set(r)
+        if r["kind"] != "honest":
+            assert r["weight"] <= 0.01 and r["verified_fraction"] == 0.0, r
+            assert r["caught_for"].startswith(CAUGHT_BY[r["kind"]]) or CAUGHT_BY[r["kind"]] in r["caught_for"], r
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

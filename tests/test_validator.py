@@ -1,0 +1,109 @@
+"""The validator against real axons (in-process, on loopback) and a real local chain."""
+
+import asyncio
+
+import pytest
+
+from conftest import make_wallet, miner_config
+from neuron.axon import Axon, AxonServicer
+from neuron.chain.local import LocalChain
+from neuron.config import ValidatorConfig, with_overrides
+from neuron.validator import State, Validator
+
+
+class Hanging(AxonServicer):
+    """Signals when a Forward arrives, then never answers: the test kills its axon meanwhile."""
+
+    arrived: asyncio.Event
+
+    async def Forward(self, request, context):
+        Hanging.arrived.set()
+        await asyncio.Event().wait()
+
+
+@pytest.fixture
+async def network(tmp_path, tiny):
+    """A local chain with a staked validator and three honest miners serving with auth on."""
+    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
+    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
+    vwallet = make_wallet(tmp_path / "w", "validator")
+    chain.register(1, vwallet)
+    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
+    axons = []
+    for i in range(3):
+        w = make_wallet(tmp_path / "w", f"miner{i}")
+        uid, _ = chain.register(1, w)
+        servicer = Hanging if i == 2 else AxonServicer
+        axon = Axon(tiny, miner_config(**{"auth.required": True}), w.hotkey, lambda: chain.metagraph(1),
+                    servicer_factory=servicer)
+        port = await axon.start()
+        chain.serve_axon(1, w, "127.0.0.1", port)
+        axons.append((uid, axon))
+    config = with_overrides(ValidatorConfig(), **{
+        "model.name": "tiny", "subtensor.netuid": 1, "timeout_s": 5.0, "epoch_rounds": 1,
+        "state_path": str(tmp_path / "state.json")})
+    yield chain, vwallet, axons, config
+    for _, axon in axons:
+        await axon.stop(grace=0)
+
+
+async def test_killing_a_miner_mid_round_costs_that_miner_and_nothing_else(network, tiny):
+    chain, vwallet, axons, config = network
+    Hanging.arrived = asyncio.Event()
+    v = Validator(config, chain, vwallet, tiny)
+    victim_uid, victim = axons[2]
+    round_task = asyncio.ensure_future(v.run_round())
+    await asyncio.wait_for(Hanging.arrived.wait(), 10)
+    await victim.stop(grace=0)  # the miner dies with the validator's request in flight
+    judgements = await round_task
+    await v.close()
+    assert not judgements[victim_uid].verified and judgements[victim_uid].reason
+    for uid, _ in axons[:2]:
+        assert judgements[uid].verified, judgements[uid].reason
+        assert v.state.scores[uid] > 0
+    assert v.state.scores[victim_uid] == 0
+    w = chain.metagraph(1)
+    assert w.by_uid(victim_uid).incentive == 0 and w.by_uid(axons[0][0]).incentive > 0
+
+
+async def test_a_restarted_validator_resumes_its_moving_averages(network, tiny):
+    chain, vwallet, axons, config = network
+    await axons[2][1].stop(grace=0)
+    v = Validator(config, chain, vwallet, tiny)
+    await v.run_round()
+    await v.run_round()
+    scores, rounds = list(v.state.scores), v.state.rounds
+    await v.close()
+    again = Validator(config, chain, vwallet, tiny)  # a new process would do exactly this
+    assert again.state.scores == scores and again.state.rounds == rounds == 2
+    await again.run_round()
+    uid = axons[0][0]
+    assert again.state.scores[uid] > scores[uid]  # the average went on from where it was
+    await again.close()
+
+
+def test_a_uid_that_changes_hotkey_starts_from_zero(tmp_path, tiny):
+    chain = LocalChain(tmp_path / "chain.sqlite")
+    chain.create_subnet(1)
+    vw = make_wallet(tmp_path / "w", "v")
+    chain.register(1, vw)
+    mw = make_wallet(tmp_path / "w", "m")
+    uid, _ = chain.register(1, mw)
+    config = with_overrides(ValidatorConfig(), **{"subtensor.netuid": 1, "state_path": str(tmp_path / "s.json")})
+    v = Validator(config, chain, vw, tiny)
+    v._sync(chain.metagraph(1))
+    v.state.scores[uid] = 0.7
+    mg = chain.metagraph(1)
+    renamed = type(mg)(mg.netuid, mg.block, tuple(
+        n if n.uid != uid else type(n)(**{**n.__dict__, "hotkey": "5" + "X" * 47}) for n in mg.neurons))
+    v._sync(renamed)
+    assert v.state.scores[uid] == 0.0
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable.*move it away"):
+        State.load(path)
+    State(scores=[0.5], hotkeys=["a"], rounds=3).save(path)
+    assert State.load(path).rounds == 3 and not (tmp_path / "state.json.tmp").exists()
