@@ -83,9 +83,22 @@ class BoundedNonceStore:
             return True
 
 
+class SignatureOnly:
+    """A nonce store that remembers nothing: verify() then checks shape, receiver, freshness and signature.
+
+    The axon checks replays after admission instead, so only admitted hotkeys reach its bounded store:
+    unregistered keys, which cost nothing to make, could otherwise evict a validator's recent nonces.
+    """
+
+    def check_and_store(self, hotkey_ss58: str, nonce_ns: int) -> bool:
+        return True
+
+
 def verify(headers: Mapping[str, str], body: bytes, *, method: str, path: str, self_hotkey: str,
            nonce_store, max_age: float, allowed_skew: float) -> http_auth.Caller:
     """Check a signature; UNAUTHENTICATED (with the SDK's reason) when it does not hold."""
+    if not headers:
+        raise Unauthenticated("the request is not signed: sign it with a hotkey (btauth/1 in the gRPC metadata)")
     try:
         return http_auth.verify(headers, body, method=method, path=path, self_hotkey_ss58=self_hotkey,
                                 max_age=max_age, allowed_skew=allowed_skew, nonce_store=nonce_store)
@@ -114,19 +127,29 @@ class TokenBucket:
 
 
 class Admission:
-    """Who may use the model: run after the signature holds and before any model work."""
+    """Who may use the model: run after the signature holds and before any model work.
+
+    Order: deny list and chain checks, then replay (so the nonce store holds admitted hotkeys only),
+    then the rate limit (so a replayed request cannot spend its victim's tokens).
+    """
 
     def __init__(self, config: AuthConfig, metagraph: Callable[[], Metagraph | None]):
         self.config = config
         self._metagraph = metagraph
         self._buckets = TokenBucket(config.rate_per_s, config.burst)
+        self.nonces = BoundedNonceStore(retention=config.max_age_s + config.allowed_skew_s + 1.0)
         self.refused = 0  # requests refused here (a test counts them against model work)
 
-    def admit(self, hotkey: str) -> float:
-        """The caller's stake (its priority), or PermissionDenied / ResourceExhausted."""
+    def admit(self, hotkey: str, nonce_ns: int) -> float:
+        """The caller's stake (its priority), or PermissionDenied / Unauthenticated / ResourceExhausted."""
         try:
             stake = self._check(hotkey)
-        except (PermissionDenied, ResourceExhausted):
+            if not self.nonces.check_and_store(hotkey, nonce_ns):
+                raise Unauthenticated("ReplayedRequest: this nonce was already accepted from this hotkey")
+            if not self._buckets.take(hotkey):
+                c = self.config
+                raise ResourceExhausted(f"rate limit: at most {c.rate_per_s:g} requests/s (burst {c.burst}) per hotkey")
+        except (PermissionDenied, Unauthenticated, ResourceExhausted):
             self.refused += 1
             raise
         return stake
@@ -135,21 +158,17 @@ class Admission:
         c = self.config
         if hotkey in c.deny_hotkeys:
             raise PermissionDenied("this hotkey is on the miner's deny list")
-        allowed = hotkey in c.allow_hotkeys
-        stake = 0.0
-        if not allowed:
-            mg = self._metagraph()
-            neuron = mg.by_hotkey(hotkey) if mg is not None else None
-            if neuron is None:
-                raise PermissionDenied("this hotkey is not registered on the subnet")
-            stake = neuron.stake
-            if stake < c.min_stake:
-                raise PermissionDenied(f"stake {stake:g} is below the minimum of {c.min_stake:g}")
-            if c.require_validator_permit and not neuron.validator_permit:
-                raise PermissionDenied("this hotkey has no validator permit; miners answer validators only")
-        if not self._buckets.take(hotkey):
-            raise ResourceExhausted(f"rate limit: at most {c.rate_per_s:g} requests/s (burst {c.burst}) per hotkey")
-        return stake
+        if hotkey in c.allow_hotkeys:
+            return 0.0
+        mg = self._metagraph()
+        neuron = mg.by_hotkey(hotkey) if mg is not None else None
+        if neuron is None:
+            raise PermissionDenied("this hotkey is not registered on the subnet")
+        if neuron.stake < c.min_stake:
+            raise PermissionDenied(f"stake {neuron.stake:g} is below the minimum of {c.min_stake:g}")
+        if c.require_validator_permit and not neuron.validator_permit:
+            raise PermissionDenied("this hotkey has no validator permit; miners answer validators only")
+        return neuron.stake
 
 
 def keypair_of(wallet: bt.Wallet):

@@ -93,9 +93,7 @@ class Guard(grpc.aio.ServerInterceptor):
         self.config = config
         self.keypair = keypair
         self.hotkey = keypair.ss58_address if keypair is not None else ""
-        a = config.auth
-        self.nonces = auth.BoundedNonceStore(retention=a.max_age_s + a.allowed_skew_s + 1.0)
-        self.admission = auth.Admission(a, metagraph)
+        self.admission = auth.Admission(config.auth, metagraph)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -115,8 +113,8 @@ class Guard(grpc.aio.ServerInterceptor):
             return Peer(headers.get(auth.HOTKEY_KEY, ""), 0.0), headers.get(auth.NONCE_KEY, "0")
         a = self.config.auth
         caller = auth.verify(headers, raw, method=auth.REQUEST, path=method, self_hotkey=self.hotkey,
-                             nonce_store=self.nonces, max_age=a.max_age_s, allowed_skew=a.allowed_skew_s)
-        stake = self.admission.admit(caller.hotkey_ss58)
+                             nonce_store=auth.SignatureOnly(), max_age=a.max_age_s, allowed_skew=a.allowed_skew_s)
+        stake = self.admission.admit(caller.hotkey_ss58, caller.nonce_ns)
         return Peer(caller.hotkey_ss58, stake), str(caller.nonce_ns)
 
     def _sign(self, method: str, nonce: str, body: bytes, peer: Peer) -> list[tuple[str, str]]:

@@ -133,7 +133,9 @@ class Dendrite:
         try:
             async for c in self.stream(target, request, timeout):
                 chunks.append(c)
-            return PeerResult(target, grpc.StatusCode.OK, "", chunks, time.monotonic() - start, bool(target.hotkey))
+            # stream() checked the signature whenever there was one to check (see _check_signature).
+            signed = bool(target.hotkey) and self.keypair is not None
+            return PeerResult(target, grpc.StatusCode.OK, "", chunks, time.monotonic() - start, signed)
         except grpc.aio.AioRpcError as exc:
             return PeerResult(target, exc.code(), exc.details() or "", chunks, time.monotonic() - start)
         except Exception as exc:
