@@ -107,3 +107,24 @@ def test_unreadable_state_is_a_clear_error(tmp_path):
         State.load(path)
     State(scores=[0.5], hotkeys=["a"], rounds=3).save(path)
     assert State.load(path).rounds == 3 and not (tmp_path / "state.json.tmp").exists()
+
+
+async def test_run_validator_stops_after_its_rounds_and_saves_state(network, tmp_path):
+    from neuron.validator import run_validator
+
+    chain, vwallet, axons, config = network
+    await axons[2][1].stop(grace=0)
+    config = with_overrides(config, **{"rounds": 2, "round_interval_s": 0.0, "timeout_s": 2.0})
+    await asyncio.wait_for(run_validator(config, chain, vwallet), 60)
+    state = State.load(tmp_path / "state.json")
+    assert state.rounds == 2 and state.scores[axons[0][0]] > 0
+
+
+async def test_an_unregistered_validator_is_told_how_to_register(network, tmp_path):
+    from neuron.chain.base import ChainError
+    from neuron.validator import run_validator
+
+    chain, _, _, config = network
+    stranger = make_wallet(tmp_path / "w", "stranger")
+    with pytest.raises(ChainError, match="not registered.*neuron register"):
+        await run_validator(config, chain, stranger)
