@@ -11,7 +11,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -106,6 +106,8 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.batches_run = 0  # forward batches executed (a test can count model work)
         self.rows_run = 0
+        self.batch_rows: Counter[int] = Counter()  # forward batch size in rows -> batches of that size
+        self.joins = 0  # sequences that joined a batch already decoding
 
     def start(self) -> "ModelWorker":
         self._thread.start()
@@ -214,8 +216,10 @@ class ModelWorker:
             for w in batch:
                 w.resolve(error=exc)
             return
+        rows = sum(w.job.rows for w in batch)
         self.batches_run += 1
-        self.rows_run += sum(w.job.rows for w in batch)
+        self.rows_run += rows
+        self.batch_rows[rows] += 1
         for w, out in zip(batch, outputs):
             w.resolve(result=out)
 
@@ -236,6 +240,7 @@ class ModelWorker:
                 stepped = dict((id(s), st) for s, st in self._decoder.step())
                 results += [(w, stepped[id(w.seq)]) for w in self._active]
             if joining:
+                self.joins += len(joining) if self._active else 0
                 results += list(zip(joining, self._decoder.add([w.seq for w in joining])))
                 self._active += joining
         except Exception as exc:

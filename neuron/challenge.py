@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -141,9 +140,7 @@ def _judge_generate(lm: LoadedModel, ch: Challenge, resp: pb.GenerateResponse, t
     full, _ = forward_logprobs(lm, torch.tensor([ch.prompt_ids + tokens]))
     n = len(ch.prompt_ids)
     ref = full[0, n - 1:n - 1 + T].cpu()
-    th_gen = th
-    if ch.top_k:  # a token outside the sampling top-k cannot have been sampled honestly
-        th_gen = dataclasses.replace(th, max_token_rank_sampled=min(th.max_token_rank_sampled, ch.top_k - 1))
     return scoring.verify_generation(ref, torch.tensor(tokens), torch.tensor(list(resp.logprobs)),
                                      greedy=ch.temperature == 0.0, finish_reason=finish,
-                                     eos_token_id=lm.eos_token_id, max_new_tokens=ch.max_new_tokens, th=th_gen)
+                                     eos_token_id=lm.eos_token_id, max_new_tokens=ch.max_new_tokens, th=th,
+                                     top_k=ch.top_k)

@@ -46,8 +46,12 @@ class Sequence:
     params: GenParams
     generated: list[int] = field(default_factory=list)
     text: str = ""  # text of `generated` emitted so far (cut before a stop string)
+    decoded: str = ""  # text of generated[:read], some of it maybe held back from `text`
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # Incremental detokenisation: generated[prefix:read] is the window decoded last step.
+    prefix: int = 0
+    read: int = 0
 
     @property
     def finished(self) -> bool:
@@ -112,10 +116,12 @@ class Decoder:
         ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.lm.device)
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
                             device=self.lm.device)
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+        # logits_to_keep=1: the LM head runs on the last position only, not on the whole prompt.
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                            logits_to_keep=1)
         self._join(out.past_key_values, mask)
         self.seqs.extend(seqs)
-        return [self._advance(seq, row) for seq, row in zip(seqs, out.logits[:, -1, :].float())]
+        return self._advance(seqs, out.logits[:, -1, :])
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, Step]]:
@@ -126,7 +132,7 @@ class Decoder:
         out = self.lm.model(input_ids=last, attention_mask=self.mask, position_ids=pos,
                             past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
-        return [(s, self._advance(s, row)) for s, row in zip(self.seqs, out.logits[:, -1, :].float())]
+        return list(zip(self.seqs, self._advance(self.seqs, out.logits[:, -1, :])))
 
     def remove(self, done: list[Sequence]) -> None:
         """Drop finished or cancelled sequences from the batch (and leading all-padding columns)."""
@@ -164,40 +170,62 @@ class Decoder:
             mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0)
             mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> Step:
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Step]:
+        """Choose each row's next token from logits [B, V]: the batch shares one log-softmax and one copy
+        to the host; only rows that sample or penalise repetition take the per-row path."""
+        logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        token = _choose(logits, seq)
-        seq.generated.append(token)
-        top_ids: list[int] = []
-        top_lp: list[float] = []
-        if seq.params.logprobs_topn:
-            v, i = logprobs.topk(seq.params.logprobs_topn)
-            top_ids, top_lp = i.tolist(), v.tolist()
-        # The end is known before the text: the last delta flushes what was held back.
-        if token == self.lm.eos_token_id:
-            seq.finish_reason = EOS
-        elif len(seq.generated) >= seq.params.max_new_tokens:
-            seq.finish_reason = LENGTH
-        step = Step(token, float(logprobs[token]), top_ids, top_lp, self._text_delta(seq))
-        step.finish_reason = seq.finish_reason
-        return step
+        tokens = logits.argmax(-1)
+        for i, seq in enumerate(seqs):
+            if seq.params.temperature > 0 or seq.params.repetition_penalty != 1.0:
+                tokens[i] = _choose(logits[i], seq)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        topn = max(s.params.logprobs_topn for s in seqs)
+        top_lp, top_ids = [[]] * len(seqs), [[]] * len(seqs)
+        if topn:
+            values, indices = logprobs.topk(topn, dim=-1)
+            top_lp, top_ids = values.tolist(), indices.tolist()
+        steps = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            seq.generated.append(token)
+            # The end is known before the text: the last delta flushes what was held back.
+            if token == self.lm.eos_token_id:
+                seq.finish_reason = EOS
+            elif len(seq.generated) >= seq.params.max_new_tokens:
+                seq.finish_reason = LENGTH
+            n = seq.params.logprobs_topn
+            step = Step(token, chosen[i], top_ids[i][:n], top_lp[i][:n], self._text_delta(seq))
+            step.finish_reason = seq.finish_reason
+            steps.append(step)
+        return steps
 
     def _text_delta(self, seq: Sequence) -> str:
-        """Text added by the last token; held back while a multi-byte character is incomplete.
+        """Text added by the last token. Held back while a multi-byte character is incomplete, or while the
+        text ends with the start of a stop string, so the deltas of a generation add up to its decoded
+        tokens cut before the first stop string.
 
-        The deltas of a whole generation add up to the decoded tokens (cut before a stop string).
+        Only a short window of tokens is decoded each step (the last emitted window, then the new ones),
+        so the cost per token does not grow with the length.
         """
-        full = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        for stop in seq.params.stop:
-            cut = full.find(stop)
-            if cut != -1:
-                seq.finish_reason = STOP_SEQUENCE
-                full = full[:cut]
-                break
+        decode = self.lm.tokenizer.decode
+        before = decode(seq.generated[seq.prefix:seq.read], skip_special_tokens=True)
+        after = decode(seq.generated[seq.prefix:], skip_special_tokens=True)
+        new = after[len(before):]
+        full = seq.decoded + new
+        stops = seq.params.stop
+        # Only a match reaching into the new text is new: earlier text was searched already.
+        cuts = [c for c in (full.find(s, max(0, len(seq.decoded) - len(s) + 1)) for s in stops) if c != -1]
+        if cuts:
+            seq.finish_reason = STOP_SEQUENCE
+            shown = full[:min(cuts)]
+        elif seq.finished:
+            shown = full
+        elif new.endswith("\ufffd"):
+            return ""
         else:
-            if seq.finish_reason is None:
-                full = full.rstrip("\ufffd")
-        if not full.startswith(seq.text):
-            return ""  # a merge re-spelled earlier text; keep what was already sent
-        delta, seq.text = full[len(seq.text):], full
+            seq.decoded, seq.prefix, seq.read = full, seq.read, len(seq.generated)
+            held = max((k for s in stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            shown = full[:len(full) - held]
+        delta = shown[len(seq.text):]
+        seq.text += delta
         return delta

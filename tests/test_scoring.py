@@ -12,6 +12,7 @@ from neuron.scoring import (
     quality_loss,
     reset_uids,
     reward,
+    sampled_rank_limit,
     verify_forward,
     verify_generation,
     weights_from_scores,
@@ -59,7 +60,7 @@ def test_forward_distance_counts_only_what_the_report_forces():
     assert v.metrics["topk_overlap"] == 0.5
     assert v.metrics["ref_argmax_rank"] == 0.0
     assert v.metrics["prob_distance"] == pytest.approx(0.15, abs=1e-6)
-    assert not v.ok and v.reason == "top-k overlap 0.50 < 0.80 at position 0"
+    assert not v.ok and v.reason == "top-k overlap 0.50 < 0.75 at position 0"
 
 
 @pytest.mark.parametrize(
@@ -91,17 +92,31 @@ def test_forward_wrong_probabilities_measured_exactly():
     assert v.reason == "rest mass error 0.1000 > 0.0200 at position 1"
 
 
+def test_forward_median_logprob_error_ignores_one_outlier_position():
+    ref = ref_from([PROBS, PROBS, PROBS])
+    loose = Thresholds(max_prob_distance=1, max_rest_mass_error=1)
+    outlier = 0.5 * math.exp(0.3)
+    v = verify_forward(ref, *answer([[0, 1]] * 3, [[0.5, 0.3], [0.5, 0.3], [outlier, 0.3]],
+                                    [0.2, 0.2, 0.7 - outlier]), loose)
+    assert v.ok
+    assert v.metrics["logprob_error"] == pytest.approx(0.3, abs=1e-6)
+    assert v.metrics["median_logprob_error"] == pytest.approx(0, abs=1e-6)
+    v = verify_forward(ref, *answer([[0, 1]] * 3, [[0.5, 0.3], [0.6, 0.3], [0.6, 0.3]], [0.2, 0.1, 0.1]), loose)
+    assert v.metrics["median_logprob_error"] == pytest.approx(math.log(1.2), abs=1e-6)
+    assert v.reason == "median logprob error 0.1823 > 0.1000 over 3 positions"
+
+
 def test_forward_random_ids_fail_overlap():
     ref = ref_from([PROBS])
     v = verify_forward(ref, *answer([[3, 2]], [[0.5, 0.3]], [0.2]), TH)
-    assert v.reason == "top-k overlap 0.00 < 0.80 at position 0"
+    assert v.reason == "top-k overlap 0.00 < 0.75 at position 0"
     assert v.metrics["ref_argmax_rank"] == 2.0
 
 
 def test_forward_argmax_rank():
     ref = ref_from([PROBS])
     ids, lp, rest = answer([[1, 2, 0]], [[0.3, 0.15, 0.05]], [0.5])
-    th = Thresholds(min_topk_overlap=0.0)
+    th = Thresholds(min_topk_overlap=0.0, max_ref_argmax_rank=1)
     assert verify_forward(ref, ids, lp, rest, th).reason == "reference argmax rank 2 > 1 at position 0"
 
 
@@ -173,16 +188,28 @@ def test_generation_honest_greedy():
 
 
 def test_generation_rank_tighter_for_greedy():
-    v = gen([0, 0, 1])
+    th = Thresholds(max_token_rank_greedy=1)
+    v = gen([0, 0, 1], th=th)
     assert v.metrics["token_rank"] == 2.0
     assert v.reason == "token rank 2 > 1 at step 1"
-    assert gen([0, 0, 1], greedy=False).ok
+    assert gen([0, 0, 1], greedy=False, th=th).ok
+
+
+def test_generation_sampled_rank_follows_the_top_k():
+    th = Thresholds(sampled_rank_slack=1)
+    assert sampled_rank_limit(th, 0) == th.max_token_rank_sampled
+    assert sampled_rank_limit(th, 2) == 2
+    assert gen([0, 0, 2], greedy=False, th=th).ok
+    assert gen([0, 0, 2], greedy=False, th=th, top_k=3).ok
+    assert gen([0, 0, 2], greedy=False, th=th, top_k=2).reason == "token rank 3 > 2 at step 2"
+    with pytest.raises(ValueError):
+        gen([0, 0, 2], greedy=False, top_k=-1)
 
 
 def test_generation_logprob_error():
     v = gen([0, 1, 2], reported=[math.log(0.7), math.log(0.6), math.log(0.2)], greedy=False)
     assert v.metrics["gen_logprob_error"] == pytest.approx(math.log(2), abs=1e-6)
-    assert v.reason == "logprob error 0.6931 > 0.1000 at step 2"
+    assert v.reason == "logprob error 0.6931 > 0.0800 at step 2"
 
 
 def test_generation_early_stop_needs_plausible_eos():

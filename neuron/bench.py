@@ -1,0 +1,538 @@
+"""`neuron bench`: batching, axon overhead, generation speed, validator rounds and memory, as ratios.
+
+Every figure compares two things measured side by side in one run, in alternation (A, B, A, B),
+so a busy machine slows both sides alike; the ratio is the median of A / B over adjacent pairs.
+Benchmarks live here and print numbers: no test ever asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from neuron import wire
+from neuron.config import MinerConfig, ValidatorConfig, with_overrides
+from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forward_topk, load_model
+from neuron.pb.neuron.v1 import axon_pb2 as pb
+
+RANDOM_OPT = "opt-125m-random"
+# facebook/opt-125m's shape; the weights are random, made on the fly (nothing can be downloaded here).
+OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                max_position_embeddings=2048, word_embed_proj_dim=768)
+NETUID = 1
+PARTS = ("overhead", "forward", "generate", "validator", "memory")
+
+
+@dataclass
+class Figure:
+    """One line of the table: A and B measured in alternation, and what A / B should reach."""
+
+    key: str
+    label: str
+    a: float  # median of A
+    b: float  # median of B
+    ratio: float  # median of A / B over adjacent pairs: drifts in machine load cancel
+    unit: str
+    target: str = ""  # ">= 1.3", "<= 1.10", or "" for none
+
+    @classmethod
+    def paired(cls, key: str, label: str, xs: list[float], ys: list[float], unit: str, target: str = "") -> "Figure":
+        ratio = statistics.median(x / y for x, y in zip(xs, ys))
+        return cls(key, label, statistics.median(xs), statistics.median(ys), ratio, unit, target)
+
+    @property
+    def met(self) -> bool | None:
+        if not self.target:
+            return None
+        op, value = self.target.split()
+        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "met": self.met}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Forward request: tokens, positions asked (0: all), top-k."""
+
+    seq_len: int
+    positions: int
+    topk: int
+
+    def __str__(self) -> str:
+        return f"{self.seq_len} tok" + (f"/{self.positions} pos" if self.positions else "")
+
+
+_V = ValidatorConfig()
+
+
+@dataclass
+class Sizes:
+    """How much work each figure does; --quick shrinks it to a smoke test."""
+
+    latency: Shape = Shape(128, 0, 16)  # the Forward whose latency is compared (every position)
+    traffic: Shape = Shape(_V.forward_seq_len, _V.forward_positions, _V.topk)  # what a validator sends
+    reps: int = 3  # alternations per figure
+    requests_per_client: int = 2  # forward throughput: each client sends this many, one after another
+    min_requests: int = 8
+    prompt_len: int = 16  # generation prompt
+    new_tokens: int = 64
+    streams: int = 8
+    overhead_calls: int = 4  # Forward calls per rep for the latency figure
+    clients: tuple[int, ...] = (1, 8, 32)
+    miners: tuple[int, ...] = (1, 8, 32)
+
+
+QUICK = Sizes(latency=Shape(32, 0, 8), traffic=Shape(16, 4, 8), reps=1, requests_per_client=1, min_requests=2,
+              prompt_len=8, new_tokens=8, streams=4, overhead_calls=2, clients=(1, 8), miners=(1, 2))
+
+
+def make_random_opt(path: Path, shape: dict = OPT_125M, seed: int = 0) -> None:
+    """An OPT of `shape` with random weights and the tiny model's tokenizer (and special ids), saved to `path`.
+
+    The tokenizer knows only 512 tokens: the bench sends random ids below the model's vocabulary, and text
+    decoded from larger ids is empty, which the protocol allows.
+    """
+    from transformers import OPTConfig, OPTForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tiny = json.loads((TINY_PATH / "config.json").read_text())
+    special = {k: tiny[k] for k in ("bos_token_id", "pad_token_id", "eos_token_id")}
+    torch.manual_seed(seed)
+    OPTForCausalLM(OPTConfig(**shape, **special)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_PATH / name, path / name)
+
+
+async def alternate(reps: int, *measures) -> list[list[float]]:
+    """Each measure (an async function returning a number) run `reps` times in turn: A, B, A, B, ..."""
+    runs: list[list[float]] = [[] for _ in measures]
+    for _ in range(reps):
+        for out, measure in zip(runs, measures):
+            out.append(await measure())
+    return runs
+
+
+def _wallet(path: Path, name: str):
+    import bittensor as bt
+
+    w = bt.Wallet(name=name, hotkey="default", path=str(path))
+    w.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    w.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return w
+
+
+def _admit_only(hotkey: str):
+    """A metagraph in which `hotkey` is a staked validator: what a miner's admission reads."""
+    from neuron.chain.base import Metagraph, NeuronInfo
+
+    mg = Metagraph(NETUID, 0, (NeuronInfo(0, hotkey, hotkey, 1000.0, True, None, 0),))
+    return lambda: mg
+
+
+def _miner_config(**overrides) -> MinerConfig:
+    # The rate limit guards a miner against floods; the bench is the flood it means to measure.
+    base = {"axon.ip": "127.0.0.1", "axon.port": 0, "axon.grace_s": 1.0, "auth.required": True,
+            "auth.rate_per_s": 1e9, "auth.burst": 10**9, "limits.max_batch": 64}
+    return with_overrides(MinerConfig(), **{**base, **overrides})
+
+
+class Bench:
+    """The model under test, one signed client, and axons serving that model on loopback."""
+
+    def __init__(self, lm: LoadedModel, sizes: Sizes, workdir: Path):
+        self.lm, self.sizes, self.workdir = lm, sizes, workdir
+        self.gen = torch.Generator().manual_seed(1234)
+        self.validator_wallet = _wallet(workdir / "wallets", "bench-validator")
+        self.miner_wallet = _wallet(workdir / "wallets", "bench-miner")
+        self.axons = []
+        self.dendrite = None
+
+    def ids(self, rows: int, length: int) -> torch.Tensor:
+        return torch.randint(3, self.lm.vocab_size, (rows, length), generator=self.gen)
+
+    def positions(self, shape: Shape) -> list[int] | None:
+        if not shape.positions:
+            return None
+        return sorted(torch.randperm(shape.seq_len, generator=self.gen)[:shape.positions].tolist())
+
+    def forward_request(self, shape: Shape) -> pb.ForwardRequest:
+        return pb.ForwardRequest(input_ids=wire.to_pb(self.ids(1, shape.seq_len)), topk=shape.topk,
+                                 positions=self.positions(shape))
+
+    def forward_job(self, shape: Shape) -> ForwardJob:
+        return ForwardJob(self.ids(1, shape.seq_len), self.positions(shape), shape.topk)
+
+    def generate_request(self) -> pb.GenerateRequest:
+        s = self.sizes
+        return pb.GenerateRequest(prompt_ids=self.ids(1, s.prompt_len)[0].tolist(), max_new_tokens=s.new_tokens)
+
+    async def serve(self, **batching):
+        """A signed, admission-checking axon over the model; returns (axon, target)."""
+        from neuron.axon import Axon
+        from neuron.dendrite import Dendrite, Target
+
+        keypair = self.miner_wallet.hotkey
+        config = _miner_config(**{f"batching.{k}": v for k, v in batching.items()})
+        axon = Axon(self.lm, config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
+        port = await axon.start()
+        self.axons.append(axon)
+        if self.dendrite is None:
+            self.dendrite = Dendrite(self.validator_wallet.hotkey)
+        return axon, Target(f"127.0.0.1:{port}", keypair.ss58_address)
+
+    async def close(self) -> None:
+        if self.dendrite is not None:
+            await self.dendrite.close()
+        for axon in self.axons:
+            await axon.stop(grace=0)
+
+    async def call(self, target, name: str, request, timeout: float = 600.0):
+        r = await self.dendrite.call(target, name, request, timeout)
+        if not r.ok:
+            raise RuntimeError(f"{name} failed: {r.code.name}: {r.message}")
+        return r.response
+
+    async def stream(self, target, request, timeout: float = 600.0) -> int:
+        return len([c async for c in self.dendrite.stream(target, request, timeout)])
+
+
+# ---- 1. forward throughput ---------------------------------------------------------------------
+
+async def forward_figures(b: Bench, shape: Shape, clients_list: tuple[int, ...], targets: bool) -> list[Figure]:
+    """Requests/s through a batching axon, through an axon that runs one request per model call, and
+    of the model called directly on the batches the batching axon formed."""
+    s = b.sizes
+    batched, t_batched = await b.serve()
+    _, t_single = await b.serve(max_wait_ms=0.0, max_batch_tokens=shape.seq_len)
+    figures = []
+    for clients in clients_list:
+        n = max(s.min_requests, clients * s.requests_per_client)
+        formed: list[int] = []  # rows of each batch the batching axon ran in its last measurement
+
+        async def through(target) -> float:
+            requests = iter([b.forward_request(shape) for _ in range(n)])
+
+            async def client():
+                for req in requests:  # shared: a client takes the next request once its last is answered
+                    await b.call(target, "Forward", req)
+            start = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return n / (time.perf_counter() - start)
+
+        async def axon_batched() -> float:
+            before = batched.worker.batch_rows.copy()
+            rate = await through(t_batched)
+            formed[:] = list((batched.worker.batch_rows - before).elements())
+            return rate
+
+        async def axon_single() -> float:
+            return await through(t_single)
+
+        async def direct_same_batches() -> float:
+            batches = [[b.forward_job(shape) for _ in range(rows)] for rows in formed]
+            start = time.perf_counter()
+            for jobs in batches:
+                await asyncio.to_thread(forward_batch, b.lm, jobs)
+            return sum(formed) / (time.perf_counter() - start)
+
+        xs, zs, ys = await alternate(s.reps, axon_batched, direct_same_batches, axon_single)
+        last = targets and clients == max(clients_list)
+        figures.append(Figure.paired(f"forward_{shape.seq_len}_batched_vs_single_c{clients}",
+                                     f"forward {shape}, {clients} clients: batched / one at a time",
+                                     xs, ys, "req/s", ">= 1.3" if last else ""))
+        figures.append(Figure.paired(f"forward_{shape.seq_len}_axon_vs_direct_c{clients}",
+                                     f"forward {shape}, {clients} clients: axon / model on the same batches",
+                                     xs, zs, "req/s", ">= 0.85" if last else ""))
+    return figures
+
+
+# ---- 2. axon overhead --------------------------------------------------------------------------
+
+async def overhead_figure(b: Bench, shape: Shape) -> Figure:
+    """Latency of one Forward through gRPC, signatures and admission, against the same call on the model."""
+    s = b.sizes
+    _, target = await b.serve()
+    request = b.forward_request(shape)
+    job = ForwardJob(wire.from_pb(request.input_ids, name="input_ids"), None, shape.topk)
+
+    async def axon() -> float:
+        start = time.perf_counter()
+        for _ in range(s.overhead_calls):
+            await b.call(target, "Forward", request)
+        return (time.perf_counter() - start) / s.overhead_calls * 1000
+
+    async def direct() -> float:
+        start = time.perf_counter()
+        for _ in range(s.overhead_calls):
+            await asyncio.to_thread(forward_topk, b.lm, job.input_ids, None, shape.topk)
+        return (time.perf_counter() - start) / s.overhead_calls * 1000
+
+    await axon()  # first calls pay one-time set-up on both sides
+    await direct()
+    xs, ys = await alternate(s.reps, axon, direct)
+    return Figure.paired("forward_latency_axon_vs_direct", f"forward {shape} latency: axon (signed) / direct call",
+                         xs, ys, "ms", "<= 1.10")
+
+
+# ---- 3. generation -----------------------------------------------------------------------------
+
+def plain_generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> int:
+    """transformers' generate, one prompt after another, greedy; returns the tokens made."""
+    made = 0
+    for p in prompts:
+        ids = torch.tensor([p], device=lm.device)
+        with torch.inference_mode():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        made += out.shape[1] - ids.shape[1]
+    return made
+
+
+async def generation_figures(b: Bench) -> list[Figure]:
+    """Tokens/s of GenerateStream through the axon, against transformers' generate on the same model."""
+    s = b.sizes
+    _, target = await b.serve()
+
+    async def axon(streams: int) -> float:
+        requests = [b.generate_request() for _ in range(streams)]
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(b.stream(target, r) for r in requests))
+        return sum(counts) / (time.perf_counter() - start)
+
+    async def plain(streams: int) -> float:
+        prompts = [b.ids(1, s.prompt_len)[0].tolist() for _ in range(streams)]
+        start = time.perf_counter()
+        made = await asyncio.to_thread(plain_generate, b.lm, prompts, s.new_tokens)
+        return made / (time.perf_counter() - start)
+
+    await axon(1)
+    await plain(1)
+    k = s.streams
+    one, plain_one, many, plain_many = await alternate(
+        s.reps, lambda: axon(1), lambda: plain(1), lambda: axon(k), lambda: plain(k))
+    return [
+        Figure.paired("generate_1_axon_vs_plain", "generate, 1 stream: axon / model.generate", one, plain_one,
+                      "tok/s", ">= 0.9"),
+        Figure.paired(f"generate_{k}_axon_vs_plain", f"generate, {k} streams: axon / {k} model.generate in turn",
+                      many, plain_many, "tok/s"),
+        Figure.paired(f"generate_{k}_vs_1", f"generate through the axon: {k} streams / 1 stream",
+                      many, one, "tok/s", ">= 3.0"),
+    ]
+
+
+# ---- 4. validator rounds -----------------------------------------------------------------------
+
+async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> list[Figure]:
+    """Round time with 1, 8, 32 miners (in-process axons sharing one model) over a local chain."""
+    from neuron.axon import Axon
+    from neuron.chain.local import LocalChain
+    from neuron.validator import Validator
+
+    chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
+    most = max(sizes.miners)
+    chain.create_subnet(NETUID, max_uids=most + 8, weights_rate_limit=1, min_validator_stake=1.0, max_validators=4)
+    vwallet = _wallet(workdir / "wallets", "round-validator")
+    chain.register(NETUID, vwallet)
+    chain.add_stake(NETUID, vwallet.hotkey.ss58_address, 1000.0)
+    wallets = [_wallet(workdir / "wallets", f"round-miner{i}") for i in range(most)]
+    for w in wallets:
+        chain.register(NETUID, w)
+    mg = chain.metagraph(NETUID)
+    axons = []
+    try:
+        for w in wallets:
+            axon = Axon(lm, _miner_config(), w.hotkey, lambda: mg)
+            chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
+            axons.append(axon)
+        validators = {}
+        for n in sizes.miners:
+            # No weight-setting inside the measured rounds: the local chain rate-limits it anyway.
+            config = with_overrides(ValidatorConfig(), **{
+                "subtensor.netuid": NETUID, "sample_size": n, "timeout_s": 120.0, "epoch_rounds": 10**9,
+                "state_path": str(workdir / f"validator-{n}.json")})
+            validators[n] = Validator(config, chain, vwallet, lm)
+
+        def round_of(n: int):
+            async def measure() -> float:
+                start = time.perf_counter()
+                judged = await validators[n].run_round()
+                if len(judged) != n:
+                    raise RuntimeError(f"a round meant to query {n} miners queried {len(judged)}")
+                return time.perf_counter() - start
+            return measure
+
+        await round_of(min(sizes.miners))()  # warm up
+        times = dict(zip(sizes.miners, await alternate(sizes.reps, *(round_of(n) for n in sizes.miners))))
+        for v in validators.values():
+            await v.close()
+    finally:
+        for axon in axons:
+            await axon.stop(grace=0)
+    one = min(sizes.miners)
+    return [Figure.paired(f"validator_round_{n}_vs_{one}", f"validator round: {n} miners / {one} miner ({n}x the work)",
+                          times[n], times[one], "s") for n in sizes.miners if n != one]
+
+
+# ---- 5. memory ---------------------------------------------------------------------------------
+
+def _status_kb(pid: int, field: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, sizes: Sizes,
+                         workdir: Path) -> list[Figure]:
+    """Peak RSS of a real `neuron miner` process serving the model under load, against its weights' bytes."""
+    from neuron.dendrite import Dendrite, Target
+
+    log = workdir / "miner.log"
+    args = [sys.executable, "-m", "neuron.cli", "miner", "--model.name", model, "--model.device", device,
+            "--model.dtype", dtype, "--subtensor.network", "none", "--auth.required", "false",
+            "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.grace_s", "1", "--limits.max_batch", "64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        port = None
+        deadline = time.monotonic() + 300
+        while port is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the miner did not start:\n{log.read_text()[-2000:]}")
+            m = re.search(r"axon serving \S+ on [\d.]+:(\d+)", log.read_text())
+            port = int(m.group(1)) if m else None
+            await asyncio.sleep(0.2)
+        target, d = Target(f"127.0.0.1:{port}"), Dendrite()
+        loaded_kb = _status_kb(proc.pid, "VmRSS")
+        # The heaviest load the bench puts on a miner: full-length forwards from every client at once.
+        gen = torch.Generator().manual_seed(7)
+        shape = sizes.latency
+        ids = torch.randint(3, lm.vocab_size, (1, shape.seq_len), generator=gen)
+        request = pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=shape.topk)
+        forwards = [d.call(target, "Forward", request, 600) for _ in range(max(sizes.clients))]
+        prompt = ids[0, :sizes.prompt_len].tolist()
+        streams = [d.stream_all(target, pb.GenerateRequest(prompt_ids=prompt, max_new_tokens=sizes.new_tokens), 600)
+                   for _ in range(sizes.streams)]
+        results = await asyncio.gather(*forwards, *streams)
+        await d.close()
+        bad = [r for r in results if not r.ok]
+        if bad:
+            raise RuntimeError(f"the miner failed a request: {bad[0].code.name}: {bad[0].message}")
+        peak_kb = _status_kb(proc.pid, "VmHWM")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    return [Figure("miner_rss_loaded_vs_weights", "miner process RSS once serving / weight bytes",
+                   loaded_kb / 1024, weights, loaded_kb / 1024 / weights, "MiB"),
+            Figure("miner_peak_rss_vs_weights",
+                   f"miner process peak RSS under {max(sizes.clients)} forwards + {sizes.streams} streams / weight bytes",
+                   peak_kb / 1024, weights, peak_kb / 1024 / weights, "MiB")]
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def table(figures: list[Figure], notes: list[str]) -> str:
+    rows = [("figure", "A", "B", "A/B", "target")]
+    for f in figures:
+        mark = "" if f.met is None else (" ok" if f.met else " MISSED")
+        rows.append((f.label, f"{f.a:.4g} {f.unit}", f"{f.b:.4g} {f.unit}", f"{f.ratio:.2f}x",
+                     (f.target + mark) if f.target else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines + notes)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="neuron bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=RANDOM_OPT,
+                   help=f"{RANDOM_OPT} (facebook/opt-125m's shape, random weights made on the fly), tiny, "
+                        "a local directory or a Hugging Face id")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--json", default="", help="write the figures here as JSON")
+    p.add_argument("--quick", action="store_true", help="small sizes, the tiny model unless --model says otherwise")
+    p.add_argument("--round-model", default="tiny",
+                   help="the model of the validator-round figure (miners and validator share it); 'same' for --model")
+    p.add_argument("--reps", type=int, default=0, help="alternations per figure (default 3, 1 with --quick)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(PARTS)}")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
+    wanted = set(args.only.split(",")) if args.only else set(PARTS)
+    lm = load_model(model, args.device, args.dtype)
+    figures: list[Figure] = []
+    notes: list[str] = []
+    bench = Bench(lm, sizes, workdir)
+    try:
+        if "overhead" in wanted:
+            figures.append(await overhead_figure(bench, sizes.latency))
+        if "forward" in wanted:
+            figures += await forward_figures(bench, sizes.traffic, sizes.clients, targets=True)
+            figures += await forward_figures(bench, sizes.latency, sizes.clients[-1:], targets=False)
+        if "generate" in wanted:
+            figures += await generation_figures(bench)
+    finally:
+        await bench.close()
+    if "validator" in wanted:
+        same = args.round_model in ("same", args.model)
+        round_lm = lm if same else load_model(args.round_model, args.device, args.dtype)
+        figures += await validator_figures(round_lm, sizes, workdir)
+        notes.append(f"validator rounds: the {args.model if same else args.round_model} model; "
+                     f"every miner an axon in this process")
+    if "memory" in wanted:
+        figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
+    return figures, notes
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} | {level: <7} | {message}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sizes = QUICK if args.quick else Sizes()
+    if args.reps:
+        sizes = dataclasses.replace(sizes, reps=args.reps)
+    if args.quick and args.model == RANDOM_OPT:
+        args.model = "tiny"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="neuron-bench-") as tmp:
+        workdir = Path(tmp)
+        model = args.model
+        if model == RANDOM_OPT:
+            model = str(workdir / RANDOM_OPT)
+            make_random_opt(Path(model))
+        figures, notes = asyncio.run(run(args, sizes, model, workdir))
+    print(f"neuron bench {' '.join(argv)}: model {args.model}, device {args.device}, dtype {args.dtype}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"{time.perf_counter() - started:.0f} s")
+    print(table(figures, notes))
+    if args.json:
+        report = {"command": ["neuron", "bench", *argv], "model": args.model, "device": args.device,
+                  "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "sizes": asdict(sizes),
+                  "notes": notes, "figures": {f.key: f.as_dict() for f in figures}}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0

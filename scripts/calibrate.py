@@ -1,0 +1,158 @@
+"""Measure honest noise and dishonest error of every verification metric; print the margins.
+
+    python scripts/calibrate.py --model tiny --model ~/.cache/neuron/smollm2-135m --json calibration.json
+
+The measurement itself is neuron/calibration.py; docs/calibration.md explains it and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from neuron import calibration as cal  # noqa: E402
+from neuron.challenge import ChallengeConfig  # noqa: E402
+from neuron.dataset import PromptSource  # noqa: E402
+from neuron.model import load_model  # noqa: E402
+from neuron.scoring import Thresholds  # noqa: E402
+
+
+def batch_sizes(text: str) -> list[int]:
+    """"1-16" or "1,2,4,8,16"."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def label_of(name: str) -> str:
+    return name if name == "tiny" else Path(os.path.expanduser(name)).name.split("-")[0]
+
+
+def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal.Check]:
+    label = label_of(name)
+    t0 = time.perf_counter()
+    ref = cal.Reference(load_model(name, args.device, args.ref_dtype))
+    miners = {dt: (ref.lm if dt == args.ref_dtype else load_model(name, args.device, dt)) for dt in args.dtypes}
+    source, rng = PromptSource.default(), random.Random(args.seed)
+    checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds)
+    t1 = time.perf_counter()
+    print(f"{label}: {len(checks)} honest checks in {t1 - t0:.0f} s", file=sys.stderr)
+    if args.dishonest:
+        cheats = cal.dishonest_models(ref.lm, seed=args.seed, different_relative=args.different_relative)
+        checks += cal.dishonest_run(ref, cheats, source, rng, args.dishonest, cfg, th, model=label)
+        print(f"{label}: dishonest checks in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+    return checks
+
+
+def tables(summary: dict) -> str:
+    """The summary as markdown tables."""
+    out = []
+    for model, s in summary["models"].items():
+        out.append(f"### {model}\n")
+        out.append(f"{s['checks']} checks, of which {s['honest_checks']} by honest miners in "
+                   f"{' or '.join(cal.ACCEPTED_DTYPES)}; false rejections among those: "
+                   f"{len(s['honest_false_rejections'])}. Checks (rejected) per honest miner: "
+                   + ", ".join(f"{k} {n} ({s['rejected_by_miner'][k]})" for k, n in s["checks_by_miner"].items())
+                   + ".\n")
+        out.append("| metric | threshold | honest worst (fp32/fp16) | bf16 worst | dishonest best (kind) |")
+        out.append("|---|---|---|---|---|")
+        for m, t, h, b, closest in cal.margin_rows(summary, model):
+            cheat = f"{cal.fmt(closest[0])} ({closest[1]})" if closest else "-"
+            out.append(f"| {m} | {cal.fmt(t)} | {cal.fmt(h)} | {cal.fmt(b)} | {cheat} |")
+        out.append("")
+        out.append("Worst honest value per miner precision and batch size:\n")
+        metrics = [m for m in cal.METRICS if m in s["worst_honest"]]
+        out.append("| miner | batch | " + " | ".join(metrics) + " |")
+        out.append("|---|---|" + "---|" * len(metrics))
+        for miner, cells in s["worst_by_miner_batch"].items():
+            for b, w in sorted(cells.items(), key=lambda kv: int(kv[0])):
+                out.append(f"| {miner} | {b} | " + " | ".join(cal.fmt(w.get(m)) for m in metrics) + " |")
+        out.append("")
+        out.append("Dishonest miners: best (least suspicious) value of each metric, and the share caught:\n")
+        out.append("| kind | forward caught | generation caught | " + " | ".join(cal.METRICS) + " |")
+        out.append("|---|---|---|" + "---|" * len(cal.METRICS))
+        for kind, c in s["dishonest"].items():
+            out.append(f"| {kind} | {cal.fmt(c['forward_caught'])} | {cal.fmt(c['generation_caught'])} | "
+                       + " | ".join(cal.fmt(c["best"].get(m)) for m in cal.METRICS) + " |")
+        out.append("")
+        out.append("First failed check per dishonest kind: "
+                   + "; ".join(f"{k}: " + ", ".join(f"{r} x{n}" for r, n in c["reasons"].items())
+                               for k, c in s["dishonest"].items()) + ".\n")
+        chance = s["honest_eos_stop_chance_per_generation"]
+        out.append("Chance per honest generation of an EOS stop where the reference P(eos) is below a level: "
+                   + ", ".join(f"< {lvl}: {cal.fmt(p)}" for lvl, p in chance.items()) + ".\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="tiny, a local path or a Hugging Face id (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ref-dtype", default="float32", help="the validator's precision")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16", help="honest miners' precisions")
+    p.add_argument("--batch-sizes", default="1-16", type=batch_sizes, help='e.g. "1-16" or "1,2,4,8,16"')
+    p.add_argument("--rounds", type=int, default=1, help="repeat every batch size with fresh prompts")
+    p.add_argument("--dishonest", type=int, default=16, help="challenges sent to each dishonest kind (0: none)")
+    p.add_argument("--different-relative", type=float, default=0.1,
+                   help="'different' model: weight noise relative to each tensor's std")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--positions", type=int, default=8)
+    p.add_argument("--topk", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rescore", type=Path, action="append",
+                   help="judge the checks of an earlier --json run under the current Thresholds instead of "
+                        "measuring (repeatable)")
+    p.add_argument("--json", type=Path, help="write the summary here")
+    p.add_argument("--markdown", type=Path, help="write the tables here")
+    args = p.parse_args(argv)
+    args.model = args.model or ["tiny"]
+    args.dtypes = args.dtypes.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    th = Thresholds()
+    cfg = ChallengeConfig(seq_len=args.seq_len, positions=args.positions, topk=args.topk,
+                          max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    checks = []
+    if args.rescore:
+        for path in args.rescore:
+            earlier = json.loads(path.read_text())
+            cfg = dataclasses.replace(cfg, sample_top_k=earlier["sample_top_k"])
+            checks += [cal.rescored(cal.Check(**c), th, cfg.sample_top_k) for c in earlier["checks"]]
+    else:
+        for name in args.model:
+            checks += run_model(name, args, th, cfg)
+    summary = cal.summarize(checks, th, cfg.sample_top_k)
+    summary["settings"] = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                           "challenge": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+                           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    text = tables(summary)
+    print(text)
+    if args.json:
+        summary["checks"] = [dataclasses.asdict(c) for c in checks]
+        args.json.write_text(json.dumps(summary, indent=1))
+    if args.markdown:
+        args.markdown.write_text(text)
+    bad = sum(len(s["honest_false_rejections"]) for s in summary["models"].values())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""`neuron bench --quick` runs end to end and writes every figure; its numbers are never asserted."""
+
+import json
+import math
+import subprocess
+import sys
+
+
+def test_bench_quick_runs_and_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["command"][:2] == ["neuron", "bench"]
+    figures = report["figures"]
+    for key in ("forward_latency_axon_vs_direct", "forward_16_batched_vs_single_c8", "forward_16_axon_vs_direct_c8",
+                "generate_1_axon_vs_plain", "generate_4_vs_1", "validator_round_2_vs_1",
+                "miner_rss_loaded_vs_weights", "miner_peak_rss_vs_weights"):
+        f = figures[key]
+        assert {"label", "a", "b", "ratio", "unit", "target", "met"} <= set(f), key
+        assert all(math.isfinite(f[k]) and f[k] > 0 for k in ("a", "b", "ratio")), f
+    assert "A/B" in done.stdout and "forward 16 tok/4 pos, 8 clients" in done.stdout
