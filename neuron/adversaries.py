@@ -21,7 +21,7 @@ PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead")
 KINDS = MODEL_CHEATS + PROTOCOL_CHEATS
 
 
-class _LogitsFilter(torch.nn.Module):
+class LogitsFilter(torch.nn.Module):
     """Wraps a causal LM and rewrites its logits: the worker and decoder use it like the real model."""
 
     def __init__(self, model: torch.nn.Module, rewrite):
@@ -35,12 +35,12 @@ class _LogitsFilter(torch.nn.Module):
         return out
 
 
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = model.model
     return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
 
-def _quantize_(model: torch.nn.Module, bits: int) -> None:
+def quantize_(model: torch.nn.Module, bits: int) -> None:
     """Round every Linear weight to `bits` per output row (what a cheap miner does to save memory)."""
     levels = 2 ** (bits - 1) - 1
     with torch.no_grad():
@@ -57,19 +57,19 @@ def cheat_model(kind: str, lm: LoadedModel) -> LoadedModel:
     model = copy.deepcopy(lm.model)
     gen = torch.Generator().manual_seed(4242)
     if kind == "random":
-        model = _LogitsFilter(model, lambda logits: torch.randn(logits.shape, generator=gen).to(logits))
+        model = LogitsFilter(model, lambda logits: torch.randn(logits.shape, generator=gen).to(logits))
     elif kind == "different":  # the same architecture with other weights
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen).to(p) * p.std().nan_to_num(0.02))
     elif kind == "truncated":
-        layers = _layers(model)
+        layers = decoder_layers(model)
         del layers[max(1, len(layers) // 2):]
         model.config.num_hidden_layers = len(layers)
     elif kind == "quantized":
-        _quantize_(model, bits=4)
+        quantize_(model, bits=4)
     elif kind == "noise":
-        model = _LogitsFilter(model, lambda logits: logits + 0.5 * torch.randn(logits.shape, generator=gen).to(logits))
+        model = LogitsFilter(model, lambda logits: logits + 0.5 * torch.randn(logits.shape, generator=gen).to(logits))
     return LoadedModel(**{**lm.__dict__, "model": model})
 
 

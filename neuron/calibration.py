@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron import scoring
+from neuron.adversaries import LogitsFilter, decoder_layers, quantize_
 from neuron.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
 from neuron.generation import EOS, Decoder, GenParams
@@ -212,27 +213,8 @@ def generation_checks(ref: Reference, chs: list[Challenge], answers: list[Genera
 # Dishonest miners. Each returns a LoadedModel whose `model` computes the cheat; all run in float32.
 
 
-class _RewriteLogits(torch.nn.Module):
-    """Wraps a causal LM and rewrites its logits; forward passes and the decoder use it as the model."""
-
-    def __init__(self, model: torch.nn.Module, rewrite):
-        super().__init__()
-        self.inner, self.rewrite = model, rewrite
-        self.config = model.config
-
-    def forward(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        out.logits = self.rewrite(out.logits)
-        return out
-
-
 def _with_model(lm: LoadedModel, model: torch.nn.Module) -> LoadedModel:
     return dataclasses.replace(lm, model=model)
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = model.model
-    return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
 
 def perturbed(lm: LoadedModel, relative: float, seed: int) -> LoadedModel:
@@ -249,7 +231,7 @@ def perturbed(lm: LoadedModel, relative: float, seed: int) -> LoadedModel:
 def truncated(lm: LoadedModel) -> LoadedModel:
     """The model with the last half of its layers removed (at least one kept)."""
     model = copy.deepcopy(lm.model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     del layers[max(1, len(layers) // 2):]
     model.config.num_hidden_layers = len(layers)
     return _with_model(lm, model)
@@ -258,24 +240,20 @@ def truncated(lm: LoadedModel) -> LoadedModel:
 def int8_quantized(lm: LoadedModel) -> LoadedModel:
     """Every Linear weight rounded to int8 per output row (symmetric, absmax scale) and dequantized."""
     model = copy.deepcopy(lm.model)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                scale = m.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-                m.weight.copy_((m.weight / scale).round().clamp(-127, 127) * scale)
+    quantize_(model, bits=8)
     return _with_model(lm, model)
 
 
 def noisy(lm: LoadedModel, std: float, seed: int) -> LoadedModel:
     """Honest logits plus Gaussian noise of `std` (in logit units, i.e. nats)."""
     gen = torch.Generator().manual_seed(seed)
-    return _with_model(lm, _RewriteLogits(lm.model, lambda x: x + std * torch.randn(x.shape, generator=gen).to(x)))
+    return _with_model(lm, LogitsFilter(lm.model, lambda x: x + std * torch.randn(x.shape, generator=gen).to(x)))
 
 
 def random_logits(lm: LoadedModel, seed: int) -> LoadedModel:
     """Standard normal logits, nothing computed."""
     gen = torch.Generator().manual_seed(seed)
-    return _with_model(lm, _RewriteLogits(lm.model, lambda x: torch.randn(x.shape, generator=gen).to(x)))
+    return _with_model(lm, LogitsFilter(lm.model, lambda x: torch.randn(x.shape, generator=gen).to(x)))
 
 
 def dishonest_models(ref: LoadedModel, seed: int = 0, different_relative: float = 0.1) -> dict[str, LoadedModel]:
@@ -349,23 +327,14 @@ def better(metric: str, a: float, b: float) -> float:
     return max(a, b) if metric in LOWER_IS_WORSE else min(a, b)
 
 
-def worst(checks: list[Check]) -> dict[str, float]:
-    """The worst (most suspicious) value of each metric over the checks."""
+def extreme(checks: list[Check], pick=worse) -> dict[str, float]:
+    """Each metric's most suspicious value over the checks (pick=better: least suspicious, a cheat's
+    closest approach)."""
     out: dict[str, float] = {}
     for c in checks:
         for m in METRICS:
             if m in c.metrics:
-                out[m] = worse(m, out[m], c.metrics[m]) if m in out else c.metrics[m]
-    return out
-
-
-def best(checks: list[Check]) -> dict[str, float]:
-    """The best (least suspicious) value of each metric over the checks: a cheat's closest approach."""
-    out: dict[str, float] = {}
-    for c in checks:
-        for m in METRICS:
-            if m in c.metrics:
-                out[m] = better(m, out[m], c.metrics[m]) if m in out else c.metrics[m]
+                out[m] = pick(m, out[m], c.metrics[m]) if m in out else c.metrics[m]
     return out
 
 
@@ -413,7 +382,7 @@ def summarize(checks: list[Check], th: scoring.Thresholds, sample_top_k: int) ->
             fwd = [c for c in theirs if c.kind == "forward"]
             gen = [c for c in theirs if c.kind != "forward"]
             cheats[label] = {
-                "best": best(theirs),
+                "best": extreme(theirs, better),
                 "forward_caught": _rate(fwd),
                 "generation_caught": _rate(gen),
                 "checks": len(theirs),
@@ -423,9 +392,9 @@ def summarize(checks: list[Check], th: scoring.Thresholds, sample_top_k: int) ->
             "checks": len(mine),
             "honest_checks": len(accepted),
             "honest_false_rejections": [dataclasses.asdict(c) for c in accepted if not c.ok],
-            "worst_honest": worst(accepted),
-            "worst_by_miner": {label: worst(sum(cells.values(), [])) for label, cells in by_cell.items()},
-            "worst_by_miner_batch": {label: {b: worst(cs) for b, cs in cells.items()} for label, cells in by_cell.items()},
+            "worst_honest": extreme(accepted),
+            "worst_by_miner": {label: extreme(sum(cells.values(), [])) for label, cells in by_cell.items()},
+            "worst_by_miner_batch": {label: {b: extreme(cs) for b, cs in cells.items()} for label, cells in by_cell.items()},
             "rejected_by_miner": {label: sum(not c.ok for cs in cells.values() for c in cs) for label, cells in by_cell.items()},
             "checks_by_miner": {label: sum(len(cs) for cs in cells.values()) for label, cells in by_cell.items()},
             "honest_eos_stop_chance_per_generation": eos_chance,

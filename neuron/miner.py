@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 
+import torch
 from loguru import logger
 
 from neuron.axon import Axon, AxonServicer
@@ -71,6 +72,9 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                                     f"on netuid {netuid}; register it with: {register_command(config)}")
             logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
         lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+        if lm.dtype == torch.bfloat16:
+            logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
+                           "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
         servicer = AxonServicer
         if config.dishonest:
             from neuron import adversaries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,28 +167,76 @@ class ForwardJob:
         return self.input_ids.shape[1]
 
 
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The model's body (final hidden states) and its LM head, when head(body(x)) gives exactly the
+    model's logits, so the head can run at the requested positions only (it is a third of a 125M
+    OPT's work per position, and full-vocabulary logits of a batch are hundreds of MB). None for a
+    model that processes its logits further, or a wrapper that rewrites them: those run whole.
+    Checked once per model object, on a few tokens."""
+    if model not in _SPLIT:
+        _SPLIT[model] = None
+        body = getattr(model, "base_model", model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if body is not model and head is not None:
+            device = next(model.parameters()).device
+            ids = torch.arange(1, 9, device=device)[None] % head.weight.shape[0]
+            with torch.inference_mode():
+                want = model(input_ids=ids, use_cache=False).logits.float()
+                got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                _SPLIT[model] = (body, head)
+    return _SPLIT[model]
+
+
+_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @torch.inference_mode()
 def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput]:
-    """Run several jobs as one left-padded batch and split the answers back, one per job."""
+    """Run several jobs as one left-padded batch and split the answers back, one per job.
+
+    Only the requested positions go through the log-softmax (and, where the model allows, the LM head).
+    """
     width = max(j.seq_len for j in jobs)
     pad = lm.tokenizer.pad_token_id
     ids = torch.cat([torch.nn.functional.pad(j.input_ids, (width - j.seq_len, 0), value=pad) for j in jobs])
     mask = torch.cat([torch.nn.functional.pad(torch.ones_like(j.input_ids), (width - j.seq_len, 0)) for j in jobs])
-    logprobs, hidden = forward_logprobs(lm, ids, mask, want_hidden=any(j.want_hidden for j in jobs))
-    outputs, row = [], 0
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    # (row, position) of every requested answer, job after job; positions count from the row's first real token.
+    rows_at, cols_at, row = [], [], 0
     for job in jobs:
         positions = torch.arange(job.seq_len) if job.positions is None else torch.tensor(job.positions)
-        # Positions count from the row's first real token.
-        index = (positions + (width - job.seq_len)).to(lm.device)
-        rows = slice(row, row + job.rows)
-        values, ids_k = logprobs[rows][:, index].topk(job.topk, dim=-1)
-        outputs.append(ForwardOutput(
-            topk_ids=ids_k.cpu(),
-            topk_logprobs=values.cpu(),
-            rest_mass=(1.0 - values.exp().sum(-1)).clamp(min=0.0).cpu(),
-            hidden=hidden[rows][:, index].cpu() if job.want_hidden else None,
-        ))
+        rows_at.append(torch.arange(row, row + job.rows).repeat_interleave(len(positions)))
+        cols_at.append((positions + (width - job.seq_len)).repeat(job.rows))
         row += job.rows
+    rows_at, cols_at = torch.cat(rows_at).to(lm.device), torch.cat(cols_at).to(lm.device)
+    want_hidden = any(j.want_hidden for j in jobs)
+    split = _body_and_head(lm.model)
+    if split is not None:
+        body, head = split
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                      use_cache=False).last_hidden_state[rows_at, cols_at]
+        logits = head(hidden)
+    else:
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                       output_hidden_states=want_hidden, use_cache=False)
+        logits = out.logits[rows_at, cols_at]
+        hidden = out.hidden_states[-1][rows_at, cols_at] if want_hidden else None
+    values, top_ids = torch.log_softmax(logits.float(), dim=-1).topk(max(j.topk for j in jobs), dim=-1)
+    values, top_ids = values.cpu(), top_ids.cpu()
+    hidden = hidden.float().cpu() if want_hidden else None
+    outputs, at = [], 0
+    for job in jobs:
+        n = job.rows * (job.seq_len if job.positions is None else len(job.positions))
+        shape = (job.rows, n // job.rows)
+        v = values[at:at + n, :job.topk].reshape(*shape, job.topk)
+        outputs.append(ForwardOutput(
+            topk_ids=top_ids[at:at + n, :job.topk].reshape(*shape, job.topk),
+            topk_logprobs=v,
+            rest_mass=(1.0 - v.exp().sum(-1)).clamp(min=0.0),
+            hidden=hidden[at:at + n].reshape(*shape, -1) if job.want_hidden else None,
+        ))
+        at += n
     return outputs
 
 

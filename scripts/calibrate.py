@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.model:
             checks += run_model(name, args, th, cfg)
     summary = cal.summarize(checks, th, cfg.sample_top_k)
-    summary["settings"] = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    summary["settings"] = {**json.loads(json.dumps(vars(args), default=str)),
                            "challenge": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}
     text = tables(summary)

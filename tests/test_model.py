@@ -73,3 +73,20 @@ def test_padded_batch_forward_matches_each_row_alone(lm):
         assert torch.allclose(out.topk_logprobs, alone.topk_logprobs, atol=1e-4)
         assert torch.allclose(out.rest_mass, 1 - alone.topk_logprobs.exp().sum(-1), atol=1e-5)
     assert batched[1].hidden.shape == (1, 2, lm.model.config.hidden_size)
+
+
+def test_forward_runs_the_lm_head_only_where_asked_and_agrees_with_the_full_pass(lm):
+    from neuron.adversaries import cheat_model
+    from neuron.model import _body_and_head, forward_logprobs
+
+    assert _body_and_head(lm.model) is not None  # OPT and Llama: the head can run on a few positions
+    ids = torch.randint(3, lm.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = forward_topk(lm, ids, [1, 5, 11], 5, want_hidden=True)
+    full, hidden = forward_logprobs(lm, ids, want_hidden=True)
+    values, top = full[:, [1, 5, 11]].topk(5)
+    assert torch.equal(out.topk_ids, top) and torch.allclose(out.topk_logprobs, values, atol=1e-5)
+    assert torch.allclose(out.hidden, hidden[:, [1, 5, 11]], atol=1e-5)
+    # A wrapper that rewrites logits must run whole, or a cheating miner's Forward would be honest.
+    noisy = cheat_model("noise", lm)
+    assert _body_and_head(noisy.model) is None
+    assert not torch.equal(forward_topk(noisy, ids, [1], 5).topk_logprobs, out.topk_logprobs[:, :1])
