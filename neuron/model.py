@@ -189,6 +189,8 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 
 
 _SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Positions whose full-vocabulary logits exist at once in forward_batch (bounds its memory).
+HEAD_CHUNK = 256
 
 
 @torch.inference_mode()
@@ -216,14 +218,18 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput
         body, head = split
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                       use_cache=False).last_hidden_state[rows_at, cols_at]
-        logits = head(hidden)
+        logits_of = lambda i: head(hidden[i:i + HEAD_CHUNK])  # noqa: E731
     else:
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                        output_hidden_states=want_hidden, use_cache=False)
-        logits = out.logits[rows_at, cols_at]
         hidden = out.hidden_states[-1][rows_at, cols_at] if want_hidden else None
-    values, top_ids = torch.log_softmax(logits.float(), dim=-1).topk(max(j.topk for j in jobs), dim=-1)
-    values, top_ids = values.cpu(), top_ids.cpu()
+        logits_of = lambda i: out.logits[rows_at[i:i + HEAD_CHUNK], cols_at[i:i + HEAD_CHUNK]]  # noqa: E731
+    # A chunk of positions at a time: full-vocabulary float32 rows are 200 KB each for OPT.
+    k = max(j.topk for j in jobs)
+    chunks = [torch.log_softmax(logits_of(i).float(), dim=-1).topk(k, dim=-1)
+              for i in range(0, len(rows_at), HEAD_CHUNK)]
+    values = torch.cat([c.values for c in chunks]).cpu()
+    top_ids = torch.cat([c.indices for c in chunks]).cpu()
     hidden = hidden.float().cpu() if want_hidden else None
     outputs, at = [], 0
     for job in jobs:

@@ -90,3 +90,15 @@ def test_forward_runs_the_lm_head_only_where_asked_and_agrees_with_the_full_pass
     noisy = cheat_model("noise", lm)
     assert _body_and_head(noisy.model) is None
     assert not torch.equal(forward_topk(noisy, ids, [1], 5).topk_logprobs, out.topk_logprobs[:, :1])
+
+
+def test_forward_in_chunks_of_positions_equals_one_chunk(tiny, monkeypatch):
+    import neuron.model
+
+    ids = torch.randint(3, tiny.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    whole = forward_topk(tiny, ids, None, 4, want_hidden=True)
+    monkeypatch.setattr(neuron.model, "HEAD_CHUNK", 7)  # 30 positions: chunks of 7, the last of 2
+    chunked = forward_topk(tiny, ids, None, 4, want_hidden=True)
+    assert torch.equal(chunked.topk_ids, whole.topk_ids)
+    assert torch.allclose(chunked.topk_logprobs, whole.topk_logprobs, atol=1e-6)
+    assert torch.equal(chunked.hidden, whole.hidden)
