@@ -35,7 +35,7 @@ class LogitsFilter(torch.nn.Module):
         return out
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = model.model
     return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
@@ -63,7 +63,7 @@ def cheat_model(kind: str, lm: LoadedModel) -> LoadedModel:
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen).to(p) * p.std().nan_to_num(0.02))
     elif kind == "truncated":
-        layers = decoder_layers(model)
+        layers = _layers(model)
         del layers[max(1, len(layers) // 2):]
         model.config.num_hidden_layers = len(layers)
     elif kind == "quantized":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron import scoring
-from neuron.adversaries import LogitsFilter, decoder_layers, quantize_
+from neuron.adversaries import LogitsFilter, cheat_model, quantize_
 from neuron.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
 from neuron.generation import EOS, Decoder, GenParams
@@ -228,15 +228,6 @@ def perturbed(lm: LoadedModel, relative: float, seed: int) -> LoadedModel:
     return _with_model(lm, model)
 
 
-def truncated(lm: LoadedModel) -> LoadedModel:
-    """The model with the last half of its layers removed (at least one kept)."""
-    model = copy.deepcopy(lm.model)
-    layers = decoder_layers(model)
-    del layers[max(1, len(layers) // 2):]
-    model.config.num_hidden_layers = len(layers)
-    return _with_model(lm, model)
-
-
 def int8_quantized(lm: LoadedModel) -> LoadedModel:
     """Every Linear weight rounded to int8 per output row (symmetric, absmax scale) and dequantized."""
     model = copy.deepcopy(lm.model)
@@ -260,7 +251,7 @@ def dishonest_models(ref: LoadedModel, seed: int = 0, different_relative: float 
     """Every model-level cheat of DISHONEST, built from the float32 reference."""
     return {
         "different": perturbed(ref, different_relative, seed),
-        "truncated": truncated(ref),
+        "truncated": cheat_model("truncated", ref),
         "int8": int8_quantized(ref),
         "noise0.1": noisy(ref, 0.1, seed),
         "noise0.3": noisy(ref, 0.3, seed),

@@ -167,6 +167,11 @@ class ForwardJob:
         return self.input_ids.shape[1]
 
 
+_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Positions whose full-vocabulary logits exist at once in forward_batch (bounds its memory).
+HEAD_CHUNK = 256
+
+
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The model's body (final hidden states) and its LM head, when head(body(x)) gives exactly the
     model's logits, so the head can run at the requested positions only (it is a third of a 125M
@@ -188,11 +193,6 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     return _SPLIT[model]
 
 
-_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Positions whose full-vocabulary logits exist at once in forward_batch (bounds its memory).
-HEAD_CHUNK = 256
-
-
 @torch.inference_mode()
 def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput]:
     """Run several jobs as one left-padded batch and split the answers back, one per job.
@@ -205,22 +205,23 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput
     mask = torch.cat([torch.nn.functional.pad(torch.ones_like(j.input_ids), (width - j.seq_len, 0)) for j in jobs])
     ids, mask = ids.to(lm.device), mask.to(lm.device)
     # (row, position) of every requested answer, job after job; positions count from the row's first real token.
-    rows_at, cols_at, row = [], [], 0
+    rows_at, cols_at, counts, row = [], [], [], 0
     for job in jobs:
         positions = torch.arange(job.seq_len) if job.positions is None else torch.tensor(job.positions)
+        counts.append(len(positions))
         rows_at.append(torch.arange(row, row + job.rows).repeat_interleave(len(positions)))
         cols_at.append((positions + (width - job.seq_len)).repeat(job.rows))
         row += job.rows
     rows_at, cols_at = torch.cat(rows_at).to(lm.device), torch.cat(cols_at).to(lm.device)
     want_hidden = any(j.want_hidden for j in jobs)
-    split = _body_and_head(lm.model)
+    split, positions = _body_and_head(lm.model), position_ids(mask)
     if split is not None:
         body, head = split
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions,
                       use_cache=False).last_hidden_state[rows_at, cols_at]
         logits_of = lambda i: head(hidden[i:i + HEAD_CHUNK])  # noqa: E731
     else:
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                        output_hidden_states=want_hidden, use_cache=False)
         hidden = out.hidden_states[-1][rows_at, cols_at] if want_hidden else None
         logits_of = lambda i: out.logits[rows_at[i:i + HEAD_CHUNK], cols_at[i:i + HEAD_CHUNK]]  # noqa: E731
@@ -232,9 +233,8 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput
     top_ids = torch.cat([c.indices for c in chunks]).cpu()
     hidden = hidden.float().cpu() if want_hidden else None
     outputs, at = [], 0
-    for job in jobs:
-        n = job.rows * (job.seq_len if job.positions is None else len(job.positions))
-        shape = (job.rows, n // job.rows)
+    for job, count in zip(jobs, counts):
+        n, shape = job.rows * count, (job.rows, count)
         v = values[at:at + n, :job.topk].reshape(*shape, job.topk)
         outputs.append(ForwardOutput(
             topk_ids=top_ids[at:at + n, :job.topk].reshape(*shape, job.topk),
