@@ -355,14 +355,15 @@ class Evidence:
 
 
 def update_evidence(ev: Evidence, margins: list[float], drift: float, limit: float) -> Evidence:
-    """A new Evidence after more tokens' margins (in the order checked). Non-finite margins count as
-    the limit itself: a value the validator cannot read is no honest noise."""
+    """A new Evidence after more tokens' margins (in the order checked). A non-finite or negative
+    margin (which no check produces) flags the miner: a value that cannot be read is no honest noise."""
     if drift <= 0 or limit <= 0:
         raise ValueError(f"drift and limit must be > 0, got {drift}, {limit}")
     s, flagged = ev.cusum, ev.flagged
     total, disagree = ev.margin_sum, ev.disagreements
     for m in margins:
-        m = float(m) if math.isfinite(m) and m >= 0 else limit
+        if not (math.isfinite(m) and m >= 0):
+            flagged, m = True, limit
         s = max(0.0, s + m - drift)
         total += m
         disagree += m > 0
