@@ -1,7 +1,8 @@
-"""Dishonest miners for the mock network: each cheats one way the old network was cheated.
+"""Every cheat of the mock network and of calibration, in one place; never imported by the production miner.
 
-Model cheats change the weights or the logits and then serve "honestly" through the real worker;
-protocol cheats override the servicer. Refused outside a local chain (cli.py checks).
+Model cheats change the weights or the logits and then serve "honestly"; protocol cheats override the
+servicer; generation cheats answer seeded requests with tokens the seeded sampler would not choose
+(sampler policies, a cheaper model) while reporting exact logprobs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 
 from neuron import protocol, wire
 from neuron.axon import AxonServicer
+from neuron.engine import sampler
+from neuron.engine.sampler import RowParams
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -167,3 +170,130 @@ def servicer_for(kind: str):
     if kind not in KINDS:
         raise ValueError(f"unknown dishonest kind {kind!r}: expected one of {', '.join(KINDS)}")
     return SERVICERS.get(kind, AxonServicer)
+
+
+# Generation cheats: sampler policies with the sampler's signature, choose(logits [B, V], RowParams) -> [B].
+# Each answers a seeded request with tokens the seeded sampler would not choose, and reports exact
+# logprobs for them (the old checks could not tell: docs/calibration.md).
+
+
+def _rows(rp: RowParams) -> list[tuple[float, int, float, int, int]]:
+    return list(zip(rp.temperature.tolist(), rp.top_k.tolist(), rp.top_p.tolist(), rp.seed.tolist(), rp.step.tolist()))
+
+
+class Greedy:
+    """Answers a sampling request with the greedy tokens (one argmax instead of a sampler)."""
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        return logits.double().argmax(dim=1)
+
+
+class Temperature:
+    """Samples, with the right seed, at another temperature than asked."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        rows = [(self.temperature if t > 0 else 0.0, k, p, s, st) for t, k, p, s, st in _rows(rp)]
+        return sampler.choose(logits, RowParams.build(rows, logits.device))
+
+
+class LeastLikely:
+    """Steers: at every sampled step, the least likely token that the top-k/top-p filter allows."""
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        _, allowed = sampler.perturbed_scores(logits, rp)
+        low = logits.double().masked_fill(~allowed, float("inf")).argmin(dim=1)
+        return torch.where(rp.temperature > 0, low, sampler.choose(logits, rp))
+
+
+class Bias:
+    """Steers the text toward chosen tokens: their logits raised by `bias` before the seeded sampler."""
+
+    def __init__(self, token_ids: list[int], bias: float):
+        self.token_ids, self.bias = list(token_ids), bias
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        steered = logits.clone()
+        steered[:, self.token_ids] += self.bias
+        return sampler.choose(steered, rp)
+
+
+class EarlyEos:
+    """Stops with EOS at the first step where P(eos) >= level (what the old rule let through);
+    with `after` tokens (e.g. sentence ends), only right after one of them."""
+
+    def __init__(self, eos: int, level: float = 1e-3, steer: Bias | None = None):
+        self.eos, self.level, self.steer = eos, level, steer
+        self._last: torch.Tensor | None = None
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        p_eos = torch.softmax(logits.double(), dim=1)[:, self.eos]
+        base = (self.steer or sampler).choose(logits, rp)
+        stop = p_eos >= self.level
+        if self.steer is not None:  # stop only after a steered-to token (a sentence end)
+            last = self._last if self._last is not None and rp.step.max() > 0 else torch.zeros_like(stop)
+            stop = stop & last
+            self._last = torch.isin(base, torch.tensor(self.steer.token_ids, device=base.device))
+        return torch.where(stop, torch.full_like(base, self.eos), base)
+
+
+def sentence_end_ids(tokenizer) -> list[int]:
+    """Token ids that end a sentence: '.', '!', '?' alone or after a space."""
+    ids = set()
+    for text in (".", "!", "?", " .", ".\n"):
+        enc = tokenizer(text, add_special_tokens=False).input_ids
+        if len(enc) == 1:
+            ids.add(enc[0])
+    return sorted(ids)
+
+
+def steer_target_ids(tokenizer, word: str = " money") -> list[int]:
+    """The first token of the word an attacker steers the text toward."""
+    return tokenizer(word, add_special_tokens=False).input_ids[:1]
+
+
+def truncated(lm: LoadedModel, keep: float = 0.5) -> LoadedModel:
+    """The real model cut to its first `keep` of layers: the cheaper model a cheat decodes with."""
+    model = copy.deepcopy(lm.model)
+    layers = _layers(model)
+    del layers[max(1, int(len(layers) * keep)):]
+    model.config.num_hidden_layers = len(layers)
+    return LoadedModel(**{**lm.__dict__, "model": model})
+
+
+def quantized(lm: LoadedModel, bits: int) -> LoadedModel:
+    """The real model with every Linear weight rounded to `bits` (int8, 4-bit) and dequantized."""
+    model = copy.deepcopy(lm.model)
+    quantize_(model, bits)
+    return LoadedModel(**{**lm.__dict__, "model": model})
+
+
+# Generation cheats by name: how each chooses its tokens. "policy" cheats run the real model with another
+# token choice; "model" cheats run the honest sampler on a cheaper model and report exact logprobs from
+# one teacher-forced pass of the real one.
+GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
+                     "int8", "int4")
+
+
+def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
+    """(sampler policy, model that chooses the tokens) of a generation cheat."""
+    tok = lm.tokenizer
+    if kind == "greedy":
+        return Greedy(), lm
+    if kind in ("cold", "hot"):
+        return Temperature(0.2 if kind == "cold" else 1.5), lm
+    if kind == "least_likely":
+        return LeastLikely(), lm
+    if kind == "steer":
+        return Bias(steer_target_ids(tok), 3.0), lm
+    if kind == "early_eos":
+        return EarlyEos(lm.eos_token_id), lm
+    if kind == "sentence_eos":
+        return EarlyEos(lm.eos_token_id, steer=Bias(sentence_end_ids(tok), 3.0)), lm
+    if kind == "cheap":
+        return sampler, truncated(lm)
+    if kind in ("int8", "int4"):
+        return sampler, quantized(lm, 8 if kind == "int8" else 4)
+    raise ValueError(f"unknown generation cheat {kind!r}: expected one of {', '.join(GENERATION_CHEATS)}")
