@@ -99,7 +99,6 @@ class MinerConfig:
     wallet: WalletConfig = field(default_factory=WalletConfig)
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    dishonest: str = ""  # mock network only: behave as this kind of cheater (refused off a local chain)
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,8 @@ class MocknetConfig:
     model: str = "tiny"  # every node's model: "tiny" ships in the package
     honest: int = 3  # honest miners
     dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
-                                  "early_stop", "slow", "dead")  # one miner of each kind
+                                  "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
+                                  "early_eos", "sentence_eos", "cheap", "int8", "int4")  # one miner of each kind
     rounds: int = 8  # validator rounds
     netuid: int = 1
     block_time_s: float = 0.25  # local chain block time

@@ -51,8 +51,10 @@ class MetagraphCache:
                                f"{self.current.block if self.current else '-'}: {exc}")
 
 
-async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None,
+                    servicer_factory=AxonServicer, model_transform=None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully. servicer_factory and
+    model_transform (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
@@ -75,14 +77,9 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
         if lm.dtype == torch.bfloat16:
             logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                            "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
-        servicer = AxonServicer
-        if config.dishonest:
-            from neuron import adversaries
-
-            servicer = adversaries.servicer_for(config.dishonest)
-            lm = adversaries.cheat_model(config.dishonest, lm)
-            logger.warning(f"this miner cheats ({config.dishonest}): for the mock network only")
-        server = Axon(lm, config, keypair, metagraph, servicer_factory=servicer)
+        if model_transform is not None:
+            lm = model_transform(lm)
+        server = Axon(lm, config, keypair, metagraph, servicer_factory=servicer_factory)
         port = await server.start()
         axon = server  # stopped on the way out only once it started
         if chain is not None:

@@ -55,13 +55,13 @@ def _wallet(path: Path, name: str):
 
 
 def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Path, logs: Path) -> None:
-    args = [sys.executable, "-m", "neuron.cli", "miner", "--model.name", c.model,
+    # Cheats run from the harness's own entry point: the production miner has no cheat switch.
+    entry = ["neuron.cli", "miner"] if node.kind == "honest" else ["neuron.harness.cheat_miner", "--kind", node.kind]
+    args = [sys.executable, "-m", *entry, "--model.name", c.model,
             "--subtensor.network", "local", "--subtensor.chain_path", str(chain_path), "--subtensor.netuid", str(c.netuid),
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
             "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
-    if node.kind != "honest":
-        args += ["--dishonest", node.kind]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     node.log = logs / f"{node.name}.log"
@@ -201,7 +201,7 @@ def plot(result: Result, path: str) -> None:
 def main(argv: list[str], yaml_path: str | None) -> int:
     path = yaml_path or str(cfg.CONFIG_DIR / "mocknet.yaml")
     c = cfg.load(cfg.MocknetConfig, path if Path(path).exists() else None, cfg.parse_dotted(argv))
-    from neuron.adversaries import KINDS
+    from neuron.harness.cheats import KINDS
 
     unknown = [k for k in c.dishonest if k not in KINDS]
     if unknown:

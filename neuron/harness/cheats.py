@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import threading
 
 import torch
 
@@ -16,12 +18,18 @@ from neuron import protocol, wire
 from neuron.axon import AxonServicer
 from neuron.engine import sampler
 from neuron.engine.sampler import RowParams
+from neuron.harness.decode import decode, reported_by
 from neuron.model import LoadedModel
+from neuron.reference import Reference
+from neuron.scoring import GenSpec
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 MODEL_CHEATS = ("random", "different", "truncated", "quantized", "noise")
 PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead")
-KINDS = MODEL_CHEATS + PROTOCOL_CHEATS
+# Generation cheats answer Forward honestly and choose generated tokens another way (below).
+GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
+                     "int8", "int4")
+KINDS = MODEL_CHEATS + PROTOCOL_CHEATS + GENERATION_CHEATS
 
 
 class LogitsFilter(torch.nn.Module):
@@ -169,6 +177,8 @@ def servicer_for(kind: str):
     """The servicer class for `kind` (the honest one for model cheats); ValueError for an unknown kind."""
     if kind not in KINDS:
         raise ValueError(f"unknown dishonest kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind in GENERATION_CHEATS:
+        return functools.partial(GenerationCheatServicer, kind=kind)
     return SERVICERS.get(kind, AxonServicer)
 
 
@@ -270,13 +280,6 @@ def quantized(lm: LoadedModel, bits: int) -> LoadedModel:
     return LoadedModel(**{**lm.__dict__, "model": model})
 
 
-# Generation cheats by name: how each chooses its tokens. "policy" cheats run the real model with another
-# token choice; "model" cheats run the honest sampler on a cheaper model and report exact logprobs from
-# one teacher-forced pass of the real one.
-GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
-                     "int8", "int4")
-
-
 def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
     """(sampler policy, model that chooses the tokens) of a generation cheat."""
     tok = lm.tokenizer
@@ -297,3 +300,27 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
     if kind in ("int8", "int4"):
         return sampler, quantized(lm, 8 if kind == "int8" else 4)
     raise ValueError(f"unknown generation cheat {kind!r}: expected one of {', '.join(GENERATION_CHEATS)}")
+
+
+class GenerationCheatServicer(AxonServicer):
+    """Forward is honest; Generate chooses its tokens with a cheating policy or a cheaper model (direct
+    decode), and reports exact logprobs from one teacher-forced pass of the real model."""
+
+    def __init__(self, *args, kind: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy, self.chooser = generation_cheat(kind, self.lm)
+        self.reference = Reference(self.lm)
+        self._lock = threading.Lock()  # one cheat decode at a time: the policies keep per-batch state
+
+    def _generate(self, prompt: list[int], spec: GenSpec):
+        with self._lock:
+            answer = decode(self.chooser, [prompt], [spec], self.policy)
+            return reported_by(self.reference, [prompt], answer)[0]
+
+    async def Generate(self, request, context):
+        prompt, params = protocol.generate_params(request, self.limits, self.lm)
+        spec = GenSpec(params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed or 0)
+        a = await asyncio.to_thread(self._generate, prompt, spec)
+        finish = pb.FINISH_REASON_EOS if a.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
+        return pb.GenerateResponse(token_ids=a.tokens, logprobs=a.logprobs, finish_reason=finish,
+                                   text=self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True))
