@@ -81,7 +81,7 @@ class ReplayServicer(AxonServicer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cache: dict[tuple, object] = {}
-        self._old = self.lm.tokenizer(self.CACHED_TEXT).input_ids
+        self._old = self.tokenizer(self.CACHED_TEXT).input_ids
 
     def _old_ids(self, n: int) -> list[int]:
         return (self._old * (n // len(self._old) + 1))[:n]
@@ -111,10 +111,11 @@ class EchoServicer(AxonServicer):
     """Generation returns the prompt instead of new tokens."""
 
     async def Generate(self, request, context):
-        prompt, params = protocol.generate_params(request, self.limits, self.lm)
-        echoed = (prompt * params.max_new_tokens)[: params.max_new_tokens]
+        job, _ = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
+        prompt = list(job.prompt_ids)
+        echoed = (prompt * job.max_new_tokens)[: job.max_new_tokens]
         logprobs = [-1.0] * len(echoed)
-        return pb.GenerateResponse(token_ids=echoed, text=self.lm.tokenizer.decode(echoed, skip_special_tokens=True),
+        return pb.GenerateResponse(token_ids=echoed, text=self.tokenizer.decode(echoed, skip_special_tokens=True),
                                    logprobs=logprobs, finish_reason=pb.FINISH_REASON_LENGTH)
 
 
@@ -123,12 +124,12 @@ class EarlyStopServicer(AxonServicer):
 
     async def Generate(self, request, context):
         resp = await super().Generate(request, context)
-        eos = self.lm.eos_token_id
+        eos = self.info.eos_token_id
         if len(resp.token_ids) > 2 and eos is not None:
             keep = list(resp.token_ids[:2]) + [eos]
             logprobs = list(resp.logprobs[:2]) + [-0.5]
             return pb.GenerateResponse(token_ids=keep, logprobs=logprobs, finish_reason=pb.FINISH_REASON_EOS,
-                                       text=self.lm.tokenizer.decode(keep, skip_special_tokens=True))
+                                       text=self.tokenizer.decode(keep, skip_special_tokens=True))
         return resp
 
 

@@ -6,12 +6,12 @@ import asyncio
 import signal
 import socket
 
-import torch
 from loguru import logger
 
 from neuron.axon import Axon, AxonServicer
 from neuron.chain.base import Chain, Metagraph, NotRegistered
 from neuron.config import MinerConfig, WalletConfig
+from neuron.engine import open_engine
 from neuron.model import load_model
 
 
@@ -71,18 +71,22 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
                                     f"on netuid {netuid}; register it with: {register_command(config)}")
             logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
-        lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-        if lm.dtype == torch.bfloat16:
-            logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
-                           "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
         servicer = AxonServicer
         if config.dishonest:
             from neuron import adversaries
+            from neuron.engine.hf import HFEngine
 
+            lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
             servicer = adversaries.servicer_for(config.dishonest)
             lm = adversaries.cheat_model(config.dishonest, lm)
+            engine = HFEngine(lm, config.batching, config.limits.max_seq_len)
             logger.warning(f"this miner cheats ({config.dishonest}): for the mock network only")
-        server = Axon(lm, config, keypair, metagraph, servicer_factory=servicer)
+        else:
+            engine = await asyncio.to_thread(open_engine, config)
+        if engine.info().dtype == "bfloat16":
+            logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
+                           "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
+        server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer)
         port = await server.start()
         axon = server  # stopped on the way out only once it started
         if chain is not None:
