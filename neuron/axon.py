@@ -15,11 +15,11 @@ from google.protobuf.message import DecodeError
 from loguru import logger
 
 from neuron import auth, protocol
-from neuron.batching import ModelWorker
 from neuron.chain.base import Metagraph
 from neuron.config import MinerConfig
+from neuron.detokenize import Detokenizer
+from neuron.engine.types import Engine, FinishReason
 from neuron.errors import InvalidArgument, NeuronError
-from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.pb.neuron.v1 import axon_pb2_grpc
 
@@ -43,43 +43,48 @@ def _deadline(context) -> float | None:
 
 
 class AxonServicer(axon_pb2_grpc.AxonServicer):
-    """Decode, check, hand to the model worker, encode."""
+    """Decode, check, hand to the engine, encode. Text and stop strings are added here, for every backend."""
 
-    def __init__(self, lm: LoadedModel, worker: ModelWorker, config: MinerConfig, hotkey: str):
-        self.lm, self.worker, self.limits, self.hotkey = lm, worker, config.limits, hotkey
+    def __init__(self, engine: Engine, config: MinerConfig, hotkey: str):
+        self.engine, self.limits, self.hotkey = engine, config.limits, hotkey
+        self.info = engine.info()
+        self.tokenizer = engine.tokenizer
 
     async def Info(self, request, context):
-        return protocol.info(self.lm, self.limits, self.hotkey)
+        return protocol.info(self.info, self.limits, self.hotkey)
 
     async def Forward(self, request, context):
-        job = protocol.forward_job(request, self.limits, self.lm)
-        out = await self.worker.forward(job, priority=-_PEER.get().stake, deadline=_deadline(context))
+        job = protocol.forward_job(request, self.limits, self.info)
+        out = await self.engine.forward(job, priority=-_PEER.get().stake, deadline=_deadline(context))
         return protocol.forward_response(job, out)
 
     async def Generate(self, request, context):
-        prompt, params = protocol.generate_params(request, self.limits, self.lm)
-        gen = self.worker.generate(prompt, params, priority=-_PEER.get().stake, deadline=_deadline(context))
-        start = time.monotonic()
-        try:
-            steps = [step async for step in gen]
-        finally:
-            gen.cancel()  # a no-op when finished; stops the decoding when the caller went away
-        compute = (time.monotonic() - start) * 1000 - gen.queue_ms
-        return protocol.response(steps, protocol.timings(len(prompt), gen.queue_ms, compute))
+        job, stop = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
+        return protocol.response([c async for c in self._chunks(job, stop, context)])
 
     async def GenerateStream(self, request, context):
-        prompt, params = protocol.generate_params(request, self.limits, self.lm)
-        gen = self.worker.generate(prompt, params, priority=-_PEER.get().stake, deadline=_deadline(context))
-        start = time.monotonic()
+        job, stop = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
+        async for c in self._chunks(job, stop, context):
+            yield c
+
+    async def _chunks(self, job, stop: tuple[str, ...], context):
+        """The engine's steps as chunks with text; a stop string ends the generation (and aborts it)."""
+        steps = self.engine.generate(job, priority=-_PEER.get().stake, deadline=_deadline(context))
+        detok, start = Detokenizer(self.tokenizer, stop), time.monotonic()
         try:
-            async for step in gen:
-                msg = protocol.chunk(step)
-                if step.finish_reason is not None:
-                    compute = (time.monotonic() - start) * 1000 - gen.queue_ms
-                    msg.timings.CopyFrom(protocol.timings(len(prompt), gen.queue_ms, compute))
+            async for step in steps:
+                text = detok.add(step.token_id, last=step.finish_reason is not None)
+                finish = FinishReason.STOP_SEQUENCE if detok.stopped else step.finish_reason
+                msg = protocol.chunk(step, text, finish)
+                if finish is not None:
+                    queue_ms = getattr(steps, "queue_ms", 0.0)
+                    compute = (time.monotonic() - start) * 1000 - queue_ms
+                    msg.timings.CopyFrom(protocol.timings(len(job.prompt_ids), queue_ms, compute))
                 yield msg
+                if finish is not None:
+                    return
         finally:
-            gen.cancel()
+            await steps.aclose()  # a no-op when finished; stops the decoding when the caller went away
 
 
 class Guard(grpc.aio.ServerInterceptor):
@@ -187,17 +192,17 @@ def _log(method: str, peer: Peer, outcome: str, start: float, detail: str = "") 
 class Axon:
     """The server, created apart from running: `await Axon(...).start()` binds and returns the port."""
 
-    def __init__(self, lm: LoadedModel, config: MinerConfig, keypair=None,
+    def __init__(self, engine: Engine, config: MinerConfig, keypair=None,
                  metagraph: Callable[[], Metagraph | None] = lambda: None, servicer_factory=AxonServicer):
         self.config = config
-        self.worker = ModelWorker(lm, config.batching)
+        self.engine = engine
         self.guard = Guard(config, keypair, metagraph)
         self.health = health.aio.HealthServicer()
         options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
                    ("grpc.max_send_message_length", protocol.MAX_RESPONSE_BYTES + 1024 * 1024),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=[self.guard], options=options)
-        axon_pb2_grpc.add_AxonServicer_to_server(servicer_factory(lm, self.worker, config, self.guard.hotkey), self.server)
+        axon_pb2_grpc.add_AxonServicer_to_server(servicer_factory(engine, config, self.guard.hotkey), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
@@ -206,7 +211,7 @@ class Axon:
         self.port = self.server.add_insecure_port(f"{self.config.axon.ip}:{self.config.axon.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.axon.ip}:{self.config.axon.port} (in use?)")
-        self.worker.start()
+        await self.engine.start()
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -216,6 +221,7 @@ class Axon:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish for `grace` seconds, then stop the model worker."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.axon.grace_s if grace is None else grace)
-        await asyncio.to_thread(self.worker.stop)
+        grace = self.config.axon.grace_s if grace is None else grace
+        await self.server.stop(grace)
+        await self.engine.stop(grace)
         logger.info("axon stopped")

@@ -15,6 +15,7 @@ import torch
 from neuron import protocol, scoring, wire
 from neuron.dataset import PromptSource, salted_prompt_ids
 from neuron.dendrite import PeerResult
+from neuron.engine.types import FinishReason, Sampler, SamplingParams
 from neuron.errors import NeuronError
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
@@ -61,8 +62,9 @@ class Challenge:
                                  topk=self.topk)
 
     def generate_request(self) -> pb.GenerateRequest:
-        return pb.GenerateRequest(prompt_ids=self.prompt_ids, max_new_tokens=self.max_new_tokens,
-                                  temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        sampling = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                  sampler=Sampler.GUMBEL_V1)
+        return protocol.generate_request(self.prompt_ids, max_new_tokens=self.max_new_tokens, sampling=sampling)
 
 
 def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cfg: ChallengeConfig) -> Challenge:
@@ -83,36 +85,8 @@ def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cf
                      seed=rng.getrandbits(63), top_p=top_p)
 
 
-# Typed answers, decoded from the wire once; the checks never see protobuf.
-
-
-@dataclass(frozen=True)
-class ForwardAnswer:
-    positions: list[int]
-    topk_ids: torch.Tensor  # int64 [P, k]
-    topk_logprobs: torch.Tensor  # float32 [P, k]
-    rest_mass: torch.Tensor  # float32 [P]
-
-
-@dataclass(frozen=True)
-class GenerateAnswer:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str | None  # "length", "stop", "stop_sequence", or None when unset
-
-
-def forward_answer(resp: pb.ForwardResponse, ch: Challenge) -> ForwardAnswer:
-    """Decode a Forward answer to this challenge's shape (NeuronError when it does not fit)."""
-    P, k = len(resp.positions), ch.topk
-    ids = protocol.tensor_from(resp.topk_ids, "topk_ids", "int64", [1, P, k])[0]
-    lp = protocol.tensor_from(resp.topk_logprobs, "topk_logprobs", "float32", [1, P, k])[0]
-    rest = protocol.tensor_from(resp.rest_mass, "rest_mass", "float32", [1, P])[0]
-    return ForwardAnswer(list(resp.positions), ids, lp, rest)
-
-
-def generate_answer(resp: pb.GenerateResponse) -> GenerateAnswer:
-    return GenerateAnswer(list(resp.token_ids), list(resp.logprobs), resp.text, FINISH.get(resp.finish_reason))
+# The checks take typed answers, decoded by the same codec the miner encodes with (neuron/protocol.py).
+FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
 
 
 @dataclass
@@ -132,7 +106,7 @@ def _failed(what: str, result: PeerResult) -> str:
     return f"{what}: {result.code.name.lower()}: {result.message[:120]}"
 
 
-def _generation_shape(ch: Challenge, a: GenerateAnswer, lm: LoadedModel) -> str:
+def _generation_shape(ch: Challenge, a: protocol.GenerateAnswer, lm: LoadedModel) -> str:
     """What is wrong with a generation before any model work ("" when nothing)."""
     T = len(a.token_ids)
     if not 1 <= T <= ch.max_new_tokens:
@@ -141,9 +115,9 @@ def _generation_shape(ch: Challenge, a: GenerateAnswer, lm: LoadedModel) -> str:
         return f"{len(a.logprobs)} logprobs for {T} tokens"
     if any(not 0 <= t < lm.vocab_size for t in a.token_ids):
         return "a generated token is outside the vocabulary"
-    if a.finish_reason is None or a.finish_reason == "stop_sequence":  # no stop strings were asked for
+    if a.finish_reason in (None, FinishReason.STOP_SEQUENCE):  # no stop strings were asked for
         return f"unexpected finish reason {a.finish_reason}"
-    if a.text != lm.tokenizer.decode(a.token_ids, skip_special_tokens=True):
+    if a.text != lm.tokenizer.decode(list(a.token_ids), skip_special_tokens=True):
         return "the text does not spell the tokens"
     return ""
 
@@ -154,8 +128,8 @@ def judge_round(ref: Reference, chs: list[Challenge], fwds: list[PeerResult], ge
     answers and one for all generations. Runs on a worker thread (model work)."""
     lm = ref.lm
     out: list[Judgement | None] = [None] * len(chs)
-    fa: dict[int, ForwardAnswer] = {}
-    ga: dict[int, GenerateAnswer] = {}
+    fa: dict[int, protocol.ForwardAnswer] = {}
+    ga: dict[int, protocol.GenerateAnswer] = {}
     for i, (ch, f, g) in enumerate(zip(chs, fwds, gens)):
         latency = max(f.latency_s, g.latency_s)
         for what, r in (("forward", f), ("generate", g)):
@@ -166,34 +140,38 @@ def judge_round(ref: Reference, chs: list[Challenge], fwds: list[PeerResult], ge
         if out[i] is not None:
             continue
         try:
-            fa[i] = forward_answer(f.response, ch)
-            ga[i] = generate_answer(g.response)
+            fa[i] = protocol.decode_forward(f.response, 1, ch.positions, ch.topk)
         except NeuronError as exc:  # a malformed answer: the miner's fault, not a validator crash
-            out[i] = Judgement(False, f"malformed answer: {exc}", latency_s=latency)
+            out[i] = Judgement(False, f"forward: malformed answer: {exc}", latency_s=latency)
             continue
-        if fa[i].positions != ch.positions:
-            out[i] = Judgement(False, "forward: answered other positions than asked", latency_s=latency)
-        elif problem := _generation_shape(ch, ga[i], lm):
+        try:
+            ga[i] = protocol.decode_generate(g.response, ch.max_new_tokens)
+        except NeuronError as exc:
+            out[i] = Judgement(False, f"generate: malformed answer: {exc}", latency_s=latency)
+            continue
+        if problem := _generation_shape(ch, ga[i], lm):
             out[i] = Judgement(False, f"generate: {problem}", latency_s=latency)
     todo = [i for i in range(len(chs)) if out[i] is None]
     if not todo:
         return out
     fwd_ref = ref.logits_at([chs[i].forward_ids for i in todo], [chs[i].positions for i in todo])
-    gen_ref = ref.generation_logits([chs[i].prompt_ids for i in todo], [ga[i].token_ids for i in todo])
+    gen_ref = ref.generation_logits([chs[i].prompt_ids for i in todo], [list(ga[i].token_ids) for i in todo])
     for i, fr, gr in zip(todo, fwd_ref, gen_ref):
         latency = max(fwds[i].latency_s, gens[i].latency_s)
         out[i] = _judge_one(chs[i], fa[i], ga[i], fr, gr, th, lm, latency)
     return out
 
 
-def _judge_one(ch: Challenge, fa: ForwardAnswer, ga: GenerateAnswer, fwd_logits: torch.Tensor,
+def _judge_one(ch: Challenge, fa: protocol.ForwardAnswer, ga: protocol.GenerateAnswer, fwd_logits: torch.Tensor,
                gen_logits: torch.Tensor, th: scoring.Thresholds, lm: LoadedModel, latency: float) -> Judgement:
     ref = torch.log_softmax(fwd_logits.double(), dim=-1)
-    verdict = scoring.verify_forward(ref, fa.topk_ids, fa.topk_logprobs, fa.rest_mass, th)
+    ids, lp, rest = fa.topk_ids[0], fa.topk_logprobs[0], fa.rest_mass[0]
+    verdict = scoring.verify_forward(ref, ids, lp, rest, th)
     if not verdict.ok:
         return Judgement(False, f"forward: {verdict.reason}", latency_s=latency, metrics=verdict.metrics)
     gv = scoring.verify_generation(gen_logits, torch.tensor(ga.token_ids), torch.tensor(ga.logprobs, dtype=torch.float64),
-                                   spec=ch.spec, finish_reason=ga.finish_reason, eos_token_id=lm.eos_token_id, th=th)
+                                   spec=ch.spec, finish_reason=FINISH[ga.finish_reason], eos_token_id=lm.eos_token_id,
+                                   th=th)
     margins = list(gv.metrics.pop("margins", []))
     if not gv.ok:
         return Judgement(False, f"generate: {gv.reason}", latency_s=latency, metrics=gv.metrics, margins=margins)
@@ -201,6 +179,6 @@ def _judge_one(ch: Challenge, fa: ForwardAnswer, ga: GenerateAnswer, fwd_logits:
     targets = torch.tensor(ch.forward_ids)[torch.tensor(ch.positions) + 1]
     ref_lp, ref_ids = ref.topk(k, dim=-1)
     ref_rest = (1 - ref_lp.exp().sum(-1)).clamp(min=0)
-    loss = scoring.quality_loss(fa.topk_ids, fa.topk_logprobs, fa.rest_mass, targets, lm.vocab_size)
+    loss = scoring.quality_loss(ids, lp, rest, targets, lm.vocab_size)
     ref_loss = scoring.quality_loss(ref_ids, ref_lp, ref_rest, targets, lm.vocab_size)
     return Judgement(True, "", loss, ref_loss, latency, {**verdict.metrics, **gv.metrics}, margins)

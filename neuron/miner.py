@@ -6,12 +6,12 @@ import asyncio
 import signal
 import socket
 
-import torch
 from loguru import logger
 
 from neuron.axon import Axon, AxonServicer
 from neuron.chain.base import Chain, Metagraph, NotRegistered
 from neuron.config import MinerConfig, WalletConfig
+from neuron.engine import open_engine
 from neuron.model import load_model
 
 
@@ -73,13 +73,17 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
                                     f"on netuid {netuid}; register it with: {register_command(config)}")
             logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
-        lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-        if lm.dtype == torch.bfloat16:
+        if model_transform is not None:  # a harness: its model behind the same engine
+            from neuron.engine.hf import HFEngine
+
+            lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+            engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
+        else:
+            engine = await asyncio.to_thread(open_engine, config)
+        if engine.info().dtype == "bfloat16":
             logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                            "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
-        if model_transform is not None:
-            lm = model_transform(lm)
-        server = Axon(lm, config, keypair, metagraph, servicer_factory=servicer_factory)
+        server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
         port = await server.start()
         axon = server  # stopped on the way out only once it started
         if chain is not None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from neuron.engine.types import ForwardJob, ForwardResult
+
 TINY_PATH = Path(__file__).resolve().parent / "assets" / "tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -119,16 +121,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass
-class ForwardOutput:
-    """Top-k next-token distributions at the requested positions of every row."""
-
-    topk_ids: torch.Tensor  # int64 [B, P, k]
-    topk_logprobs: torch.Tensor  # float32 [B, P, k]
-    rest_mass: torch.Tensor  # float32 [B, P]
-    hidden: torch.Tensor | None  # float32 [B, P, H]
-
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -147,24 +139,6 @@ def forward_logprobs(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: t
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)
     hidden = out.hidden_states[-1].float() if want_hidden else None
     return logprobs, hidden
-
-
-@dataclass(frozen=True)
-class ForwardJob:
-    """One Forward request: rows of equal length, positions (None: all), top-k, hidden states or not."""
-
-    input_ids: torch.Tensor  # int64 [B, S]
-    positions: list[int] | None
-    topk: int
-    want_hidden: bool = False
-
-    @property
-    def rows(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.input_ids.shape[1]
 
 
 _SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -194,7 +168,7 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 
 
 @torch.inference_mode()
-def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput]:
+def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardResult]:
     """Run several jobs as one left-padded batch and split the answers back, one per job.
 
     Only the requested positions go through the log-softmax (and, where the model allows, the LM head).
@@ -236,7 +210,7 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput
     for job, count in zip(jobs, counts):
         n, shape = job.rows * count, (job.rows, count)
         v = values[at:at + n, :job.topk].reshape(*shape, job.topk)
-        outputs.append(ForwardOutput(
+        outputs.append(ForwardResult(
             topk_ids=top_ids[at:at + n, :job.topk].reshape(*shape, job.topk),
             topk_logprobs=v,
             rest_mass=(1.0 - v.exp().sum(-1)).clamp(min=0.0),
@@ -247,6 +221,6 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardOutput
 
 
 def forward_topk(lm: LoadedModel, input_ids: torch.Tensor, positions: list[int] | None, topk: int,
-                 want_hidden: bool = False) -> ForwardOutput:
+                 want_hidden: bool = False) -> ForwardResult:
     """Next-token top-k at `positions` (None: all) of each row, unbatched: the direct call."""
-    return forward_batch(lm, [ForwardJob(input_ids, positions, topk, want_hidden)])[0]
+    return forward_batch(lm, [ForwardJob(input_ids, None if positions is None else tuple(positions), topk, want_hidden)])[0]

@@ -42,6 +42,15 @@ def miner_config(**overrides) -> MinerConfig:
     return with_overrides(MinerConfig(), **base)
 
 
+def make_axon(lm, config: MinerConfig | None = None, **kwargs):
+    """A real axon over the HF engine on `lm` (not started)."""
+    from neuron.axon import Axon
+    from neuron.engine.hf import HFEngine
+
+    config = config or miner_config()
+    return Axon(HFEngine(lm, config.batching, config.limits.max_seq_len), config, **kwargs)
+
+
 def make_wallet(path: Path, name: str, hotkey: str = "default"):
     import bittensor as bt
 

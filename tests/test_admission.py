@@ -15,15 +15,14 @@ import pytest
 import torch
 from bittensor import http_auth
 
-from conftest import make_wallet, miner_config
+from conftest import make_axon, make_wallet, miner_config
 from neuron import auth, wire
-from neuron.axon import Axon
-from neuron.batching import ModelWorker
 from neuron.chain.local import LocalChain
 from neuron.config import BatchingConfig
 from neuron.dendrite import Dendrite, Target
 from neuron.miner import MetagraphCache
-from neuron.model import ForwardJob
+from neuron.engine.hf import HFEngine
+from neuron.engine.types import ForwardJob
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 NETUID = 1
@@ -63,7 +62,7 @@ async def serving(lm, chain, keypair, **overrides):
     """A miner's axon on port 0, auth on, admitting from the local chain's metagraph."""
     metagraph = MetagraphCache(chain, NETUID)
     await metagraph.refresh()
-    axon = Axon(lm, miner_config(**{"auth.required": True, **overrides}), keypair, metagraph)
+    axon = make_axon(lm, miner_config(**{"auth.required": True, **overrides}), keypair=keypair, metagraph=metagraph)
     port = await axon.start()
     try:
         yield axon, f"127.0.0.1:{port}", metagraph
@@ -76,7 +75,8 @@ def forward_request(first_token: int = 5) -> pb.ForwardRequest:
 
 
 def work(axon) -> tuple[int, int]:
-    return axon.worker.rows_run, axon.worker.batches_run
+    stats = axon.engine.stats()
+    return stats.get("forward_rows", 0), stats.get("forward_batches", 0)
 
 
 async def raw_call(address: str, body: bytes, metadata) -> tuple[grpc.StatusCode, str]:
@@ -267,9 +267,9 @@ async def test_queued_work_runs_in_stake_order_through_the_axon(tiny, net, dendr
             calls = [ask("validator", 10)]  # occupies the model
             await until(gate.entered.is_set, "the first batch to reach the model")
             calls.append(ask("low", 20))  # stake 3, queued first
-            await until(lambda: axon.worker._pending == 1, "the low-stake request to queue")
+            await until(lambda: axon.engine.stats()["queued"] == 1, "the low-stake request to queue")
             calls.append(ask("high", 30))  # stake 50, queued second
-            await until(lambda: axon.worker._pending == 2, "the high-stake request to queue")
+            await until(lambda: axon.engine.stats()["queued"] == 2, "the high-stake request to queue")
         finally:
             gate.opened.set()
         results = await asyncio.gather(*calls)
@@ -277,17 +277,17 @@ async def test_queued_work_runs_in_stake_order_through_the_axon(tiny, net, dendr
         assert gate.seen == [10, 30, 20]
 
 
-async def test_the_worker_runs_lower_priority_numbers_first(tiny):
+async def test_the_engine_runs_lower_priority_numbers_first(tiny):
     gate = Gate(tiny.model)
     gate.opened.set()
-    worker = ModelWorker(dataclasses.replace(tiny, model=gate), BatchingConfig(max_batch_tokens=4, max_wait_ms=0.0))
+    engine = HFEngine(dataclasses.replace(tiny, model=gate), BatchingConfig(max_batch_tokens=4, max_wait_ms=0.0), 64)
     jobs = {token: ForwardJob(torch.tensor([[token, 1, 2, 3]]), None, 1) for token in (11, 12, 13, 14)}
     priorities = {11: -2.0, 12: -50.0, 13: 0.0, 14: -50.0}  # -stake; ties keep arrival order
-    tasks = [asyncio.ensure_future(worker.forward(jobs[t], priority=priorities[t])) for t in jobs]
-    await until(lambda: worker._pending == 4, "all four to queue")  # queued before the worker starts
-    worker.start()
+    tasks = [asyncio.ensure_future(engine.forward(jobs[t], priority=priorities[t])) for t in jobs]
+    await until(lambda: engine.stats()["queued"] == 4, "all four to queue")  # queued before the engine starts
+    await engine.start()
     try:
         await asyncio.gather(*tasks)
     finally:
-        await asyncio.to_thread(worker.stop)
+        await engine.stop()
     assert gate.seen == [12, 14, 11, 13]

@@ -8,9 +8,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import miner_config
+from conftest import make_axon, miner_config
 from neuron import wire
-from neuron.axon import Axon
 from neuron.dendrite import Dendrite, Target
 from neuron.model import forward_logprobs, forward_topk
 from neuron.pb.neuron.v1 import axon_pb2 as pb
@@ -19,7 +18,7 @@ from neuron.pb.neuron.v1 import axon_pb2 as pb
 @pytest.fixture(scope="module")
 async def served(lm):
     """(lm, axon, dendrite, target) for each model; the server lives for the module."""
-    axon = Axon(lm, miner_config(**{"limits.max_seq_len": 64, "limits.max_batch": 4}))
+    axon = make_axon(lm, miner_config(**{"limits.max_seq_len": 64, "limits.max_batch": 4}))
     port = await axon.start()
     dendrite = Dendrite()
     yield lm, axon, dendrite, Target(f"127.0.0.1:{port}")
@@ -37,7 +36,7 @@ async def test_info_describes_the_model_and_limits(served):
     assert r.ok, r.message
     info = r.response
     assert info.vocab_size == lm.vocab_size and info.weights_fingerprint == lm.weights_fingerprint
-    assert info.protocol_version == 1 and info.limits.max_seq_len == 64 and info.dtype == "float32"
+    assert info.protocol_version == 2 and info.limits.max_seq_len == 64 and info.dtype == "float32"
 
 
 async def test_forward_through_the_axon_equals_the_direct_computation(served):
@@ -117,11 +116,12 @@ async def test_cancelling_a_stream_stops_the_generation(served):
         if len(got) == 2:
             break
     await stream.aclose()
-    for _ in range(100):  # the worker drops the sequence between steps
-        if not axon.worker._active and not axon.worker._waiting:
+    for _ in range(100):  # the engine drops the sequence between steps
+        if axon.engine.stats()["running"] == 0 and axon.engine.stats()["queued"] == 0:
             break
         await asyncio.sleep(0.02)
-    assert not axon.worker._active, "the cancelled generation is still decoding"
+    assert axon.engine.stats()["running"] == 0, "the cancelled generation is still decoding"
+    assert axon.engine.stats()["kv_bytes_reserved"] == 0
     r = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="after", max_new_tokens=2), 30)
     assert r.ok
 
@@ -160,6 +160,14 @@ def bad_generate(lm):
         "empty stop string": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, stop=[""]),
         "too many stop strings": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, stop=["x"] * 9),
         "huge text prompt": pb.GenerateRequest(prompt_text="a" * 20000, max_new_tokens=4),
+        "temperature below the minimum": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, temperature=1e-38),
+        "penalty below the minimum": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, repetition_penalty=1e-39),
+        "unknown sampler": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, sampler=7),
+        "seeded sampler without a seed": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, sampler=pb.SAMPLER_GUMBEL_V1),
+        "seeded sampler with a penalty": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, seed=1, repetition_penalty=1.2,
+                                                            sampler=pb.SAMPLER_GUMBEL_V1),
+        "seed out of range": pb.GenerateRequest(prompt_text="a", max_new_tokens=4, seed=(1 << 64) - 1),
+        "too many prompt ids": pb.GenerateRequest(prompt_ids=[1] * 100000, max_new_tokens=4),
     }
 
 
@@ -167,13 +175,13 @@ async def test_every_bad_input_gets_invalid_argument_and_the_server_keeps_servin
     lm, axon, d, t = served
     good = pb.ForwardRequest(input_ids=wire.to_pb(torch.tensor([ids_of(lm, "good")])), topk=2)
     cases = [("Forward", k, v) for k, v in bad_forward(lm).items()] + [("Generate", k, v) for k, v in bad_generate(lm).items()]
-    rows_before = axon.worker.rows_run
+    rows_before = axon.engine.stats().get("forward_rows", 0)
     for method, what, req in cases:
         r = await d.call(t, method, req, 10)
         assert r.code == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {r.code} {r.message}"
         assert r.message and "internal" not in r.message.lower(), what
         assert (await d.call(t, "Forward", good, 10)).ok, f"not serving after {what}"
-    assert axon.worker.rows_run == rows_before + len(cases)  # only the good requests reached the model
+    assert axon.engine.stats().get("forward_rows", 0) == rows_before + len(cases)  # only the good requests reached the model
 
 
 async def test_garbage_bytes_and_oversized_messages_are_refused(served):
@@ -202,7 +210,7 @@ async def test_health_and_reflection_are_served(served):
 
 
 async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
-    axon = Axon(tiny, miner_config(**{"batching.queue_size": 2, "batching.max_generate_batch": 1}))
+    axon = make_axon(tiny, miner_config(**{"batching.queue_size": 2, "batching.max_generate_batch": 1}))
     port = await axon.start()
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
@@ -219,20 +227,20 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
 
 
 async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
-    axon = Axon(tiny, miner_config(**{"batching.max_generate_batch": 1}))
+    axon = make_axon(tiny, miner_config(**{"batching.max_generate_batch": 1}))
     port = await axon.start()
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     try:
         busy = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=200), 60))
         await asyncio.sleep(0.05)
-        rows = axon.worker.rows_run
+        rows = axon.engine.stats().get("forward_rows", 0)
         ids = torch.tensor([ids_of(tiny, "late")])
         # Forwards run between decoding steps, so fill the step with a queued generation instead.
         late = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="late", max_new_tokens=2), 0.001)
         assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (await busy).ok
-        assert axon.worker.rows_run == rows
+        assert axon.engine.stats().get("forward_rows", 0) == rows
         ok = await d.call(t, "Forward", pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=1), 10)
         assert ok.ok
     finally:
@@ -241,7 +249,7 @@ async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
 
 
 async def test_stop_refuses_new_calls_and_lets_in_flight_ones_finish(tiny):
-    axon = Axon(tiny, miner_config())
+    axon = make_axon(tiny, miner_config())
     port = await axon.start()
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")

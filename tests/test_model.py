@@ -1,18 +1,7 @@
 import pytest
 import torch
 
-from neuron.generation import Decoder, GenParams
 from neuron.model import ForwardJob, ModelNotFound, forward_batch, forward_topk, load_model
-
-
-def decode_all(lm, prompts, params):
-    """Run prompts through one Decoder, all joining at once; returns the sequences."""
-    d = Decoder(lm)
-    seqs = [d.new_sequence(p, params) for p in prompts]
-    d.add(seqs)
-    while len(d):
-        d.remove([s for s, _ in d.step() if s.finished])
-    return seqs
 
 
 def test_tiny_ships_in_the_package_and_is_small(tiny):
@@ -25,41 +14,6 @@ def test_a_missing_model_names_what_was_looked_for(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound, match="no-such-org/no-such-model.*HF_HUB_OFFLINE=1"):
         load_model("no-such-org/no-such-model", device="cpu")
-
-
-def test_greedy_decoding_equals_model_generate(lm):
-    prompt = lm.tokenizer("The capital of France is").input_ids
-    ids = torch.tensor([prompt])
-    ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                            pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt):].tolist()
-    (seq,) = decode_all(lm, [prompt], GenParams(max_new_tokens=12))
-    assert seq.generated == ref[: len(seq.generated)]
-    assert seq.finish_reason in ("length", "eos")
-
-
-def test_sequences_joining_a_running_batch_decode_as_if_alone(lm):
-    tok = lm.tokenizer
-    prompts = [tok("Once upon a time there was").input_ids, tok("Hi").input_ids, tok("Numbers: 1, 2, 3,").input_ids]
-    alone = [decode_all(lm, [p], GenParams(max_new_tokens=8))[0].generated for p in prompts]
-    d = Decoder(lm)
-    first = d.new_sequence(prompts[0], GenParams(max_new_tokens=8))
-    d.add([first])
-    d.step()
-    late = [d.new_sequence(p, GenParams(max_new_tokens=8)) for p in prompts[1:]]
-    d.add(late)
-    while len(d):
-        d.remove([s for s, _ in d.step() if s.finished])
-    # Padding changes logits by ~1e-6: greedy tokens stay the same on these prompts.
-    assert [first.generated] + [s.generated for s in late] == alone
-
-
-def test_sampling_is_reproducible_with_a_seed_and_reports_raw_logprobs(tiny):
-    prompt = tiny.tokenizer("Seeded").input_ids
-    params = GenParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=7, repetition_penalty=1.2)
-    a, b = decode_all(tiny, [prompt, prompt], params)
-    assert a.generated == b.generated
-    (other,) = decode_all(tiny, [prompt], GenParams(max_new_tokens=10, temperature=0.9, seed=8))
-    assert other.generated != a.generated
 
 
 def test_padded_batch_forward_matches_each_row_alone(lm):

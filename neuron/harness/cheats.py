@@ -92,7 +92,7 @@ class ReplayServicer(AxonServicer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cache: dict[tuple, object] = {}
-        self._old = self.lm.tokenizer(self.CACHED_TEXT).input_ids
+        self._old = self.tokenizer(self.CACHED_TEXT).input_ids
 
     def _old_ids(self, n: int) -> list[int]:
         return (self._old * (n // len(self._old) + 1))[:n]
@@ -122,10 +122,11 @@ class EchoServicer(AxonServicer):
     """Generation returns the prompt instead of new tokens."""
 
     async def Generate(self, request, context):
-        prompt, params = protocol.generate_params(request, self.limits, self.lm)
-        echoed = (prompt * params.max_new_tokens)[: params.max_new_tokens]
+        job, _ = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
+        prompt = list(job.prompt_ids)
+        echoed = (prompt * job.max_new_tokens)[: job.max_new_tokens]
         logprobs = [-1.0] * len(echoed)
-        return pb.GenerateResponse(token_ids=echoed, text=self.lm.tokenizer.decode(echoed, skip_special_tokens=True),
+        return pb.GenerateResponse(token_ids=echoed, text=self.tokenizer.decode(echoed, skip_special_tokens=True),
                                    logprobs=logprobs, finish_reason=pb.FINISH_REASON_LENGTH)
 
 
@@ -134,12 +135,12 @@ class EarlyStopServicer(AxonServicer):
 
     async def Generate(self, request, context):
         resp = await super().Generate(request, context)
-        eos = self.lm.eos_token_id
+        eos = self.info.eos_token_id
         if len(resp.token_ids) > 2 and eos is not None:
             keep = list(resp.token_ids[:2]) + [eos]
             logprobs = list(resp.logprobs[:2]) + [-0.5]
             return pb.GenerateResponse(token_ids=keep, logprobs=logprobs, finish_reason=pb.FINISH_REASON_EOS,
-                                       text=self.lm.tokenizer.decode(keep, skip_special_tokens=True))
+                                       text=self.tokenizer.decode(keep, skip_special_tokens=True))
         return resp
 
 
@@ -308,6 +309,7 @@ class GenerationCheatServicer(AxonServicer):
 
     def __init__(self, *args, kind: str, **kwargs):
         super().__init__(*args, **kwargs)
+        self.lm = self.engine.lm  # the harness runs the HF engine: its model is at hand
         self.policy, self.chooser = generation_cheat(kind, self.lm)
         self.reference = Reference(self.lm)
         self._lock = threading.Lock()  # one cheat decode at a time: the policies keep per-batch state
@@ -318,9 +320,10 @@ class GenerationCheatServicer(AxonServicer):
             return reported_by(self.reference, [prompt], answer)[0]
 
     async def Generate(self, request, context):
-        prompt, params = protocol.generate_params(request, self.limits, self.lm)
-        spec = GenSpec(params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed or 0)
-        a = await asyncio.to_thread(self._generate, prompt, spec)
+        job, _ = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
+        sp = job.sampling
+        spec = GenSpec(job.max_new_tokens, sp.temperature, sp.top_k, sp.top_p, sp.seed or 0)
+        a = await asyncio.to_thread(self._generate, list(job.prompt_ids), spec)
         finish = pb.FINISH_REASON_EOS if a.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
         return pb.GenerateResponse(token_ids=a.tokens, logprobs=a.logprobs, finish_reason=finish,
-                                   text=self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True))
+                                   text=self.tokenizer.decode(a.tokens, skip_special_tokens=True))

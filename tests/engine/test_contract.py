@@ -1,0 +1,216 @@
+"""The engine contract: every backend passes these (NEURON_ENGINE_BACKENDS=hf,vllm picks which; hf by default).
+
+Forward equals a direct model call, greedy generation equals plain generate, the seeded sampler equals
+the spec recomputed over the model's own logits, and streaming, cancel, deadlines and the queue bound
+behave. Tests read `engine.stats()`, never private state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from conftest import miner_config
+from neuron.engine import sampler as S
+from neuron.engine.types import FinishReason, ForwardJob, GenerateJob, Sampler, SamplingParams
+from neuron.errors import DeadlineExceeded, ResourceExhausted
+from neuron.model import forward_logprobs, forward_topk
+
+BACKENDS = [b for b in os.environ.get("NEURON_ENGINE_BACKENDS", "hf").split(",") if b]
+
+
+def build_engine(backend: str, lm, **overrides):
+    config = miner_config(**{"limits.max_seq_len": 128, "batching.max_wait_ms": 0.0, **overrides})
+    if backend == "hf":
+        from neuron.engine.hf import HFEngine
+
+        return HFEngine(lm, config.batching, config.limits.max_seq_len)
+    from neuron.engine.vllm import VLLMEngine  # noqa: the vLLM CI step installs it; elsewhere it must not be asked for
+
+    return VLLMEngine(miner_config(**{"model.name": lm.source if hasattr(lm, "source") else lm.name,
+                                      "engine.backend": "vllm", **overrides}))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+async def engine(backend, lm):
+    e = build_engine(backend, lm)
+    await e.start()
+    yield e
+    await e.stop(timeout=0)
+
+
+def ids_of(lm, text: str) -> tuple[int, ...]:
+    return tuple(lm.tokenizer(text).input_ids)
+
+
+async def collect(gen) -> list:
+    return [s async for s in gen]
+
+
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def seeded(t: float, k: int = 0, p: float = 1.0, seed: int = 1) -> SamplingParams:
+    return SamplingParams(temperature=t, top_k=k, top_p=p, seed=seed, sampler=Sampler.GUMBEL_V1)
+
+
+def recomputed(lm, prompt: tuple[int, ...], tokens: list[int], sp: SamplingParams) -> list[int]:
+    """The spec's choice at every step, over the model's own logits teacher-forced over `tokens`."""
+    logits = lm.model(input_ids=torch.tensor([list(prompt) + tokens]).to(lm.device)).logits[0].float()
+    rows = logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+    rp = S.RowParams.build([(sp.temperature, sp.top_k, sp.top_p, sp.seed, t) for t in range(len(tokens))])
+    return S.choose(rows, rp).tolist()
+
+
+async def test_info_describes_the_model(engine, lm):
+    info = engine.info()
+    assert info.vocab_size == lm.vocab_size and info.eos_token_id == lm.eos_token_id
+    assert info.max_seq_len == 128 and len(info.weights_fingerprint) == 64
+
+
+async def test_concurrent_forwards_equal_the_direct_call(engine, lm):
+    jobs = [ForwardJob(torch.tensor([ids_of(lm, "a short one")]), None, 5),
+            ForwardJob(torch.tensor([ids_of(lm, "a much longer sentence than the first one")]), (0, 3, 5), 7),
+            ForwardJob(torch.tensor([ids_of(lm, "a first row")[:3], ids_of(lm, "and a second")[:3]]), None, 3)]
+    outs = await asyncio.gather(*(engine.forward(j) for j in jobs))
+    for job, out in zip(jobs, outs):
+        alone = forward_topk(lm, job.input_ids, job.positions, job.topk)
+        assert out.topk_ids.shape == alone.topk_ids.shape
+        assert torch.allclose(out.topk_logprobs, alone.topk_logprobs, atol=1e-3)
+        assert torch.allclose(out.rest_mass, alone.rest_mass, atol=1e-3)
+
+
+async def test_greedy_generation_equals_plain_generate_and_reports_raw_logprobs(engine, lm):
+    prompt = ids_of(lm, "The capital of France is")
+    ids = torch.tensor([prompt])
+    ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                            pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    steps = await collect(engine.generate(GenerateJob(prompt, 12, logprobs_topn=3)))
+    got = [s.token_id for s in steps]
+    assert got == ref[:len(got)] and steps[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert all(s.finish_reason is None for s in steps[:-1])
+    lp, _ = forward_logprobs(lm, torch.tensor([list(prompt) + got]))
+    want = lp[0, len(prompt) - 1:-1].gather(-1, torch.tensor(got)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor([s.logprob for s in steps]), want, atol=1e-3)
+    assert all(len(s.top_ids) == 3 and s.top_ids[0] == s.token_id for s in steps)  # greedy: the top one
+
+
+@pytest.mark.parametrize("sp", [seeded(0.7, 50), seeded(1.0), seeded(0.8, 0, 0.9), seeded(1.3, 20, 0.95)],
+                         ids=["T0.7-k50", "T1", "T0.8-p0.9", "T1.3-k20-p0.95"])
+async def test_seeded_generation_is_the_spec_recomputed_over_the_model(engine, lm, sp):
+    prompt = ids_of(lm, "Once upon a time")
+    steps = await collect(engine.generate(GenerateJob(prompt, 16, sp)))
+    tokens = [s.token_id for s in steps]
+    assert tokens == recomputed(lm, prompt, tokens, sp)
+
+
+async def test_generations_joining_a_running_batch_answer_as_if_alone(engine, lm):
+    cases = [(ids_of(lm, "Once upon a time"), GenerateJob(ids_of(lm, "Once upon a time"), 30)),
+             (None, GenerateJob(ids_of(lm, "Hi"), 3, logprobs_topn=4)),
+             (None, GenerateJob(ids_of(lm, "The capital of France is"), 8, seeded(0.7, 20, seed=5))),
+             (None, GenerateJob(ids_of(lm, "Numbers: 1, 2, 3,"), 9, seeded(1.0, seed=9)))]
+    solo = [await collect(engine.generate(job)) for _, job in cases]
+    joins = engine.stats().get("joins", 0)
+    first = engine.generate(cases[0][1])
+    head = [await first.__anext__(), await first.__anext__()]  # decoding now
+    rest = await asyncio.gather(*(collect(engine.generate(job)) for _, job in cases[1:]))
+    together = [head + await collect(first)] + list(rest)
+    assert engine.stats().get("joins", 0) > joins
+    for alone, batched in zip(solo, together):
+        assert [s.token_id for s in batched] == [s.token_id for s in alone]
+        assert torch.allclose(torch.tensor([s.logprob for s in batched]), torch.tensor([s.logprob for s in alone]),
+                              atol=1e-3)
+        assert batched[-1].finish_reason == alone[-1].finish_reason is not None
+
+
+async def test_closing_a_generation_aborts_it_and_frees_its_slot(engine, lm):
+    long = engine.generate(GenerateJob(ids_of(lm, "Cancel me"), 100))
+    await long.__anext__()
+    short = asyncio.ensure_future(collect(engine.generate(GenerateJob(ids_of(lm, "Keep me"), 20))))
+    await until(lambda: engine.stats()["running"] == 2, "both to decode together")
+    await long.aclose()
+    done = await asyncio.wait_for(short, 60)
+    assert len(done) == 20 and done[-1].finish_reason == FinishReason.LENGTH
+    await until(lambda: engine.stats()["running"] == 0, "the engine to empty")
+    assert await collect(long) == []
+
+
+async def test_cancelling_at_every_point_of_a_step_never_disturbs_the_others(backend, tiny):
+    """Cancels land before, during and after steps, at random; the survivors answer exactly as alone."""
+    engine = build_engine(backend, tiny, **{"batching.max_generate_batch": 4})
+    await engine.start()
+    try:
+        keep = GenerateJob(ids_of(tiny, "Keep going"), 40, seeded(0.9, 30, seed=3))
+        solo = [s.token_id for s in await collect(engine.generate(keep))]
+        rng = random.Random(0)
+
+        async def victim(i: int):
+            gen = engine.generate(GenerateJob(ids_of(tiny, f"victim {i}"), 60))
+            try:
+                async for _ in gen:
+                    if rng.random() < 0.3:
+                        break
+                    await asyncio.sleep(rng.random() * 0.003)
+            finally:
+                await gen.aclose()
+
+        async def cancel_while_queued(i: int):
+            gen = engine.generate(GenerateJob(ids_of(tiny, f"queued {i}"), 5))
+            await asyncio.sleep(rng.random() * 0.002)
+            await gen.aclose()
+
+        keepers = [asyncio.ensure_future(collect(engine.generate(keep))) for _ in range(2)]
+        await asyncio.gather(*(victim(i) for i in range(12)), *(cancel_while_queued(i) for i in range(12)))
+        for k in keepers:
+            assert [s.token_id for s in await asyncio.wait_for(k, 60)] == solo
+        await until(lambda: engine.stats()["running"] == 0 and engine.stats()["queued"] == 0, "the engine to empty")
+        assert engine.stats().get("kv_bytes_reserved", 0) == 0
+    finally:
+        await engine.stop(timeout=0)
+
+
+async def test_a_full_queue_is_refused_at_once(backend, tiny):
+    engine = build_engine(backend, tiny, **{"batching.queue_size": 2, "batching.max_generate_batch": 1})
+    await engine.start()
+    try:
+        gens = [engine.generate(GenerateJob(ids_of(tiny, "x"), 100))]
+        await gens[0].__anext__()  # running, not queued
+        gens += [engine.generate(GenerateJob(ids_of(tiny, "y"), 5)) for _ in range(2)]
+        with pytest.raises(ResourceExhausted):
+            engine.generate(GenerateJob(ids_of(tiny, "z"), 5))
+        for g in gens:
+            await g.aclose()
+    finally:
+        await engine.stop(timeout=0)
+
+
+async def test_deadlines_in_the_queue_and_during_generation(backend, tiny):
+    engine = build_engine(backend, tiny, **{"batching.max_generate_batch": 1})
+    await engine.start()
+    try:
+        busy = engine.generate(GenerateJob(ids_of(tiny, "busy"), 100))
+        await busy.__anext__()
+        late = engine.generate(GenerateJob(ids_of(tiny, "late"), 5), deadline=time.monotonic() + 0.01)
+        with pytest.raises(DeadlineExceeded, match="queued"):
+            await collect(late)
+        await busy.aclose()
+        slow = engine.generate(GenerateJob(ids_of(tiny, "slow"), 100), deadline=time.monotonic() + 0.05)
+        with pytest.raises(DeadlineExceeded, match="during"):
+            await collect(slow)
+        await until(lambda: engine.stats()["running"] == 0, "the engine to empty")
+    finally:
+        await engine.stop(timeout=0)
