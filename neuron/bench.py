@@ -341,9 +341,13 @@ async def generation_figures(b: Bench) -> list[Figure]:
 # ---- 4. validator rounds -----------------------------------------------------------------------
 
 async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> list[Figure]:
-    """Round time with 1, 8, 32 miners (in-process axons sharing one model) over a local chain."""
+    """Round time with 1, 8, 32 miners (in-process axons, each with its own HF engine over one shared model)
+    over a local chain. The validator judges the whole round with one reference batch for all Forward
+    prompts and one for all generations (neuron/reference.py)."""
     from neuron.axon import Axon
     from neuron.chain.local import LocalChain
+    from neuron.config import BatchingConfig
+    from neuron.engine.hf import HFEngine
     from neuron.validator import Validator
 
     chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
@@ -359,7 +363,8 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     axons = []
     try:
         for w in wallets:
-            axon = Axon(lm, _miner_config(), w.hotkey, lambda: mg)
+            engine = HFEngine(lm, BatchingConfig(max_generate_batch=2), 256)
+            axon = Axon(engine, _miner_config(), w.hotkey, lambda: mg)
             chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
             axons.append(axon)
         validators = {}

@@ -23,7 +23,7 @@ from neuron import scoring
 from neuron.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
 from neuron.harness.cheats import LogitsFilter, cheat_model, quantize_
-from neuron.harness.decode import Generated, decode, reported_by
+from neuron.harness.decode import Generated, decode, engine_decode, reported_by
 from neuron.model import ForwardJob, LoadedModel, forward_batch, forward_logprobs
 from neuron.reference import Reference as BatchedReference
 
@@ -242,7 +242,7 @@ def honest_run(ref: Reference, miners: dict[str, LoadedModel], source: PromptSou
                 if forward:
                     checks += forward_checks(ref, miner, chs, th, model=model, label=label, honest=True)
                 if generate:
-                    answers = decode(miner, [c.prompt_ids for c in chs], specs_of(chs))
+                    answers = engine_decode(miner, [c.prompt_ids for c in chs], specs_of(chs))
                     checks += generation_checks(ref, chs, answers, th, model=model, label=label, honest=True, batch=b)
     return checks
 

@@ -70,3 +70,46 @@ def reported_by(reference, prompts: list[list[int]], answers: list[Generated]) -
         lp = torch.log_softmax(rows.double(), dim=-1).gather(1, torch.tensor(a.tokens)[:, None])[:, 0]
         out.append(Generated(list(a.tokens), lp.tolist(), a.finish_reason))
     return out
+
+
+def engine_decode(lm: LoadedModel, prompts: list[list[int]], specs: list[GenSpec], join_after: int = 2) -> list[Generated]:
+    """Generate through the production HF engine (neuron.engine.hf), as an honest miner does: half the
+    sequences start, the other half join after `join_after` steps, finished ones leave: the batching
+    noise is the real one."""
+    import asyncio
+
+    from neuron.config import BatchingConfig
+    from neuron.engine.hf import HFEngine
+    from neuron.engine.types import FinishReason, GenerateJob, Sampler, SamplingParams
+
+    async def run() -> list[Generated]:
+        longest = max(len(p) for p in prompts) + max(s.max_new_tokens for s in specs) + 8
+        engine = HFEngine(lm, BatchingConfig(max_generate_batch=max(16, len(prompts))), longest)
+        await engine.start()
+        answers = [Generated([], [], "length") for _ in prompts]
+        joined = asyncio.Event()
+
+        async def one(i: int) -> None:
+            s = specs[i]
+            job = GenerateJob(tuple(prompts[i]), s.max_new_tokens, SamplingParams(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, sampler=Sampler.GUMBEL_V1))
+            async for step in engine.generate(job):
+                answers[i].tokens.append(step.token_id)
+                answers[i].logprobs.append(step.logprob)
+                if step.finish_reason == FinishReason.EOS:
+                    answers[i].finish_reason = "stop"
+                if i == 0 and len(answers[0].tokens) >= join_after:
+                    joined.set()
+            joined.set()
+
+        first = (len(prompts) + 1) // 2
+        try:
+            tasks = [asyncio.ensure_future(one(i)) for i in range(first)]
+            await joined.wait()
+            tasks += [asyncio.ensure_future(one(i)) for i in range(first, len(prompts))]
+            await asyncio.gather(*tasks)
+        finally:
+            await engine.stop()
+        return answers
+
+    return asyncio.run(run())
