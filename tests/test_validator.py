@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from conftest import make_wallet, miner_config
-from neuron.axon import Axon, AxonServicer
+from conftest import make_axon, make_wallet, miner_config
+from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.challenge import Judgement
@@ -36,8 +36,8 @@ async def network(tmp_path, tiny):
         w = make_wallet(tmp_path / "w", f"miner{i}")
         uid, _ = chain.register(1, w)
         servicer = Hanging if i == 2 else AxonServicer
-        axon = Axon(tiny, miner_config(**{"auth.required": True}), w.hotkey, lambda: chain.metagraph(1),
-                    servicer_factory=servicer)
+        axon = make_axon(tiny, miner_config(**{"auth.required": True}), keypair=w.hotkey,
+                         metagraph=lambda: chain.metagraph(1), servicer_factory=servicer)
         port = await axon.start()
         chain.serve_axon(1, w, "127.0.0.1", port)
         axons.append((uid, axon))
