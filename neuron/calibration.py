@@ -261,11 +261,12 @@ def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: Prompt
 
 def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
                          cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 16) -> list[Check]:
-    """n seeded challenges to each generation cheat (neuron.harness.cheats), in batches. Every cheat
-    reports exact logprobs (one teacher-forced pass of the real model), so only its tokens can show it."""
+    """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
+    batches. Every cheat reports exact logprobs (one teacher-forced pass of the real model), so only its
+    tokens can show it. Sampled only: on a greedy request most of these cheats are the honest answer."""
     from neuron.harness.cheats import generation_cheat
 
-    chs = challenges(ref.lm, source, rng, n, cfg)
+    chs = challenges(ref.lm, source, rng, n, dataclasses.replace(cfg, sampled_fraction=1.0))
     groups = [chs[i:i + batch] for i in range(0, n, batch)]
     honest = [a for g in groups for a in decode(ref.lm, [c.prompt_ids for c in g], specs_of(g))]
     checks = []

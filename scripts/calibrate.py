@@ -166,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.model:
             checks += run_model(name, args, th, cfg)
     summary = cal.summarize(checks, th)
-    honest_gen = [c for c in checks if c.accepted and c.kind != "forward"]
+    # The evidence limit is set on the real model's honest margins (all models' when it is absent).
+    models = {c.model for c in checks}
+    real = [m for m in models if m != "tiny"] or sorted(models)
+    honest_gen = [c for c in checks if c.accepted and c.kind != "forward" and c.model in real]
     if honest_gen:
         by_cheat: dict = {}
         for c in checks:
-            if not c.honest and c.kind != "forward" and c.model == label_of(args.model[-1]):
+            if not c.honest and c.kind != "forward" and c.model in real:
                 by_cheat.setdefault(c.miner, []).append(c)
         summary["evidence"] = cal.evidence_summary(honest_gen, by_cheat, th, args.tokens_per_day, args.false_alarm)
+        summary["evidence"]["models"] = sorted(real)
     summary["settings"] = {**json.loads(json.dumps(vars(args), default=str)),
                            "challenge": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -44,8 +44,7 @@ def test_every_generation_cheat_is_caught_on_the_tiny_model(tiny, kind):
     changed = [c for c in checks if c.changed]
     assert changed, kind
     if kind == "int8":
-        ev = cal.evidence_summary([], {kind: checks}, TH, 1e6, 1e-6)
-        assert ev["cheats"][kind]["disagreement_rate"] > 0
+        assert any(m > 0 for c in checks for m in c.margins)
     else:
         assert any(not c.ok for c in changed), kind
 
