@@ -47,7 +47,8 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     ref = cal.Reference(load_model(name, args.device, args.ref_dtype))
     miners = {dt: (ref.lm if dt == args.ref_dtype else load_model(name, args.device, dt)) for dt in args.dtypes}
     source, rng = PromptSource.default(), random.Random(args.seed)
-    checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds)
+    checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds,
+                            forward=not args.generation_only)
     t1 = time.perf_counter()
     print(f"{label}: {len(checks)} honest checks in {t1 - t0:.0f} s", file=sys.stderr)
     if args.dishonest:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                    "not accepted)")
     p.add_argument("--batch-sizes", default="1-16", type=batch_sizes, help='e.g. "1-16" or "1,2,4,8,16"')
     p.add_argument("--rounds", type=int, default=1, help="repeat every batch size with fresh prompts")
+    p.add_argument("--generation-only", action="store_true", help="honest miners: generation checks only")
     p.add_argument("--dishonest", type=int, default=16, help="Forward challenges to each model cheat (0: none)")
     p.add_argument("--generation-cheats", type=int, default=64,
                    help="seeded Generate challenges to each generation cheat (0: none)")
