@@ -116,7 +116,9 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
     vc = cfg.with_overrides(cfg.ValidatorConfig(), **{
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
         "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
-        "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0})
+        "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0,
+        # Long generations, so that small steady cheats (int8) build up evidence within the rounds.
+        "max_new_tokens": 96})
     lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
     v = Validator(vc, chain, validator_node.wallet, lm)
     try:

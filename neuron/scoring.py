@@ -50,20 +50,20 @@ class Thresholds:
     # reference's perturbed score of its own choice may exceed that of the miner's token, times the
     # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
     # logit noise near the top of the distribution.
-    max_token_margin: float = 0.1
+    max_token_margin: float = 0.05
     # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
     # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
     # the top-p mass), so a miner's token there is not "outside", and the reference's own choice
     # there is not held against the miner.
-    boundary_tol: float = 0.1
+    boundary_tol: float = 0.05
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.04;
     # int8 weights give at least 0.075.
     max_gen_logprob_error: float = 0.08
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + margin - evidence_drift); a miner whose S reaches evidence_limit is flagged.
     # Both come from the honest margin distribution (neuron/calibration.py `evidence_limits`).
-    evidence_drift: float = 0.01
-    evidence_limit: float = 1.0
+    evidence_drift: float = 0.001
+    evidence_limit: float = 0.5
 
 
 @dataclass(frozen=True)
