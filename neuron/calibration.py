@@ -260,7 +260,7 @@ def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: Prompt
 
 
 def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
-                         cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 16) -> list[Check]:
+                         cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 48) -> list[Check]:
     """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
     batches. Every cheat reports exact logprobs (one teacher-forced pass of the real model), so only its
     tokens can show it. Sampled only: on a greedy request most of these cheats are the honest answer."""
@@ -275,7 +275,9 @@ def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptS
         answers = []
         for g in groups:
             prompts = [c.prompt_ids for c in g]
-            answers += reported_by(ref.batched, prompts, decode(chooser, prompts, specs_of(g), policy))
+            mine = decode(chooser, prompts, specs_of(g), policy)
+            # Policy cheats run the real model: their logprobs are its own already.
+            answers += mine if chooser is ref.lm else reported_by(ref.batched, prompts, mine)
         checks += generation_checks(ref, chs, answers, th, model=model, label=kind, honest=False, batch=batch,
                                     honest_answers=honest)
     return checks
