@@ -1,11 +1,12 @@
 """Measure the verification metrics for honest and dishonest miners, so Thresholds come from data.
 
-The reference is the validator's computation: the model in float32, one unpadded sequence at a
-time. Honest miners compute the same thing another way (float16 or bfloat16 weights, in left-padded
-batches, generation in a batched decoder that sequences join). Dishonest miners serve another
-model (perturbed, truncated, int8-quantized weights) or rewrite the logits (Gaussian noise, random).
-Every check is one `verify_forward` or `verify_generation` call on one sequence, as the validator
-makes it; its metrics are kept whatever the verdict, so worst and best values can be compared.
+The reference is the validator's computation, the model in float32: Forward one unpadded sequence at a
+time, generations teacher-forced in one padded batch (neuron/reference.py). Honest miners compute the
+same thing another way (float16 weights, left-padded Forward batches, seeded generation through the HF
+engine with sequences joining). Cheats serve another model or rewrite the logits (Forward), or choose
+their generated tokens another way than the seeded sampler (neuron/harness/cheats.py). Every check is one
+`verify_forward` or `verify_generation` call on one sequence, as the validator makes it; its metrics (and
+a generation's per-token margins, for the evidence limit) are kept whatever the verdict.
 """
 
 from __future__ import annotations
