@@ -423,7 +423,11 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             if label in SAMPLING_ONLY:
                 gen = [c for c in gen if c.kind == "sampled"]
             changed = [c for c in gen if c.changed]
+            # What a validator does with one challenge to a fresh miner: the check, and that challenge's
+            # margins alone as evidence.
+            alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, th.evidence_drift, th.evidence_limit)]
             cheats[label] = {
+                "generation_caught_with_evidence": len(alone) / len(gen) if gen else None,
                 "best": extreme(theirs, better),
                 "forward_caught": _rate(fwd),
                 "generation_caught": _rate(gen),

@@ -49,21 +49,26 @@ class Thresholds:
     # Seeded generation (docs/sampling.md), in logit units (nats of raw logit): the most the
     # reference's perturbed score of its own choice may exceed that of the miner's token, times the
     # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
-    # logit noise near the top of the distribution.
-    max_token_margin: float = 0.05
+    # logit noise near the top of the distribution: honest worst 0.016 (SmolLM2 float16, 11,609
+    # tokens) and 0.022 (tiny float16, 8,704 tokens); every cheat but int8 and steering goes far past it.
+    max_token_margin: float = 0.04
     # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
     # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
     # the top-p mass), so a miner's token there is not "outside", and the reference's own choice
-    # there is not held against the miner.
-    boundary_tol: float = 0.05
+    # there is not held against the miner. The same twice-the-noise bound as max_token_margin; the
+    # furthest an honest token lay outside the reference's strict set was 1.1e-4.
+    boundary_tol: float = 0.04
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.04;
     # int8 weights give at least 0.075.
     max_gen_logprob_error: float = 0.08
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + margin - evidence_drift); a miner whose S reaches evidence_limit is flagged.
-    # Both come from the honest margin distribution (neuron/calibration.py `evidence_limits`).
+    # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day: with an
+    # honest disagreement rate of at most 0.0036 a token (99.9% bound, tiny; SmolLM2 0.0025) and
+    # margins of at most max_token_margin, Lundberg's bound needs 0.348 (neuron/calibration.py
+    # `evidence_limit`). int8 weights on SmolLM2 cross it within 278 tokens (120 median).
     evidence_drift: float = 0.001
-    evidence_limit: float = 0.5
+    evidence_limit: float = 0.35
 
 
 @dataclass(frozen=True)

@@ -90,11 +90,13 @@ def tables(summary: dict) -> str:
         out.append("Dishonest miners: share caught per single challenge (generation: over the challenges a cheat "
                    "applies to, and over those where its tokens differ from the honest sampler's), and the first "
                    "failed check:\n")
-        out.append("| kind | forward caught | generation caught | caught when changed (changed/all) | reasons |")
-        out.append("|---|---|---|---|---|")
+        out.append("| kind | forward caught | generation caught | with that challenge's evidence | caught when "
+                   "changed (changed/all) | reasons |")
+        out.append("|---|---|---|---|---|---|")
         for kind, c in s["dishonest"].items():
             reasons = ", ".join(f"{r} x{n}" for r, n in c["reasons"].items())
             out.append(f"| {kind} | {cal.fmt(c['forward_caught'])} | {cal.fmt(c['generation_caught'])} | "
+                       f"{cal.fmt(c['generation_caught_with_evidence'])} | "
                        f"{cal.fmt(c['generation_caught_when_changed'])} ({c['changed']}/{c['generations']}) | "
                        f"{reasons} |")
         out.append("")
