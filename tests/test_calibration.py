@@ -75,13 +75,13 @@ def cheat_checks(smollm2):
 
 def test_every_forward_cheat_is_caught_on_smollm2(cheat_checks):
     for kind in cal.DISHONEST:
-        mine = [c for c in cheat_checks if c.miner == kind]
+        mine = [c for c in cheat_checks if c.miner == kind and c.kind == "forward"]
         assert mine and all(not c.ok for c in mine), (kind, [c.metrics for c in mine if c.ok])
 
 
 @pytest.mark.parametrize("kind", GENERATION_CHEATS)
 def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
-    mine = [c for c in cheat_checks if c.miner == kind]
+    mine = [c for c in cheat_checks if c.miner == kind and c.kind != "forward"]
     changed = [c for c in mine if c.changed]
     assert len(mine) == 6 and changed, kind
     if kind == "int8":  # a small, steady deviation: it shows in more disagreements than honest noise makes

@@ -260,7 +260,7 @@ def sentence_end_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def steer_target_ids(tokenizer, word: str = " money") -> list[int]:
+def steer_target_ids(tokenizer, word: str = " the") -> list[int]:
     """The first token of the word an attacker steers the text toward."""
     return tokenizer(word, add_special_tokens=False).input_ids[:1]
 
