@@ -291,7 +291,7 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
     if kind == "least_likely":
         return LeastLikely(), lm
     if kind == "steer":
-        return Bias(steer_target_ids(tok), 3.0), lm
+        return Bias(steer_target_ids(tok), 6.0), lm
     if kind == "early_eos":
         return EarlyEos(lm.eos_token_id), lm
     if kind == "sentence_eos":
