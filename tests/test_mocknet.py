@@ -3,19 +3,18 @@
 import json
 
 from neuron.cli import main
+from neuron.harness.cheats import GENERATION_CHEATS
 
 # What each cheat must be caught by: the first check it cannot pass.
 CAUGHT_BY = {
     "random": "forward:", "different": "forward:", "truncated": "forward:", "quantized": "forward:",
     "noise": "forward:", "replay": "forward:", "echo": "generate:", "early_stop": "generate:",
     "slow": "deadline_exceeded", "dead": "deadline_exceeded",
-    # Generation cheats answer Forward honestly; their tokens are not the seeded sampler's.
-    "greedy": "generate:", "cold": "generate:", "hot": "generate:", "least_likely": "generate:",
-    "steer": "generate:", "early_eos": "generate:", "sentence_eos": "generate:", "cheap": "generate:",
-    "int8": ("generate:", "evidence:"), "int4": ("generate:", "evidence:"),
+    # Generation cheats answer Forward honestly; their tokens are not the seeded sampler's. A round can
+    # pass on its own (a greedy request, which most of them answer honestly, or a small deviation), but
+    # the evidence across rounds flags them and they keep failing for it.
+    **{k: ("generate:", "evidence:") for k in GENERATION_CHEATS},
 }
-# Caught by the evidence across rounds: some rounds pass on their own before it crosses the limit.
-BY_EVIDENCE = {"int8", "int4"}
 
 
 def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
@@ -36,7 +35,7 @@ def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
         assert {"uid", "hotkey", "kind", "verified_fraction", "weight"} <= set(r)
         if r["kind"] != "honest":
             assert r["weight"] <= 0.01, r
-            assert r["kind"] in BY_EVIDENCE or r["verified_fraction"] == 0.0, r
+            assert r["verified_fraction"] <= (0.5 if r["kind"] in GENERATION_CHEATS else 0.0), r
             expected = CAUGHT_BY[r["kind"]]
             expected = expected if isinstance(expected, tuple) else (expected,)
             assert any(r["caught_for"].startswith(e) or e in r["caught_for"] for e in expected), r
