@@ -45,6 +45,7 @@ class BatchingConfig:
     max_generate_batch: int = 16  # generation: sequences decoded together
     queue_size: int = 256  # requests waiting for the model; beyond it RESOURCE_EXHAUSTED
     kv_cache_mb: int = 0  # generation: KV-cache budget admitted against, in MiB; 0: every slot at max_seq_len
+    cuda_graphs: bool = True  # generation on CUDA: replay the decode step from CUDA graphs (eager on CPU or failure)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class HFEngine:
                  choose: Callable[[object, S.RowParams], object] = S.choose):
         self.lm, self.config, self.tokenizer = lm, config, lm.tokenizer
         self.max_seq_len = min(max_seq_len, lm.max_positions)
-        self.runner = Runner(lm, config.max_generate_batch, self.max_seq_len)
+        self.runner = Runner(lm, config.max_generate_batch, self.max_seq_len, config.cuda_graphs)
         self.runner.choose = choose
         kv = config.kv_cache_mb * 2 ** 20 if config.kv_cache_mb else self.runner.kv_bytes
         self.scheduler = Scheduler(queue_size=config.queue_size, max_running=config.max_generate_batch, kv_bytes=kv,

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from neuron.engine import sampler as S
+from neuron.engine.graphs import DecodeGraphs
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.model import LoadedModel, position_ids
 
@@ -66,7 +67,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 class Runner:
     """Owns the model's device state for generation; every method runs on the engine thread."""
 
-    def __init__(self, lm: LoadedModel, slots: int, max_len: int):
+    def __init__(self, lm: LoadedModel, slots: int, max_len: int, cuda_graphs: bool = True):
         self.lm, self.slots, self.max_len = lm, slots, max_len
         dev = lm.device
         layers, kv_heads, head_dim = kv_shape(lm.model.config)
@@ -94,6 +95,7 @@ class Runner:
         self.kv_bytes_per_token = self.kv_bytes // (slots * max_len)
         self._mask_min = torch.finfo(self.keys[0].dtype).min
         self.choose = S.choose  # the sampling policy (the harness swaps in a cheating one)
+        self.graphs = DecodeGraphs(self) if dev.type == "cuda" and cuda_graphs else None
 
     # ---- slots ----------------------------------------------------------------------------------
 
@@ -167,17 +169,27 @@ class Runner:
         col = self.tick % self.max_len
         self._col.fill_(col)
         self.mask[:b, col] = True
-        # Attend over the columns in use when they do not wrap round the buffer (nearly always), else all.
-        oldest = min(self.first.values())
-        lo, hi = (oldest % self.max_len, col + 1) if oldest // self.max_len == self.tick // self.max_len else (0, self.max_len)
-        attn = torch.zeros(b, 1, 1, hi - lo, dtype=self.keys[0].dtype, device=self.lm.device)
-        attn.masked_fill_(~self.mask[:b, None, None, lo:hi], self._mask_min)
-        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col, lo, hi)
-        out = self.lm.model(input_ids=self.last[:b, None], attention_mask=attn, position_ids=self.positions[:b, None],
-                            past_key_values=cache, use_cache=True)
+        logits = self.graphs.logits(b) if self.graphs is not None else None
+        if logits is None:
+            # Attend over the columns in use when they do not wrap round the buffer (nearly always), else all.
+            oldest = min(self.first.values())
+            same_lap = oldest // self.max_len == self.tick // self.max_len
+            lo, hi = (oldest % self.max_len, col + 1) if same_lap else (0, self.max_len)
+            logits = self.forward_step(b, self.attention_mask(b, lo, hi), lo, hi)
         self.positions[rows] += 1  # free rows stay at 0: they never walk off the position table
         self.tick += 1
-        return self._choose(rows, slots, out.logits[rows, -1, :])
+        return self._choose(rows, slots, logits[rows, -1, :])
+
+    def attention_mask(self, b: int, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive mask [b, 1, 1, hi - lo] of the columns each row may attend to (into `out` if given)."""
+        out = torch.zeros(b, 1, 1, hi - lo, dtype=self.keys[0].dtype, device=self.lm.device) if out is None else out
+        return out.fill_(0).masked_fill_(~self.mask[:b, None, None, lo:hi], self._mask_min)
+
+    def forward_step(self, b: int, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The model over the first b slots' last tokens, keys written at the current column: logits [b, 1, V]."""
+        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col, lo, hi)
+        return self.lm.model(input_ids=self.last[:b, None], attention_mask=attn, position_ids=self.positions[:b, None],
+                             past_key_values=cache, use_cache=True).logits
 
     def _choose(self, rows: torch.Tensor, slots: list[int], logits: torch.Tensor) -> StepOutput:
         """The sampler over these rows, and the one copy of everything the host needs."""
