@@ -198,9 +198,7 @@ def plot(result: Result, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str], yaml_path: str | None) -> int:
-    path = yaml_path or str(cfg.CONFIG_DIR / "mocknet.yaml")
-    c = cfg.load(cfg.MocknetConfig, path if Path(path).exists() else None, cfg.parse_dotted(argv))
+def main(c: cfg.MocknetConfig) -> int:
     from neuron.adversaries import KINDS
 
     unknown = [k for k in c.dishonest if k not in KINDS]
