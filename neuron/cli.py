@@ -138,7 +138,26 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
     chain = _chain(c.subtensor)
     if chain is None:
         raise cfg.ConfigError("the validator needs a chain: set --subtensor.network")
-    asyncio.run(run_validator(c, chain, open_wallet(c.wallet)))
+    wallet = open_wallet(c.wallet)
+    metrics = server = None
+    if c.metrics.port:
+        from neuron import metrics as m
+        from neuron.miner import check_port_free
+
+        check_port_free(c.metrics.ip, c.metrics.port, "--metrics.port")
+        metrics = m.ValidatorMetrics()
+        server = m.serve(metrics.registry, c.metrics.ip, c.metrics.port)
+        logger.info(f"metrics at http://{c.metrics.ip}:{server.server_port}/metrics")
+    try:
+        queried = asyncio.run(run_validator(c, chain, wallet, metrics=metrics))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    if c.rounds and not queried:
+        logger.error(f"{c.rounds} rounds and no miner could be queried: no uid on netuid {c.subtensor.netuid} "
+                     "serves an axon (start a miner, then check with: neuron metagraph)")
+        return 1
     return 0
 
 
