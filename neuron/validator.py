@@ -19,7 +19,7 @@ from loguru import logger
 from neuron import scoring
 from neuron.chain.base import Chain, ChainError, Metagraph
 from neuron.challenge import Challenge, ChallengeConfig, Judgement, judge, make_challenge
-from neuron.config import ValidatorConfig
+from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel, load_model
@@ -221,8 +221,9 @@ def startup_report(config: ValidatorConfig, mg: Metagraph, me: str) -> None:
         logger.warning(f"uid {mine.uid} ({me}) has no validator permit on netuid {netuid} (stake {mine.stake:g}): "
                        f"miners refuse validators without one. Add stake: neuron stake add --amount 10 --netuid "
                        f"{netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} --subtensor.network "
-                       f"{config.subtensor.network}" + (f" --subtensor.chain_path {config.subtensor.chain_path}"
-                                                        if config.subtensor.chain_path else ""))
+                       f"{config.subtensor.network}"
+                       + (f" --wallet.path {w.path}" if w.path != WalletConfig().path else "")
+                       + (f" --subtensor.chain_path {config.subtensor.chain_path}" if config.subtensor.chain_path else ""))
     others = [n for n in mg.neurons if n.hotkey != me]
     silent = [n for n in others if n.axon is None]
     for n in silent:
@@ -266,5 +267,6 @@ async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asy
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await validator.close()
-        logger.info(f"validator stopped after {ran} rounds ({queried} queried miners); state saved")
+        logger.info(f"validator stopped after {ran} rounds of this process ({queried} with miners to query); "
+                    "state saved")
     return queried

@@ -33,8 +33,7 @@ def open_wallet(cfg: WalletConfig) -> bt.Wallet:
 
 def coldkey_password_env(cfg: WalletConfig) -> str:
     """The environment variable the SDK reads the coldkey's password from (for automation)."""
-    path = os.path.join(os.path.expanduser(cfg.path), cfg.name, "coldkey")
-    return Keyfile(path).env_var_name()
+    return bt.Wallet(name=cfg.name, hotkey=cfg.hotkey, path=os.path.expanduser(cfg.path)).coldkey_file.env_var_name()
 
 
 def new_password(cfg: WalletConfig, ask: Callable[[str], str] = getpass.getpass) -> str:
