@@ -176,8 +176,13 @@ def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
             for name, address in w.hotkeys:
                 print(f"  hotkey {name:<13} {address}")
         return 0
-    if c.no_password:
-        logger.warning("--no-password: the coldkey is stored unencrypted; anyone who reads the file can spend "
+    from pathlib import Path
+
+    has_coldkey = (Path(c.wallet.path).expanduser() / c.wallet.name / "coldkeypub.txt").exists()
+    if has_coldkey:  # only a new hotkey: the coldkey is neither read nor changed
+        password = None
+    elif c.no_password:
+        logger.warning("--no_password: the coldkey is stored unencrypted; anyone who reads the file can spend "
                        "its TAO (development only)")
         password = None
     else:

@@ -81,6 +81,7 @@ def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "
                 "(--config=PATH), then flags (--section.name VALUE or --section.name=VALUE).", ""]
     else:
         out += ["Flags: --section.name VALUE or --section.name=VALUE; booleans alone mean true.", ""]
+    out[-1:-1] = ["Dashes and underscores in a flag are the same (--max-new-tokens = --max_new_tokens)."]
     width = 34
     for heading, rows in _rows(cls, values):
         if not rows:

@@ -43,7 +43,7 @@ def new_password(cfg: WalletConfig, ask: Callable[[str], str] = getpass.getpass)
         return os.environ[env]
     if not sys.stdin.isatty():
         raise WalletError(f"the coldkey needs a password and there is no terminal to ask for one: set {env}, "
-                          "or pass --no-password to store it unencrypted (development only)")
+                          "or pass --no_password to store it unencrypted (development only)")
     while True:
         first = ask(f"password for the coldkey {cfg.name}: ")
         if len(first) < 8:
