@@ -80,3 +80,17 @@ def test_every_field_has_a_comment_and_appears_in_the_help(cls):
         assert help_text.field_comments(owner).get(leaf), f"{owner.__name__}.{leaf} has no comment"
         assert f"--{name} " in text
     assert "(default: " in text
+
+
+def test_the_deploy_environment_files_hold_valid_flags():
+    import shlex
+
+    deploy = Path(cfg.__file__).parents[1] / "deploy"
+    for name, cls, var in (("miner", cfg.MinerConfig, "NEURON_MINER_ARGS"),
+                           ("validator", cfg.ValidatorConfig, "NEURON_VALIDATOR_ARGS")):
+        env = dict(line.split("=", 1) for line in (deploy / f"{name}.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+        c = cfg.load(cls, cfg.default_yaml(name), cfg.parse_dotted(shlex.split(shlex.split(env[var])[0])))
+        assert c.metrics.port and c.metrics.ip == "127.0.0.1" and c.subtensor.netuid == 1
+        unit = (deploy / "systemd" / f"neuron-{name}.service").read_text()
+        assert f"EnvironmentFile=/etc/neuron/{name}.env" in unit and f"${var}" in unit
