@@ -336,3 +336,31 @@ def test_stake_refuses_a_non_positive_amount(chain, fake, wallet):
         with pytest.raises(ChainError, match="must be positive"):
             chain.stake(NETUID, wallet, wallet.hotkey.ss58_address, amount)
     assert fake.submitted == []
+
+
+def test_register_off_a_local_chain_shows_the_burn_and_needs_a_yes(fake, wallet, monkeypatch, capsys):
+    """`neuron register` on a real network (the SDK over the fake substrate): the cost, then a confirmation."""
+    import neuron.chain
+    from neuron import cli
+
+    fake.storage[("SubtensorModule", "Burn", (NETUID,))] = 1_250_000_000
+    chains = []
+
+    def open_chain(network, *args, **kwargs):
+        chains.append(SubtensorChain(network, substrate=fake, attempts=1))
+        return chains[-1]
+
+    monkeypatch.setattr(neuron.chain, "open_chain", open_chain)
+    args = ["register", "--netuid", str(NETUID), "--subtensor.network", "finney", "--wallet.name", "cold",
+            "--wallet.hotkey", "hot", "--wallet.path", wallet.path]
+    try:
+        assert cli.main(args) == 1  # pytest's stdin is no terminal: nothing to ask on, so no
+        err = capsys.readouterr().err
+        assert "burns 1.250000000 TAO" in err and "not confirmed" in err and "--yes" in err
+        assert fake.submitted == [] and fake.signed == []
+        assert cli.main([*args, "--yes"]) == 0
+        assert [c.function for c in fake.signed] == ["burned_register"]
+        assert f"registered hotkey {wallet.hotkey.ss58_address} on netuid {NETUID}" in capsys.readouterr().out
+    finally:
+        for c in chains:
+            c.close()
