@@ -231,6 +231,20 @@ def startup_report(config: ValidatorConfig, mg: Metagraph, me: str) -> None:
     logger.info(f"netuid {netuid}: {len(others) - len(silent)} of {len(others)} other uids serve an axon")
 
 
+async def probe_miners(dendrite: Dendrite, mg: Metagraph, me: str, timeout_s: float) -> None:
+    """Name, at start-up, each serving miner that does not answer `Info` (public: no model work, no permit)."""
+    from neuron.pb.neuron.v1 import axon_pb2 as pb
+
+    serving = [n for n in mg.neurons if n.axon is not None and n.hotkey != me]
+    results = await asyncio.gather(*(dendrite.call(Target(str(n.axon), n.hotkey), "Info", pb.InfoRequest(), timeout_s)
+                                     for n in serving))
+    for n, r in zip(serving, results):
+        if not r.ok:
+            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon} is unreachable: {r.code.name.lower()}: {r.message[:120]}")
+    if serving:
+        logger.info(f"{sum(r.ok for r in results)} of {len(serving)} serving miners answer")
+
+
 async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asyncio.Event | None = None,
                         metrics=None) -> int:
     """Run rounds until SIGTERM/SIGINT, `stop`, or config.rounds rounds of this process.
@@ -245,6 +259,7 @@ async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asy
     startup_report(config, mg, me)
     lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
     validator = Validator(config, chain, wallet, lm, metrics=metrics)
+    await probe_miners(validator.dendrite, mg, me, min(config.timeout_s, 5.0))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -113,6 +113,7 @@ def test_a_new_user_serves_a_miner_validates_it_queries_it_and_stops_it(tmp_path
         assert refused.returncode == 0, refused.stderr
         assert f"uid 1 ({validator_hotkey}) has no validator permit on netuid 1" in refused.stderr
         assert "neuron stake add --amount" in refused.stderr
+        assert "1 of 1 serving miners answer" in refused.stderr  # Info is public: reachable, permit or not
         assert "round 1: 0/1 miners verified" in refused.stderr
         assert f"round 1: uid 0 {miner_hotkey} refused: forward: permission_denied" in refused.stderr
         assert "PERMISSION_DENIED" in log.read_text() and f"(hotkey {validator_hotkey})" in log.read_text()
