@@ -275,6 +275,23 @@ def test_validator_rounds_count_this_process_and_end_when_no_miner_serves(tmp_pa
     [line] = error_lines(run.stderr)
     assert "2 rounds and no miner could be queried" in line
 
+    # A miner that publishes an address nobody answers on: named at start-up and in each round.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    ghost = make_wallet(tmp_path / "wallets", "ghost")
+    uid, _ = chain.register(1, ghost)
+    chain.serve_axon(1, ghost, "127.0.0.1", closed)
+    for expected_round in (1, 2):  # --rounds 1 after a saved round still runs one round
+        run = neuron(*args, "--rounds", "1", "--timeout_s", "5")
+        assert run.returncode == 0, run.stderr
+        hotkey = ghost.hotkey.ss58_address
+        assert f"uid {uid} {hotkey} at 127.0.0.1:{closed} is unreachable" in run.stderr
+        assert f"round {expected_round}: uid {uid} {hotkey} unreachable: forward: unavailable" in run.stderr
+        assert "stopped after 1 rounds of this process" in run.stderr
+
 
 def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path):
     import socket
