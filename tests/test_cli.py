@@ -318,7 +318,8 @@ def test_missing_models_fail_fast_with_the_fix(tmp_path):
     hub = neuron(*args, "--model.name", "someone/not-cached")  # HF_HUB_OFFLINE=1 in these tests
     assert hub.returncode == 1
     [line] = error_lines(hub.stderr)
-    assert "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE" in line and "local directory" in line
+    assert "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE=1 forbids" in line
+    assert "there is no local directory 'someone/not-cached'" in line and "--model.name /path/to/model" in line
 
 
 def test_a_dev_miner_without_auth_on_a_public_address_warns_and_logs_to_a_file(tmp_path):
