@@ -58,11 +58,11 @@ def setup_logging(log: cfg.LoggingConfig | None = None, command: str = "neuron")
                    enqueue=True)
 
 
-def _load(cls, name: str | None, argv: list[str], yaml_path: str | None):
+def _load(cls, command: str, argv: list[str], yaml_path: str | None):
     """Defaults, then the shipped YAML (or --config PATH, which must exist), then flags; logging set up."""
-    path = yaml_path if yaml_path is not None else (cfg.default_yaml(name) if name else None)
+    path = yaml_path if yaml_path is not None else cfg.default_yaml(command)
     c = cfg.load(cls, path, cfg.parse_dotted(argv))
-    setup_logging(c.logging, name or cls.__name__.lower())
+    setup_logging(c.logging, command)  # the log file is <logging_dir>/<command>.log
     return c
 
 
@@ -165,7 +165,7 @@ def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
     from neuron import wallets
 
     action, argv = _positional(argv, ("create", "list"), "wallet")
-    c = _load(cfg.WalletCommandConfig, None, argv, yaml_path)
+    c = _load(cfg.WalletCommandConfig, "wallet", argv, yaml_path)
     if action == "list":
         found = wallets.list_wallets(c.wallet.path)
         if not found:
@@ -206,7 +206,7 @@ def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
 def cmd_register(argv: list[str], yaml_path: str | None) -> int:
     from neuron.wallets import open_wallet
 
-    c = _load(cfg.RegisterConfig, None, argv, yaml_path)
+    c = _load(cfg.RegisterConfig, "register", argv, yaml_path)
     sub, netuid = c.subtensor, c.subtensor.netuid
     wallet = open_wallet(c.wallet)
     chain = _chain(sub, create=True)
@@ -240,7 +240,7 @@ def cmd_stake(argv: list[str], yaml_path: str | None) -> int:
     from neuron.wallets import open_wallet
 
     action, argv = _positional(argv, ("add", "remove"), "stake")
-    c = _load(cfg.StakeConfig, None, argv, yaml_path)
+    c = _load(cfg.StakeConfig, "stake", argv, yaml_path)
     sub, netuid = c.subtensor, c.subtensor.netuid
     if not c.amount > 0:
         raise cfg.ConfigError(f"neuron stake {action} needs --amount TAO (a positive number)")
@@ -273,7 +273,7 @@ def cmd_stake(argv: list[str], yaml_path: str | None) -> int:
 
 
 def cmd_metagraph(argv: list[str], yaml_path: str | None) -> int:
-    c = _load(cfg.MetagraphConfig, None, argv, yaml_path)
+    c = _load(cfg.MetagraphConfig, "metagraph", argv, yaml_path)
     chain = _chain(c.subtensor)
     if chain is None:
         raise cfg.ConfigError("metagraph needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
@@ -298,7 +298,7 @@ def cmd_query(argv: list[str], yaml_path: str | None) -> int:
     from neuron.protocol import FINISH_NAMES
     from neuron.wallets import open_wallet
 
-    c = _load(cfg.QueryConfig, None, argv, yaml_path)
+    c = _load(cfg.QueryConfig, "query", argv, yaml_path)
     if not c.axon or not c.prompt:
         raise cfg.ConfigError("neuron query needs --axon HOST:PORT and --prompt TEXT")
     signed = any(a.startswith("--wallet.") for a in argv)
