@@ -160,7 +160,8 @@ class ValidatorConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    """Register a hotkey on a subnet (a local chain and its subnet are created on first use)."""
+    """Register a hotkey on a subnet: off a local chain it shows the TAO it burns and asks; a local chain and its
+    subnet are created on first use."""
 
     wallet: WalletConfig = field(default_factory=WalletConfig)
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
@@ -268,9 +269,6 @@ def _merge(base: dict, dotted: dict[str, Any]) -> dict:
 ALIASES = {
     "netuid": "subtensor.netuid",
     "timeout": "timeout_s",
-    "subtensor.chain_url": "subtensor.chain_endpoint",
-    "logging.dir": "logging.logging_dir",
-    "logging.logging.dir": "logging.logging_dir",
 }
 
 

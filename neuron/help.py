@@ -73,7 +73,7 @@ def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "
     """The help of one command: usage, description, each option with default and comment, aliases."""
     yaml_path = cfg.default_yaml(yaml_name) if yaml_name else None
     values = cfg.load(cls, yaml_path)
-    doc = (cls.__doc__ or "").strip()
+    doc = " ".join((cls.__doc__ or "").split())
     out = [f"usage: neuron {command} {usage or (positional + ' ' if positional else '') + '[options]'}", "", doc, ""]
     if yaml_path is not None:
         out += [f"Defaults: the dataclass, then {yaml_path} (shipped in the package), then --config PATH "
@@ -98,6 +98,6 @@ def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "
         out.append("aliases (btcli and subnet-template names): "
                    + ", ".join(f"--{a} = --{c}" for a, c in sorted(aliases.items())))
         out.append("")
-    out.append("  --config PATH                 read defaults from this YAML file instead (an error if missing)")
-    out.append("  -h, --help                    show this help")
+    out.append(f"  {'--config PATH':<{width - 2}}read defaults from this YAML file instead (an error if missing)")
+    out.append(f"  {'-h, --help':<{width - 2}}show this help")
     return "\n".join(out).rstrip() + "\n"
