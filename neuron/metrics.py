@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Callable
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -18,7 +19,10 @@ CUMULATIVE = {"forward_batches", "forward_rows", "generated_tokens", "prompt_tok
 
 
 def reason_kind(text: str) -> str:
-    """A failure message without its numbers: a label with few values ("forward: top-k overlap")."""
+    """A failure message as a label with few values: "forward: top-k overlap", "generate: deadline_exceeded"."""
+    call = re.match(r"^(\w+): ([a-z_]+): ", text)
+    if call and call.group(2).upper() in grpc.StatusCode.__members__:  # a failed call: its status, not its message
+        return f"{call.group(1)}: {call.group(2)}"
     return re.split(r"\s-?\d", text)[0][:80].strip()
 
 

@@ -102,3 +102,12 @@ def test_validator_metrics_label_results_and_reasons_per_uid():
               (("reason", "forward: top-k overlap"), ("result", "failed"), ("uid", "3")))
     assert got[failed] == 2.0  # numbers stripped: one series per kind of failure
     assert got[("neuron_validator_verifications_total", (("reason", ""), ("result", "verified"), ("uid", "4")))] == 1.0
+
+
+def test_failed_calls_are_labelled_by_status_not_by_message():
+    from neuron.metrics import reason_kind
+
+    message = "forward: unavailable: failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:8091"
+    assert reason_kind(message) == "forward: unavailable"
+    assert reason_kind("generate: deadline_exceeded: Deadline Exceeded") == "generate: deadline_exceeded"
+    assert reason_kind("generate: token 3 differs: margin 0.5 > 0.1") == "generate: token"
