@@ -220,14 +220,17 @@ def startup_report(config: ValidatorConfig, mg: Metagraph, me: str) -> None:
         w = config.wallet
         logger.warning(f"uid {mine.uid} ({me}) has no validator permit on netuid {netuid} (stake {mine.stake:g}): "
                        f"miners refuse validators without one. Add stake: neuron stake add --amount 10 --netuid "
-                       f"{netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} --subtensor.network "
-                       f"{config.subtensor.network}"
+                       f"{netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
+                       + (f"--subtensor.chain_endpoint {config.subtensor.chain_endpoint}" if config.subtensor.chain_endpoint
+                          else f"--subtensor.network {config.subtensor.network}")
                        + (f" --wallet.path {w.path}" if w.path != WalletConfig().path else "")
                        + (f" --subtensor.chain_path {config.subtensor.chain_path}" if config.subtensor.chain_path else ""))
     others = [n for n in mg.neurons if n.hotkey != me]
     silent = [n for n in others if n.axon is None]
-    for n in silent:
+    for n in silent[:10]:
         logger.info(f"uid {n.uid} {n.hotkey} serves no axon yet; it is not queried")
+    if len(silent) > 10:
+        logger.info(f"... and {len(silent) - 10} more uids serve no axon (neuron metagraph lists them)")
     logger.info(f"netuid {netuid}: {len(others) - len(silent)} of {len(others)} other uids serve an axon")
 
 
