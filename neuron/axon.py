@@ -99,6 +99,16 @@ class Guard(grpc.aio.ServerInterceptor):
         self.keypair = keypair
         self.hotkey = keypair.ss58_address if keypair is not None else ""
         self.admission = auth.Admission(config.auth, metagraph)
+        self.metrics = None  # a neuron.metrics.MinerMetrics, set by the miner when --metrics.port is on
+
+    def _log(self, method: str, peer: Peer, outcome: str, start: float, detail: str = "", context=None) -> None:
+        if not peer.hotkey and context is not None:  # refused before admission: still name who asked
+            peer = Peer(auth.auth_headers(context.invocation_metadata() or ()).get(auth.HOTKEY_KEY, ""), 0.0)
+        if peer.hotkey and outcome in ("PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED"):
+            detail = f"{detail} (hotkey {peer.hotkey})"
+        _log(method, peer, outcome, start, detail)
+        if self.metrics is not None:
+            self.metrics.observe_request(_short(method), outcome, time.monotonic() - start, detail)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -140,18 +150,23 @@ class Guard(grpc.aio.ServerInterceptor):
             try:
                 peer, nonce = self._admit(method, raw, context)
                 _PEER.set(peer)
-                body = serialize(await inner(self._parse(deserialize, raw), context))
+                answer = await inner(self._parse(deserialize, raw), context)
+                body = serialize(answer)
                 context.set_trailing_metadata(self._sign(method, nonce, body, peer))
-                _log(method, peer, "OK", start)
+                self._log(method, peer, "OK", start)
+                if self.metrics is not None and hasattr(answer, "token_ids"):
+                    self.metrics.observe_tokens(len(answer.token_ids))
                 return body
             except NeuronError as exc:
-                _log(method, peer, exc.code.name, start, str(exc))
+                self._log(method, peer, exc.code.name, start, str(exc), context)
                 await context.abort(exc.code, str(exc))
             except asyncio.CancelledError:
-                _log(method, peer, "CANCELLED", start)
+                self._log(method, peer, "CANCELLED", start)
                 raise
             except Exception:
                 logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
+                if self.metrics is not None:
+                    self.metrics.observe_request(_short(method), "INTERNAL", time.monotonic() - start)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
         return behavior
 
@@ -166,15 +181,19 @@ class Guard(grpc.aio.ServerInterceptor):
                     chunks.append(body)
                     yield body
                 context.set_trailing_metadata(self._sign(method, nonce, auth.stream_digest(chunks), peer))
-                _log(method, peer, "OK", start, f"{len(chunks)} chunks")
+                self._log(method, peer, "OK", start, f"{len(chunks)} chunks")
+                if self.metrics is not None:
+                    self.metrics.observe_tokens(len(chunks))
             except NeuronError as exc:
-                _log(method, peer, exc.code.name, start, str(exc))
+                self._log(method, peer, exc.code.name, start, str(exc), context)
                 await context.abort(exc.code, str(exc))
             except asyncio.CancelledError:
-                _log(method, peer, "CANCELLED", start, f"after {len(chunks)} chunks")
+                self._log(method, peer, "CANCELLED", start, f"after {len(chunks)} chunks")
                 raise
             except Exception:
                 logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
+                if self.metrics is not None:
+                    self.metrics.observe_request(_short(method), "INTERNAL", time.monotonic() - start)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
         return behavior
 
