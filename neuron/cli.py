@@ -295,7 +295,7 @@ def cmd_metagraph(argv: list[str], yaml_path: str | None) -> int:
 def cmd_query(argv: list[str], yaml_path: str | None) -> int:
     from neuron.dendrite import Dendrite, Target
     from neuron.pb.neuron.v1 import axon_pb2 as pb
-    from neuron.protocol import FINISH_NAMES
+    from neuron.protocol import FINISH_OF
     from neuron.wallets import open_wallet
 
     c = _load(cfg.QueryConfig, "query", argv, yaml_path)
@@ -328,7 +328,7 @@ def cmd_query(argv: list[str], yaml_path: str | None) -> int:
     r = result.response
     if c.json:
         print(json.dumps({"text": r.text, "token_ids": list(r.token_ids), "logprobs": [round(x, 6) for x in r.logprobs],
-                          "finish_reason": FINISH_NAMES.get(r.finish_reason, "unspecified"),
+                          "finish_reason": FINISH_OF[r.finish_reason].value if r.finish_reason in FINISH_OF else "unspecified",
                           "latency_ms": round(result.latency_s * 1000, 1), "signed": result.signed}))
     else:
         print(r.text)
