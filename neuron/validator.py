@@ -239,11 +239,15 @@ async def probe_miners(dendrite: Dendrite, mg: Metagraph, me: str, timeout_s: fl
     from neuron.pb.neuron.v1 import axon_pb2 as pb
 
     serving = [n for n in mg.neurons if n.axon is not None and n.hotkey != me]
-    results = await asyncio.gather(*(dendrite.call(Target(str(n.axon), n.hotkey), "Info", pb.InfoRequest(), timeout_s)
+    # No hotkey in the target: Info answers are not signed, so there is no signature to check.
+    results = await asyncio.gather(*(dendrite.call(Target(str(n.axon)), "Info", pb.InfoRequest(), timeout_s)
                                      for n in serving))
     for n, r in zip(serving, results):
         if not r.ok:
             logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon} is unreachable: {r.code.name.lower()}: {r.message[:120]}")
+        elif r.response.hotkey != n.hotkey:  # another miner on that address: its answers will not verify
+            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon}: the axon there answers as hotkey "
+                           f"{r.response.hotkey or '(none)'}")
     if serving:
         logger.info(f"{sum(r.ok for r in results)} of {len(serving)} serving miners answer")
 
