@@ -108,7 +108,8 @@ class HFEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter(dict.fromkeys(
+            ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins"), 0))
         self.batch_rows: Counter[int] = Counter()  # forward batch size in rows -> batches of that size
 
     # ---- the contract -------------------------------------------------------------------------------
