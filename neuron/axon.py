@@ -162,9 +162,7 @@ class Guard(grpc.aio.ServerInterceptor):
                     raise  # cancelled: there is nobody to answer
             finally:
                 call.log()
-            # Outside the except block: the error and its traceback (which holds the request) are gone
-            # before the abort raises, so a refused request is freed at once, not at the next GC pass.
-            await context.abort(call.status, call.message)
+            return call.answer(context)
         return behavior
 
     def _stream(self, method, inner, deserialize, serialize):
@@ -193,8 +191,7 @@ class Guard(grpc.aio.ServerInterceptor):
             finally:
                 call.detail = call.detail or f"{len(sent)} chunks"
                 call.log()
-            if call.status is not None:
-                await context.abort(call.status, call.message)
+            call.answer(context)
         return behavior
 
 
@@ -221,6 +218,14 @@ class _Call:
             self.outcome = "INTERNAL"
         else:
             self.outcome = type(exc).__name__
+
+    def answer(self, context) -> None:
+        """Set the recorded status, outside any except block and without raising: `context.abort` would
+        raise an error whose traceback holds the handler's frame (and the request in it), and gRPC keeps
+        that error in a reference cycle, so every refused request lived until the next GC pass."""
+        if self.status is not None:
+            context.set_code(self.status)
+            context.set_details(self.message)
 
     def log(self) -> None:
         _log(self.method, self.peer, self.outcome or "CANCELLED", self.start, self.detail)
