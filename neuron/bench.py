@@ -36,7 +36,7 @@ RANDOM_OPT = "opt-125m-random"
 OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
                 max_position_embeddings=2048, word_embed_proj_dim=768)
 NETUID = 1
-PARTS = ("overhead", "forward", "generate", "validator", "memory")
+PARTS = ("overhead", "forward", "generate", "validator", "memory", "load")
 
 
 @dataclass
@@ -505,6 +505,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
                      f"every miner an axon in this process")
     if "memory" in wanted:
         figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
+    if "load" in wanted:
+        from neuron.bench_load import QUICK_LOAD, LoadSizes, run_load
+        more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
+                                          QUICK_LOAD if args.quick else LoadSizes(), workdir)
+        figures, notes = figures + more, notes + load_notes
     return figures, notes
 
 
