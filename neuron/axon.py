@@ -162,7 +162,8 @@ class Guard(grpc.aio.ServerInterceptor):
                     raise  # cancelled: there is nobody to answer
             finally:
                 call.log()
-            return call.answer(context)
+            call.answer(context)
+            return None  # with a status set, gRPC sends it and no message
         return behavior
 
     def _stream(self, method, inner, deserialize, serialize):

@@ -234,7 +234,7 @@ def decode_forward(resp: pb.ForwardResponse, batch: int, positions: list[int], t
     """The answer to a Forward of `batch` rows asked at `positions` with `topk`; BadResponse if malformed."""
     P = len(positions)
     try:
-        if list(resp.positions) != list(positions):
+        if len(resp.positions) != P or list(resp.positions) != list(positions):
             raise InvalidArgument("answered other positions than asked")
         return ForwardAnswer(
             positions=tuple(positions),
