@@ -125,6 +125,16 @@ async def test_a_poisoned_request_among_live_streams_fails_alone(tiny, serve):
     await until(lambda: idle(axon), "the engine to empty")
 
 
+async def test_the_documented_minimums_are_accepted_as_they_travel(tiny, serve):
+    """0.01 travels as float32 (0.0099999998): the codec's bounds must be the float32 ones."""
+    _, channel = await serve(tiny)
+    generate = channel.unary_unary(AXON + "Generate")
+    for fields in ({"temperature": 0.01}, {"temperature": 1.0, "repetition_penalty": 0.01},
+                   {"temperature": 100.0, "repetition_penalty": 100.0}):
+        req = pb.GenerateRequest(prompt_text="edge", max_new_tokens=2, **fields)
+        assert await status_of(generate(req.SerializeToString(), timeout=30)) == grpc.StatusCode.OK, fields
+
+
 # ---- defect 2: cancels at random points never disturb the survivors -----------------------------
 
 async def test_streams_cancelled_at_random_points_leave_the_survivors_exact(tiny, serve, log_lines):
