@@ -40,7 +40,7 @@ OPT_1_3B = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_di
                 max_position_embeddings=2048, word_embed_proj_dim=2048)
 RANDOM = {RANDOM_OPT: OPT_125M, "opt-1.3b-random": OPT_1_3B}
 NETUID = 1
-PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory")
+PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load")
 
 
 @dataclass
@@ -629,6 +629,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
                      f"every miner an axon in this process")
     if "memory" in wanted:
         figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
+    if "load" in wanted:
+        from neuron.bench_load import QUICK_LOAD, LoadSizes, run_load
+        more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
+                                          QUICK_LOAD if args.quick else LoadSizes(), workdir)
+        figures, notes = figures + more, notes + load_notes
     return figures, notes
 
 
