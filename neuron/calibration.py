@@ -1,11 +1,12 @@
 """Measure the verification metrics for honest and dishonest miners, so Thresholds come from data.
 
-The reference is the validator's computation: the model in float32, one unpadded sequence at a
-time. Honest miners compute the same thing another way (float16 or bfloat16 weights, in left-padded
-batches, generation in a batched decoder that sequences join). Dishonest miners serve another
-model (perturbed, truncated, int8-quantized weights) or rewrite the logits (Gaussian noise, random).
-Every check is one `verify_forward` or `verify_generation` call on one sequence, as the validator
-makes it; its metrics are kept whatever the verdict, so worst and best values can be compared.
+The reference is the validator's computation, the model in float32: Forward one unpadded sequence at a
+time, generations teacher-forced in one padded batch (neuron/reference.py). Honest miners compute the
+same thing another way (float16 weights, left-padded Forward batches, seeded generation through the HF
+engine with sequences joining). Cheats serve another model or rewrite the logits (Forward), or choose
+their generated tokens another way than the seeded sampler (neuron/harness/cheats.py). Every check is one
+`verify_forward` or `verify_generation` call on one sequence, as the validator makes it; its metrics (and
+a generation's per-token margins, for the evidence limit) are kept whatever the verdict.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron import scoring
-from neuron.adversaries import LogitsFilter, cheat_model, quantize_
 from neuron.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
-from neuron.generation import EOS, Decoder, GenParams
+from neuron.harness.cheats import LogitsFilter, cheat_model, quantize_
+from neuron.harness.decode import Generated, decode, engine_decode, reported_by
 from neuron.model import ForwardJob, LoadedModel, forward_batch, forward_logprobs
+from neuron.reference import Reference as BatchedReference
 
 FORWARD_METRICS = ("topk_overlap", "prob_distance", "ref_argmax_rank", "logprob_error", "median_logprob_error",
                    "rest_mass_error")
-GENERATION_METRICS = ("token_rank_greedy", "token_rank_sampled", "gen_logprob_error", "eos_prob")
-# Measured on honest forward answers, checked in generation: how far past its top-k a sample can go.
-SAMPLE_TOPK_RANK = "sample_topk_rank"
-METRICS = FORWARD_METRICS + GENERATION_METRICS + (SAMPLE_TOPK_RANK,)
+# Seeded generation: the largest token margin, how far outside the reference's top-k/top-p boundary a
+# token lay (logit units; 0 when inside), and the reported logprob error.
+GENERATION_METRICS = ("token_margin", "boundary_excess", "gen_logprob_error")
+METRICS = FORWARD_METRICS + GENERATION_METRICS
 # For these a smaller value is the more suspicious one; for the rest a larger value is.
-LOWER_IS_WORSE = frozenset({"topk_overlap", "eos_prob"})
+LOWER_IS_WORSE = frozenset({"topk_overlap"})
 # The threshold each metric is checked against (Thresholds field names).
 THRESHOLD_OF = {
     "topk_overlap": "min_topk_overlap",
@@ -42,16 +44,16 @@ THRESHOLD_OF = {
     "logprob_error": "max_logprob_error",
     "median_logprob_error": "max_median_logprob_error",
     "rest_mass_error": "max_rest_mass_error",
-    "token_rank_greedy": "max_token_rank_greedy",
-    "token_rank_sampled": "max_token_rank_sampled",
+    "token_margin": "max_token_margin",
+    "boundary_excess": "boundary_tol",
     "gen_logprob_error": "max_gen_logprob_error",
-    "eos_prob": "min_eos_prob",
 }
 # The precisions an honest miner may serve in; bfloat16 is measured but not among them (see docs/calibration.md).
 ACCEPTED_DTYPES = ("float32", "float16")
-# Reference P(eos) levels at which the chance of an honest early stop below the level is measured.
-EOS_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-DISHONEST = ("different", "truncated", "int8", "noise0.1", "noise0.3", "noise1.0", "random", "early_stop")
+DISHONEST = ("different", "truncated", "int8", "noise0.1", "noise0.3", "noise1.0", "random")
+# Generation cheats that differ from the honest sampler on sampled requests only (greedy ones they answer
+# honestly), so their catch rate is over sampled challenges.
+SAMPLING_ONLY = frozenset({"greedy", "cold", "hot", "least_likely"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Check:
     ok: bool  # the verdict under the thresholds the check ran with
     reason: str  # "" when ok
     metrics: dict[str, float] = field(default_factory=dict)
+    margins: list[float] = field(default_factory=list)  # generation: every token's margin, in order
+    changed: bool = True  # generation cheat: its tokens differ from the honest sampler's
 
     @property
     def accepted(self) -> bool:
@@ -91,6 +95,7 @@ class Reference:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self._memo: dict[tuple, torch.Tensor] = {}
+        self.batched = BatchedReference(lm)  # generation: judged as the validator judges, batched
 
     def rows(self, ids: list[int], rows: list[int]) -> torch.Tensor:
         """[len(rows), V] float32: the distributions predicting ids[r + 1] for r in rows."""
@@ -105,23 +110,14 @@ class Reference:
 
 
 def forward_checks(ref: Reference, miner: LoadedModel, chs: list[Challenge], th: scoring.Thresholds, *,
-                   model: str, label: str, honest: bool, sample_top_k: int = 0) -> list[Check]:
-    """One check per challenge: the miner runs all of them as one left-padded batch.
-
-    With sample_top_k, the check also records `sample_topk_rank`: the largest reference rank among
-    the miner's top sample_top_k ids, the furthest down an honest top-k sample can land.
-    """
-    jobs = [ForwardJob(torch.tensor([c.forward_ids]), c.positions, max(c.topk, sample_top_k)) for c in chs]
+                   model: str, label: str, honest: bool) -> list[Check]:
+    """One check per challenge: the miner runs all of them as one left-padded batch."""
+    jobs = [ForwardJob(torch.tensor([c.forward_ids]), c.positions, c.topk) for c in chs]
     checks = []
     for c, out in zip(chs, forward_batch(miner, jobs)):
         ref_rows = ref.rows(c.forward_ids, c.positions)
-        k = c.topk
-        v = scoring.verify_forward(ref_rows, out.topk_ids[0, :, :k], out.topk_logprobs[0, :, :k],
-                                   (1 - out.topk_logprobs[0, :, :k].exp().sum(-1)).clamp(min=0), th)
-        metrics = dict(v.metrics)
-        if sample_top_k:
-            metrics["sample_topk_rank"] = float(ranks(ref_rows, out.topk_ids[0, :, :sample_top_k]).max())
-        checks.append(Check(model, label, honest, "forward", len(chs), v.ok, v.reason, metrics))
+        v = scoring.verify_forward(ref_rows, out.topk_ids[0], out.topk_logprobs[0], out.rest_mass[0], th)
+        checks.append(Check(model, label, honest, "forward", len(chs), v.ok, v.reason, dict(v.metrics)))
     return checks
 
 
@@ -131,82 +127,53 @@ def ranks(ref_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ref_rows.shape[1] - torch.searchsorted(ascending, ref_rows.gather(1, ids), right=True)
 
 
-@dataclass
-class Generated:
-    """What a miner answered to one Generate request."""
-
-    tokens: list[int]
-    logprobs: list[float]  # reported: raw log_softmax of the miner's model
-    finish_reason: str  # as the validator reads it: "length" or "stop"
+def specs_of(chs: list[Challenge]) -> list[scoring.GenSpec]:
+    return [c.spec for c in chs]
 
 
-def params_of(c: Challenge) -> GenParams:
-    return GenParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, seed=c.seed)
-
-
-def decode(miner: LoadedModel, chs: list[Challenge], join_after: int = 2) -> list[Generated]:
-    """Generate for every challenge in one batched decoder, as a miner's batcher does: half the
-    sequences start, the other half join after `join_after` steps; finished ones leave."""
-    dec = Decoder(miner)
-    seqs = [dec.new_sequence(c.prompt_ids, params_of(c)) for c in chs]
-    answers = {id(s): Generated([], [], "length") for s in seqs}
-    first, later = seqs[: (len(seqs) + 1) // 2], seqs[(len(seqs) + 1) // 2:]
-
-    def record(seq, step):
-        answers[id(seq)].tokens.append(step.token_id)
-        answers[id(seq)].logprobs.append(step.logprob)
-        if step.finish_reason == EOS:
-            answers[id(seq)].finish_reason = "stop"
-
-    for s, st in zip(first, dec.add(first)):
-        record(s, st)
-    n_steps = 0
-    while len(dec) or later:
-        dec.remove([s for s in dec.seqs if s.finished])
-        stepped = dec.step() if len(dec) else []
-        n_steps += 1
-        for s, st in stepped:
-            record(s, st)
-        if later and (n_steps >= join_after or not len(dec)):
-            for s, st in zip(later, dec.add(later)):
-                record(s, st)
-            later = []
-    return [answers[id(s)] for s in seqs]
-
-
-def eos_stop_chance(ref_rows: torch.Tensor, c: Challenge, eos: int, level: float) -> float:
-    """The chance that an honest miner, sampling like the reference, stops by EOS at one of these
-    steps where the reference P(eos) is below `level` (an early stop the check would reject)."""
-    logits = ref_rows.double()
-    if c.temperature == 0.0:
-        picked = (logits.argmax(-1) == eos).double()
-    else:
-        filtered = logits / c.temperature
-        if 0 < c.top_k < filtered.shape[-1]:
-            kth = filtered.topk(c.top_k, dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-        picked = filtered.softmax(-1)[:, eos]
-    return float((picked * (logits[:, eos].exp() < level)).sum())
+def boundary_excess(ref_logits: torch.Tensor, tokens: list[int], spec: scoring.GenSpec) -> float:
+    """How far (logit units) the furthest token lies outside the reference's strict top-k / top-p set: the
+    least boundary tolerance of `scoring.token_margins` under which no token is outside (0: all inside)."""
+    if spec.temperature <= 0:
+        return 0.0
+    T, V = ref_logits.shape
+    x = ref_logits.double()
+    ids = torch.tensor(tokens)[:, None]
+    own = x.gather(1, ids)[:, 0]
+    excess = torch.zeros(T, dtype=torch.float64)
+    strict = torch.ones_like(x, dtype=torch.bool)
+    if 0 < spec.top_k < V:
+        kth = x.topk(spec.top_k, dim=1).values[:, -1]
+        excess = (kth - own).clamp(min=0)
+        strict = x >= kth[:, None]
+    if spec.top_p < 1.0:
+        scaled = (x / spec.temperature).masked_fill(~strict, -math.inf)
+        vals, order = scaled.sort(dim=1, descending=True, stable=True)
+        probs = torch.softmax(vals, dim=1)
+        before = torch.empty_like(probs).scatter_(1, order, probs.cumsum(1) - probs).masked_fill(~strict, 1.0)
+        b = before.gather(1, ids)[:, 0].clamp(min=1e-300)
+        excess = torch.maximum(excess, (spec.temperature / 2 * torch.log(b / spec.top_p)).clamp(min=0))
+    return float(excess.max())
 
 
 def generation_checks(ref: Reference, chs: list[Challenge], answers: list[Generated], th: scoring.Thresholds, *,
-                      model: str, label: str, honest: bool, batch: int) -> list[Check]:
-    """One check per generation: the reference teacher-forced over the miner's tokens, batch 1."""
-    checks, eos = [], ref.lm.eos_token_id
-    for c, a in zip(chs, answers):
-        n, T = len(c.prompt_ids), len(a.tokens)
-        rows = ref.rows(c.prompt_ids + a.tokens, list(range(n - 1, n - 1 + T)))
-        greedy = c.temperature == 0.0
-        v = scoring.verify_generation(rows, torch.tensor(a.tokens), torch.tensor(a.logprobs), greedy=greedy,
-                                      finish_reason=a.finish_reason, eos_token_id=eos,
-                                      max_new_tokens=c.max_new_tokens, th=th, top_k=c.top_k)
-        metrics = {k: x for k, x in v.metrics.items() if k != "token_rank"}
-        if "token_rank" in v.metrics:
-            metrics["token_rank_greedy" if greedy else "token_rank_sampled"] = v.metrics["token_rank"]
-        if honest and eos is not None:
-            for level in EOS_LEVELS:
-                metrics[f"eos_stop_chance@{level:g}"] = eos_stop_chance(rows, c, eos, level)
-        checks.append(Check(model, label, honest, "greedy" if greedy else "sampled", batch, v.ok, v.reason, metrics))
+                      model: str, label: str, honest: bool, batch: int,
+                      honest_answers: list[Generated] | None = None) -> list[Check]:
+    """One check per generation, judged as the validator judges it: the batched reference teacher-forced
+    over every miner's tokens at once, then verify_generation."""
+    eos = ref.lm.eos_token_id
+    logits = ref.batched.generation_logits([c.prompt_ids for c in chs], [a.tokens for a in answers])
+    checks = []
+    for i, (c, a, rows) in enumerate(zip(chs, answers, logits)):
+        v = scoring.verify_generation(rows, torch.tensor(a.tokens), torch.tensor(a.logprobs, dtype=torch.float64),
+                                      spec=c.spec, finish_reason=a.finish_reason, eos_token_id=eos, th=th)
+        metrics = {k: x for k, x in v.metrics.items() if k != "margins"}
+        if metrics:
+            metrics["boundary_excess"] = boundary_excess(rows, a.tokens, c.spec)
+        changed = honest_answers is None or honest_answers[i].tokens != a.tokens
+        kind = "greedy" if c.temperature == 0 else "sampled"
+        checks.append(Check(model, label, honest, kind, batch, v.ok, v.reason, metrics,
+                            list(v.metrics.get("margins", [])), changed))
     return checks
 
 
@@ -260,24 +227,12 @@ def dishonest_models(ref: LoadedModel, seed: int = 0, different_relative: float 
     }
 
 
-def early_stopped(answers: list[Generated], ref: Reference, chs: list[Challenge], after: int = 2) -> list[Generated]:
-    """The early-stop cheat: honest tokens cut after `after`, then EOS, reported with the reference's
-    own logprob for it, so only the P(eos) check can catch it."""
-    out, eos = [], ref.lm.eos_token_id
-    for c, a in zip(chs, answers):
-        head = [(t, lp) for t, lp in zip(a.tokens[:after], a.logprobs[:after]) if t != eos]
-        tokens = [t for t, _ in head] + [eos]
-        eos_lp = float(ref.rows(c.prompt_ids + tokens, [len(c.prompt_ids) + len(head) - 1])[0, eos])
-        out.append(Generated(tokens, [lp for _, lp in head] + [eos_lp], "stop"))
-    return out
-
-
 # Running and summarising.
 
 
 def honest_run(ref: Reference, miners: dict[str, LoadedModel], source: PromptSource, rng: random.Random,
                batch_sizes: list[int], cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str,
-               generate: bool = True, rounds: int = 1) -> list[Check]:
+               generate: bool = True, rounds: int = 1, forward: bool = True) -> list[Check]:
     """For each round and batch size, one batch of fresh challenges sent to each honest miner."""
     checks = []
     for _ in range(rounds):
@@ -285,29 +240,92 @@ def honest_run(ref: Reference, miners: dict[str, LoadedModel], source: PromptSou
             chs = challenges(ref.lm, source, rng, b, cfg)
             ref.forget()
             for label, miner in miners.items():
-                checks += forward_checks(ref, miner, chs, th, model=model, label=label, honest=True,
-                                         sample_top_k=cfg.sample_top_k)
+                if forward:
+                    checks += forward_checks(ref, miner, chs, th, model=model, label=label, honest=True)
                 if generate:
-                    checks += generation_checks(ref, chs, decode(miner, chs), th, model=model, label=label,
-                                                honest=True, batch=b)
+                    answers = engine_decode(miner, [c.prompt_ids for c in chs], specs_of(chs))
+                    checks += generation_checks(ref, chs, answers, th, model=model, label=label, honest=True, batch=b)
     return checks
 
 
 def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: PromptSource, rng: random.Random,
                   n: int, cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str) -> list[Check]:
-    """n challenges to each cheat, one at a time (batch 1, float32: the cheat's best case), plus the
-    early-stop cheat on honest float32 generations."""
+    """n Forward challenges to each model cheat, one at a time (batch 1, float32: the cheat's best case)."""
     chs = challenges(ref.lm, source, rng, n, cfg)
     ref.forget()
     checks = []
     for label, cheat in cheats.items():
         for c in chs:
             checks += forward_checks(ref, cheat, [c], th, model=model, label=label, honest=False)
-        checks += generation_checks(ref, chs, [decode(cheat, [c])[0] for c in chs], th, model=model,
-                                    label=label, honest=False, batch=1)
-    stopped = early_stopped([decode(ref.lm, [c])[0] for c in chs], ref, chs)
-    checks += generation_checks(ref, chs, stopped, th, model=model, label="early_stop", honest=False, batch=1)
     return checks
+
+
+def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
+                         cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 48) -> list[Check]:
+    """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
+    batches. Every cheat reports exact logprobs (one teacher-forced pass of the real model), so only its
+    tokens can show it. Sampled only: on a greedy request most of these cheats are the honest answer."""
+    from neuron.harness.cheats import generation_cheat
+
+    chs = challenges(ref.lm, source, rng, n, dataclasses.replace(cfg, sampled_fraction=1.0))
+    groups = [chs[i:i + batch] for i in range(0, n, batch)]
+    honest = [a for g in groups for a in decode(ref.lm, [c.prompt_ids for c in g], specs_of(g))]
+    checks = []
+    for kind in kinds:
+        policy, chooser = generation_cheat(kind, ref.lm)
+        answers = []
+        for g in groups:
+            prompts = [c.prompt_ids for c in g]
+            mine = decode(chooser, prompts, specs_of(g), policy)
+            # Policy cheats run the real model: their logprobs are its own already.
+            answers += mine if chooser is ref.lm else reported_by(ref.batched, prompts, mine)
+        checks += generation_checks(ref, chs, answers, th, model=model, label=kind, honest=False, batch=batch,
+                                    honest_answers=honest)
+    return checks
+
+
+# Evidence across rounds: a one-sided CUSUM over token margins (scoring.update_evidence).
+
+
+def poisson_upper(count: int, n: int, alpha: float = 1e-3) -> float:
+    """An upper confidence bound (1 - alpha) on a per-token rate seen `count` times in n tokens."""
+    lo, hi = count / n, (count + 10 + 10 * math.sqrt(count + 1)) / n
+    for _ in range(100):
+        lam = (lo + hi) / 2 * n
+        cdf = sum(math.exp(-lam + k * math.log(lam) - math.lgamma(k + 1)) for k in range(count + 1))
+        lo, hi = ((lo + hi) / 2, hi) if cdf > alpha else (lo, (lo + hi) / 2)
+    return hi
+
+
+def evidence_limit(p: float, bound: float, drift: float, tokens_per_day: float, false_alarm: float) -> float:
+    """The CUSUM limit h with at most `false_alarm` honest alarms a day.
+
+    An honest token's margin is at most `bound` (the per-token threshold: larger ones fail the round),
+    and non-zero with probability at most p, so X <= bound * Bernoulli(p) in distribution. With theta > 0
+    solving (1 - p) exp(-theta drift) + p exp(theta (bound - drift)) = 1, the walk from any start reaches
+    h with probability at most exp(-theta h) (Lundberg), so over N tokens S >= h with probability at most
+    N exp(-theta h): h = ln(N / false_alarm) / theta. Needs drift > p * bound (the honest walk drifts down).
+    """
+    if drift <= p * bound:
+        raise ValueError(f"drift {drift} must exceed p * bound = {p * bound}")
+    f = lambda th: (1 - p) * math.exp(-th * drift) + p * math.exp(th * (bound - drift)) - 1  # noqa: E731
+    lo, hi = 1e-9, 1.0
+    while f(hi) < 0:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return math.log(tokens_per_day / false_alarm) / hi
+
+
+def tokens_to_flag(margins: list[float], drift: float, limit: float) -> int | None:
+    """How many tokens of this stream the CUSUM needs to reach the limit (None: never)."""
+    s = 0.0
+    for i, m in enumerate(margins):
+        s = max(0.0, s + m - drift)
+        if s >= limit:
+            return i + 1
+    return None
 
 
 def worse(metric: str, a: float, b: float) -> float:
@@ -329,32 +347,67 @@ def extreme(checks: list[Check], pick=worse) -> dict[str, float]:
     return out
 
 
-def limit_of(metric: str, th: scoring.Thresholds, sample_top_k: int) -> float:
-    """The threshold a metric is held to; sampled ranks by the sampling top-k every sampled challenge has."""
-    if metric in (SAMPLE_TOPK_RANK, "token_rank_sampled"):
-        return scoring.sampled_rank_limit(th, sample_top_k)
+def limit_of(metric: str, th: scoring.Thresholds) -> float:
     return getattr(th, THRESHOLD_OF[metric])
 
 
-def rescored(c: Check, th: scoring.Thresholds, sample_top_k: int) -> Check:
+def rescored(c: Check, th: scoring.Thresholds) -> Check:
     """The check's verdict under other thresholds, from its metrics alone (a run need not be repeated
     to try thresholds). A failure with no metrics (a malformed answer) stays a failure."""
     if not c.ok and not c.metrics:
         return c
+    if not c.ok and c.reason.startswith(("finish", "EOS at", "unknown", "empty", "token id")):
+        return c
     for m in METRICS:
-        if m == SAMPLE_TOPK_RANK or m not in c.metrics:
+        if m not in c.metrics:
             continue
-        limit, value = limit_of(m, th, sample_top_k), c.metrics[m]
+        limit, value = limit_of(m, th), c.metrics[m]
+        if m == "boundary_excess":
+            if value > limit:
+                return dataclasses.replace(c, ok=False, reason=f"token outside the allowed set by {value:.4g}")
+            continue
         if (value < limit) if m in LOWER_IS_WORSE else (value > limit):
             return dataclasses.replace(c, ok=False, reason=f"{m.replace('_', ' ')} {value:.4g} beyond {limit:.4g}")
     return dataclasses.replace(c, ok=True, reason="")
 
 
-def summarize(checks: list[Check], th: scoring.Thresholds, sample_top_k: int) -> dict:
+def evidence_summary(honest: list[Check], cheats: dict[str, list[Check]], th: scoring.Thresholds,
+                     tokens_per_day: float, false_alarm: float) -> dict:
+    """The honest disagreement rate and its bound, the limit that drift and bound give, the honest
+    CUSUM's largest value, and each cheat's tokens to detection over its concatenated generations."""
+    margins = [m for c in honest for m in c.margins]
+    n, count = len(margins), sum(m > 0 for m in margins)
+    p = poisson_upper(count, max(n, 1))
+    limit = evidence_limit(p, th.max_token_margin, th.evidence_drift, tokens_per_day, false_alarm)
+    s, worst = 0.0, 0.0
+    for m in margins:
+        s = max(0.0, s + m - th.evidence_drift)
+        worst = max(worst, s)
+    out = {"honest_tokens": n, "honest_disagreements": count, "honest_rate_upper": p,
+           "honest_mean_margin": sum(margins) / max(n, 1), "honest_max_cusum": worst,
+           "drift": th.evidence_drift, "limit_derived": limit, "limit_used": th.evidence_limit,
+           "tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "cheats": {}}
+    for kind, checks in cheats.items():
+        stream = [m for c in checks for m in c.margins]
+        # Several orders of the same generations: how soon the evidence crosses, whatever comes first.
+        rng = random.Random(0)
+        needs = []
+        for _ in range(20):
+            order = checks[:]
+            rng.shuffle(order)
+            needs.append(tokens_to_flag([m for c in order for m in c.margins], th.evidence_drift, th.evidence_limit))
+        found = [x for x in needs if x is not None]
+        out["cheats"][kind] = {"tokens": len(stream), "disagreement_rate": sum(m > 0 for m in stream) / max(len(stream), 1),
+                               "mean_margin": sum(stream) / max(len(stream), 1),
+                               "tokens_to_flag_worst": max(found) if len(found) == len(needs) else None,
+                               "tokens_to_flag_median": sorted(found)[len(found) // 2] if found else None}
+    return out
+
+
+def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
     """Worst honest values per (model, miner, batch) and overall, cheats' best values and catch rates."""
     models = sorted({c.model for c in checks})
-    out: dict = {"thresholds": dataclasses.asdict(th), "sample_top_k": sample_top_k,
-                 "sampled_rank_limit": scoring.sampled_rank_limit(th, sample_top_k), "models": {}}
+    out: dict = {"thresholds": dataclasses.asdict(th), "models": {}}
     for model in models:
         mine = [c for c in checks if c.model == model]
         honest = [c for c in mine if c.honest]
@@ -362,33 +415,35 @@ def summarize(checks: list[Check], th: scoring.Thresholds, sample_top_k: int) ->
         by_cell: dict = {}
         for c in honest:
             by_cell.setdefault(c.miner, {}).setdefault(str(c.batch), []).append(c)
-        eos_chance = {}
-        gens = [c for c in accepted if c.kind != "forward"]
-        for level in EOS_LEVELS:
-            key = f"eos_stop_chance@{level:g}"
-            eos_chance[f"{level:g}"] = sum(c.metrics.get(key, 0.0) for c in gens) / max(len(gens), 1)
         cheats: dict = {}
         for label in dict.fromkeys(c.miner for c in mine if not c.honest):
             theirs = [c for c in mine if not c.honest and c.miner == label]
             fwd = [c for c in theirs if c.kind == "forward"]
             gen = [c for c in theirs if c.kind != "forward"]
+            if label in SAMPLING_ONLY:
+                gen = [c for c in gen if c.kind == "sampled"]
+            changed = [c for c in gen if c.changed]
             cheats[label] = {
                 "best": extreme(theirs, better),
                 "forward_caught": _rate(fwd),
                 "generation_caught": _rate(gen),
+                "generation_caught_when_changed": _rate(changed),
+                "generations": len(gen),
+                "changed": len(changed),
                 "checks": len(theirs),
                 "reasons": _reasons(theirs),
             }
+        gens = [c for c in accepted if c.kind != "forward"]
         out["models"][model] = {
             "checks": len(mine),
             "honest_checks": len(accepted),
-            "honest_false_rejections": [dataclasses.asdict(c) for c in accepted if not c.ok],
+            "honest_token_checks": sum(len(c.margins) for c in gens),
+            "honest_false_rejections": [dataclasses.asdict(c) | {"margins": []} for c in accepted if not c.ok],
             "worst_honest": extreme(accepted),
             "worst_by_miner": {label: extreme(sum(cells.values(), [])) for label, cells in by_cell.items()},
             "worst_by_miner_batch": {label: {b: extreme(cs) for b, cs in cells.items()} for label, cells in by_cell.items()},
             "rejected_by_miner": {label: sum(not c.ok for cs in cells.values() for c in cs) for label, cells in by_cell.items()},
             "checks_by_miner": {label: sum(len(cs) for cs in cells.values()) for label, cells in by_cell.items()},
-            "honest_eos_stop_chance_per_generation": eos_chance,
             "dishonest": cheats,
         }
     return out
@@ -419,8 +474,7 @@ def margin_rows(summary: dict, model: str) -> list[tuple]:
         if cheat_vals:
             closest = min(cheat_vals, key=lambda vk: -vk[0] if m in LOWER_IS_WORSE else vk[0])
         bf16 = s["worst_by_miner"].get("bfloat16", {}).get(m)
-        limit = limit_of(m, scoring.Thresholds(**th), summary["sample_top_k"])
-        rows.append((m, limit, s["worst_honest"].get(m), bf16, closest))
+        rows.append((m, limit_of(m, scoring.Thresholds(**th)), s["worst_honest"].get(m), bf16, closest))
     return rows
 
 

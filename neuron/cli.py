@@ -118,14 +118,7 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
 
     c = _load(cfg.MinerConfig, "miner", argv, yaml_path)
     chain = _chain(c.subtensor)
-    if c.dishonest and (c.subtensor.network != "local"):
-        raise cfg.ConfigError("--dishonest is for the mock network only: it needs --subtensor.network local")
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
-    if c.dishonest:
-        from neuron.adversaries import KINDS
-
-        if c.dishonest not in KINDS:
-            raise cfg.ConfigError(f"--dishonest {c.dishonest}: expected one of {', '.join(KINDS)}")
     asyncio.run(run_miner(c, chain, wallet))
     return 0
 

@@ -139,7 +139,6 @@ class MinerConfig:
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    dishonest: str = ""  # mock network only: behave as this kind of cheater (refused off a local chain)
 
 
 @dataclass(frozen=True)
@@ -377,7 +376,8 @@ class MocknetConfig:
     model: str = "tiny"  # every node's model: "tiny" ships in the package
     honest: int = 3  # honest miners
     dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
-                                  "early_stop", "slow", "dead")  # one miner of each kind
+                                  "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
+                                  "early_eos", "sentence_eos", "cheap", "int8", "int4")  # one miner of each kind
     rounds: int = 8  # validator rounds
     netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time

@@ -81,8 +81,10 @@ class MetagraphCache:
                                f"{self.current.block if self.current else '-'}: {exc}")
 
 
-async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None,
+                    servicer_factory=AxonServicer, model_transform=None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully. servicer_factory and
+    model_transform (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
@@ -107,22 +109,17 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
                                     f"on netuid {netuid}; register it with: {register_command(config)}")
             logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
-        servicer = AxonServicer
-        if config.dishonest:
-            from neuron import adversaries
+        if model_transform is not None:  # a harness: its model behind the same engine
             from neuron.engine.hf import HFEngine
 
             lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-            servicer = adversaries.servicer_for(config.dishonest)
-            lm = adversaries.cheat_model(config.dishonest, lm)
-            engine = HFEngine(lm, config.batching, config.limits.max_seq_len)
-            logger.warning(f"this miner cheats ({config.dishonest}): for the mock network only")
+            engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
         else:
             engine = await asyncio.to_thread(open_engine, config)
         if engine.info().dtype == "bfloat16":
             logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                            "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
-        server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer)
+        server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
         if config.metrics.port:
             from neuron import metrics
 

@@ -58,13 +58,13 @@ def _wallet(path: Path, name: str):
 
 
 def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Path, logs: Path) -> None:
-    args = [sys.executable, "-m", "neuron.cli", "miner", "--model.name", c.model,
+    # Cheats run from the harness's own entry point: the production miner has no cheat switch.
+    entry = ["neuron.cli", "miner"] if node.kind == "honest" else ["neuron.harness.cheat_miner", "--kind", node.kind]
+    args = [sys.executable, "-m", *entry, "--model.name", c.model,
             "--subtensor.network", "local", "--subtensor.chain_path", str(chain_path), "--subtensor.netuid", str(c.netuid),
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
             "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
-    if node.kind != "honest":
-        args += ["--dishonest", node.kind]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     node.log = logs / f"{node.name}.log"
@@ -119,7 +119,9 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
     vc = cfg.with_overrides(cfg.ValidatorConfig(), **{
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
         "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
-        "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0})
+        "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0,
+        # Long generations, so that small steady cheats (int8) build up evidence within the rounds.
+        "max_new_tokens": 96})
     lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
     v = Validator(vc, chain, validator_node.wallet, lm)
     holder.append(v)  # the caller reads the partial state after a Ctrl-C
@@ -256,7 +258,7 @@ def plot(result: Result, path: str) -> None:
 
 
 def main(c: cfg.MocknetConfig) -> int:
-    from neuron.adversaries import KINDS
+    from neuron.harness.cheats import KINDS
 
     unknown = [k for k in c.dishonest if k not in KINDS]
     if unknown:

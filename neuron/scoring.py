@@ -46,23 +46,24 @@ class Thresholds:
     # Format slack: sum(exp(topk_logprobs)) + rest_mass must be 1 within this, and reported
     # logprobs at most this above 0 (rounding of a probability of ~1).
     format_tol: float = 1e-3
-    # Greedy generation: each token's rank under the reference (0 = argmax). float16 flips
-    # near-ties, rarely three-way ones (rank 2); bfloat16, with 5-10x its noise, never went past 2.
-    max_token_rank_greedy: int = 3
-    # Sampled generation without a top-k: no useful bound, because an honest sample at
-    # temperature 1 lands past rank 20,000 of SmolLM2's 49,152 in ~1% of 16-token generations.
-    max_token_rank_sampled: int = 1 << 30
-    # Sampled with a top-k: ranks past k - 1 an honest token may have under the reference, because
-    # near-ties at the k-th place make the miner's top k differ from the reference's (float16:
-    # 6 past the 50th).
-    sampled_rank_slack: int = 16
+    # Seeded generation (docs/sampling.md), in logit units (nats of raw logit): the most the
+    # reference's perturbed score of its own choice may exceed that of the miner's token, times the
+    # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
+    # logit noise near the top of the distribution.
+    max_token_margin: float = 0.05
+    # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
+    # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
+    # the top-p mass), so a miner's token there is not "outside", and the reference's own choice
+    # there is not held against the miner.
+    boundary_tol: float = 0.05
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.04;
     # int8 weights give at least 0.075.
     max_gen_logprob_error: float = 0.08
-    # A stop by EOS before max_new_tokens needs at least this reference P(eos) at that step, so
-    # a miner cannot save work by stopping where the model would not. An honest miner stops
-    # below it in fewer than 1e-6 of generations.
-    min_eos_prob: float = 1e-3
+    # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
+    # S <- max(0, S + margin - evidence_drift); a miner whose S reaches evidence_limit is flagged.
+    # Both come from the honest margin distribution (neuron/calibration.py `evidence_limits`).
+    evidence_drift: float = 0.001
+    evidence_limit: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -204,34 +205,86 @@ def verify_forward(
     return Verdict(True, "", metrics)
 
 
+@dataclass(frozen=True)
+class GenSpec:
+    """What a seeded generation was asked: the sampler's parameters and how it may end."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+
+def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_tol: float) -> tuple[Tensor, Tensor]:
+    """The seeded sampler's view of each token: its margin (float64 [T], logit units) and whether it lies
+    outside every allowed set that logit noise of boundary_tol could give (bool [T]).
+
+    ref_logits[t] [T, V] are the reference's raw logits predicting tokens[t]. With s the sampler's
+    perturbed scores (docs/sampling.md: raw logits for greedy, logits / T + Gumbel noise otherwise),
+    margin = T * max(0, max over A- of s - s(token)) where A- holds the ids allowed with room to spare
+    (more than boundary_tol inside the top-k and top-p boundaries); greedy has T = 1 and A- = every id.
+    Scaling by T puts greedy and sampled margins in the same unit, the raw logit. A token that lies
+    within the tolerance of a boundary is judged by its score like any other; one beyond it is outside.
+    """
+    from neuron.engine.sampler import RowParams, gumbel, step_keys
+
+    T, V = ref_logits.shape
+    x = ref_logits.double()
+    ids = tokens.long().unsqueeze(1)
+    if spec.temperature <= 0:
+        margins = x.amax(1) - x.gather(1, ids).squeeze(1)
+        return margins.clamp(min=0), torch.zeros(T, dtype=torch.bool)
+    temp = spec.temperature
+    scaled = x / temp
+    tol = boundary_tol / temp
+    inner = torch.ones_like(scaled, dtype=torch.bool)  # A-: surely allowed
+    outer = torch.ones_like(scaled, dtype=torch.bool)  # A+: possibly allowed
+    strict = torch.ones_like(scaled, dtype=torch.bool)
+    if 0 < spec.top_k < V:
+        kth = scaled.topk(spec.top_k, dim=1).values[:, -1:]
+        inner, outer, strict = scaled > kth + tol, scaled >= kth - tol, scaled >= kth
+    if spec.top_p < 1.0:
+        # Mass before each id, over the top-k ids in the sampler's order; logit noise of boundary_tol
+        # moves every probability by at most a factor exp(2 * tol), so a mass by as much.
+        masked = scaled.masked_fill(~strict, -math.inf)
+        vals, order = masked.sort(dim=1, descending=True, stable=True)
+        probs = torch.softmax(vals, dim=1)
+        before = torch.empty_like(probs).scatter_(1, order, probs.cumsum(1) - probs)
+        before = before.masked_fill(~strict, 1.0)
+        inner = inner & (before < spec.top_p * math.exp(-2 * tol))
+        outer = outer & (before < spec.top_p * math.exp(2 * tol))
+    rp = RowParams.build([(temp, spec.top_k, spec.top_p, spec.seed, t) for t in range(T)])
+    scores = scaled + gumbel(step_keys(rp.seed, rp.step), V)
+    best = scores.masked_fill(~inner, -math.inf).amax(1)
+    own = scores.gather(1, ids).squeeze(1)
+    margins = (temp * (best - own)).clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    outside = ~outer.gather(1, ids).squeeze(1)
+    return margins, outside
+
+
 def verify_generation(
-    ref_logprobs: Tensor,
+    ref_logits: Tensor,
     tokens: Tensor,
     reported_logprobs: Tensor,
     *,
-    greedy: bool,
+    spec: GenSpec,
     finish_reason: str,
     eos_token_id: int | None,
-    max_new_tokens: int,
     th: Thresholds,
-    top_k: int = 0,
 ) -> Verdict:
-    """Check a miner's generated tokens against the reference teacher-forced over them.
+    """Check a miner's seeded generation against the reference teacher-forced over its tokens.
 
-    ref_logprobs[t] [T, V] is the reference log_softmax that predicts tokens[t]. The miner reports
-    logprobs of the unmodified model distribution (raw log_softmax, before temperature, top-k,
-    top-p or repetition penalty), so they compare with the reference whatever the sampling was.
-    Ranks are also taken under the raw distribution, which is why greedy verification is only
-    tight without a repetition penalty. top_k is the request's sampling top-k (0: none): a sampled
-    token ranked past top_k - 1 + th.sampled_rank_slack cannot have been sampled honestly. A
-    "stop_sequence" finish is checked against the requested stop strings by the caller, who holds
-    the tokenizer.
+    ref_logits[t] [T, V] are the reference's raw logits predicting tokens[t]. Every token must be the
+    seeded sampler's choice within th.max_token_margin (`token_margins`), the EOS step included: a
+    stop where the reference would not choose EOS, or going on where it would by more than the
+    margin, fail the same way. Reported logprobs (raw log_softmax) must match the reference's. The
+    metrics carry every token's margin ("margins", for the evidence across rounds) as a list.
+    A "stop_sequence" finish is checked against the requested stop strings by the caller.
     """
-    _check_ref(ref_logprobs)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    _check_ref(ref_logits)
+    if spec.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {spec.max_new_tokens}")
     if not _is_int(tokens) or tokens.dim() != 1:
         return _fail(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
     T = tokens.shape[0]
@@ -239,11 +292,11 @@ def verify_generation(
         return _fail(f"reported logprobs must be float [{T}], got {tuple(reported_logprobs.shape)}")
     if T == 0:
         return _fail("empty generation")
-    if ref_logprobs.shape[0] != T:
-        raise ValueError(f"ref_logprobs has {ref_logprobs.shape[0]} rows for {T} tokens")
-    V = ref_logprobs.shape[1]
-    if T > max_new_tokens:
-        return _fail(f"{T} tokens > max_new_tokens {max_new_tokens}")
+    if ref_logits.shape[0] != T:
+        raise ValueError(f"ref_logits has {ref_logits.shape[0]} rows for {T} tokens")
+    V = ref_logits.shape[1]
+    if T > spec.max_new_tokens:
+        return _fail(f"{T} tokens > max_new_tokens {spec.max_new_tokens}")
     if finish_reason not in FINISH_REASONS:
         return _fail(f"unknown finish reason {finish_reason!r}")
     if bool(((tokens < 0) | (tokens >= V)).any()):
@@ -258,45 +311,64 @@ def verify_generation(
     if eos_token_id is not None and bool((ids[:-1] == eos_token_id).any()):
         step = int((ids[:-1] == eos_token_id).int().argmax())
         return _fail(f"EOS at step {step} but generation went on")
-    if finish_reason == "length" and T != max_new_tokens:
-        return _fail(f"finish 'length' after {T} of {max_new_tokens} tokens")
+    if finish_reason == "length" and T != spec.max_new_tokens:
+        return _fail(f"finish 'length' after {T} of {spec.max_new_tokens} tokens")
     if finish_reason == "stop" and not ends_with_eos:
         return _fail("finish 'stop' without a final EOS token")
     if finish_reason != "stop" and ends_with_eos:
         return _fail(f"final EOS token but finish {finish_reason!r}")
 
-    ref = ref_logprobs.double()
-    ref_at = ref.gather(1, ids.unsqueeze(1))
-    # Strictly greater, so a token tied with the argmax counts as rank 0.
-    ranks = (ref > ref_at).sum(-1).double()
-    errors = (reported_logprobs.double() - ref_at.squeeze(1)).abs()
+    margins, outside = token_margins(ref_logits, ids, spec, th.boundary_tol)
+    ref_lp = torch.log_softmax(ref_logits.double(), dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    errors = (reported_logprobs.double() - ref_lp).abs()
     metrics = {
         "n_tokens": float(T),
-        "token_rank": float(ranks.max()),
+        "token_margin": float(margins.max()),
+        "disagreements": float((margins > 0).sum()),
         "gen_logprob_error": float(errors.max()),
+        "margins": margins.tolist(),
     }
-    if ends_with_eos:
-        metrics["eos_prob"] = math.exp(float(ref[-1, eos_token_id]))
-
-    max_rank = th.max_token_rank_greedy if greedy else sampled_rank_limit(th, top_k)
-    step = int(ranks.argmax())
-    if float(ranks[step]) > max_rank:
-        return _fail(f"token rank {float(ranks[step]):.0f} > {max_rank} at step {step}", metrics)
+    if bool(outside.any()):
+        step = int(outside.int().argmax())
+        return _fail(f"token outside the top-k/top-p allowed set at step {step}", metrics)
+    step = int(margins.argmax())
+    if float(margins[step]) > th.max_token_margin:
+        what = "EOS " if ends_with_eos and step == T - 1 else ""
+        text = f"{what}token margin {float(margins[step]):.4f} > {th.max_token_margin:.4f}"
+        return _fail(f"{text} at step {step}", metrics)
     step = int(errors.argmax())
     if float(errors[step]) > th.max_gen_logprob_error:
         text = f"logprob error {float(errors[step]):.4f} > {th.max_gen_logprob_error:.4f}"
         return _fail(f"{text} at step {step}", metrics)
-    if ends_with_eos and metrics["eos_prob"] < th.min_eos_prob:
-        text = f"P(eos) {metrics['eos_prob']:.2e} < {th.min_eos_prob:.2e}"
-        return _fail(f"{text} at step {T - 1}", metrics)
     return Verdict(True, "", metrics)
 
 
-def sampled_rank_limit(th: Thresholds, top_k: int) -> int:
-    """The largest reference rank of an honestly sampled token, for a sampling top-k (0: none)."""
-    if top_k > 0:
-        return min(th.max_token_rank_sampled, top_k - 1 + th.sampled_rank_slack)
-    return th.max_token_rank_sampled
+@dataclass
+class Evidence:
+    """One miner's accumulated generation evidence: a one-sided CUSUM over its token margins."""
+
+    cusum: float = 0.0  # S <- max(0, S + margin - drift), over every checked token in order
+    tokens: int = 0  # tokens checked
+    disagreements: int = 0  # tokens that were not the reference's choice
+    margin_sum: float = 0.0  # sum of margins, logit units
+    flagged: bool = False  # S reached the limit once: stays until the uid changes hotkey
+
+
+def update_evidence(ev: Evidence, margins: list[float], drift: float, limit: float) -> Evidence:
+    """A new Evidence after more tokens' margins (in the order checked). A non-finite or negative
+    margin (which no check produces) flags the miner: a value that cannot be read is no honest noise."""
+    if drift <= 0 or limit <= 0:
+        raise ValueError(f"drift and limit must be > 0, got {drift}, {limit}")
+    s, flagged = ev.cusum, ev.flagged
+    total, disagree = ev.margin_sum, ev.disagreements
+    for m in margins:
+        if not (math.isfinite(m) and m >= 0):
+            flagged, m = True, limit
+        s = max(0.0, s + m - drift)
+        total += m
+        disagree += m > 0
+        flagged = flagged or s >= limit
+    return Evidence(s, ev.tokens + len(margins), disagree, total, flagged)
 
 
 def quality_loss(

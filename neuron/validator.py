@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -18,11 +19,12 @@ from loguru import logger
 
 from neuron import scoring
 from neuron.chain.base import Chain, ChainError, Metagraph
-from neuron.challenge import Challenge, ChallengeConfig, Judgement, judge, make_challenge
+from neuron.challenge import Challenge, ChallengeConfig, Judgement, judge_round, make_challenge
 from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel, load_model
+from neuron.reference import Reference
 
 
 def failure_kind(reason: str) -> str:
@@ -63,12 +65,14 @@ class State:
     rounds: int = 0
     queue: list[int] = field(default_factory=list)  # uids still to query in this permutation
     stats: dict[str, UidStats] = field(default_factory=dict)
+    evidence: dict[str, scoring.Evidence] = field(default_factory=dict)  # uid -> generation evidence (CUSUM)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         data = {"scores": self.scores, "hotkeys": self.hotkeys, "rounds": self.rounds, "queue": self.queue,
-                "stats": {k: v.__dict__ for k, v in self.stats.items()}}
+                "stats": {k: v.__dict__ for k, v in self.stats.items()},
+                "evidence": {k: dataclasses.asdict(v) for k, v in self.evidence.items()}}
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
@@ -83,7 +87,8 @@ class State:
             data = json.loads(path.read_text())
             return cls(scores=[float(x) for x in data["scores"]], hotkeys=[str(h) for h in data["hotkeys"]],
                        rounds=int(data["rounds"]), queue=[int(u) for u in data["queue"]],
-                       stats={k: UidStats(**v) for k, v in data.get("stats", {}).items()})
+                       stats={k: UidStats(**v) for k, v in data.get("stats", {}).items()},
+                       evidence={k: scoring.Evidence(**v) for k, v in data.get("evidence", {}).items()})
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"validator state {path} is unreadable ({exc}); move it away to start afresh") from None
 
@@ -100,6 +105,7 @@ class Validator:
         self.thresholds = thresholds or scoring.Thresholds()
         self.challenge_config = ChallengeConfig(seq_len=config.forward_seq_len, positions=config.forward_positions,
                                                 topk=config.topk, max_new_tokens=config.max_new_tokens)
+        self.reference = Reference(lm)
         self.dendrite = Dendrite(self.keypair)
         self.state_path = Path(os.path.expanduser(config.state_path))
         self.state = State.load(self.state_path)
@@ -124,6 +130,7 @@ class Validator:
             for uid in changed:
                 s.hotkeys[uid] = mg.by_uid(uid).hotkey
                 s.stats[str(uid)] = UidStats(hotkey=s.hotkeys[uid])
+                s.evidence.pop(str(uid), None)
 
     def _pick(self, mg: Metagraph) -> list[int]:
         """The next uids of a permutation of all serving miners, so every uid is queried in turn."""
@@ -158,6 +165,7 @@ class Validator:
         results = await asyncio.gather(*forwards, *generates)
         fwd, gen = results[: len(uids)], results[len(uids):]
         judgements = await asyncio.to_thread(self._judge_all, challenges, fwd, gen)
+        judgements = [self._weigh_evidence(uid, j) for uid, j in zip(uids, judgements)]
         rewards = torch.tensor([scoring.reward(j.verified, j.loss, j.latency_s, timeout, j.ref_loss) for j in judgements])
         s = self.state
         s.scores = scoring.ema_update(torch.tensor(s.scores), torch.tensor(uids), rewards, self.config.alpha).tolist()
@@ -184,7 +192,21 @@ class Validator:
         return self.last_round
 
     def _judge_all(self, challenges: list[Challenge], fwd, gen) -> list[Judgement]:
-        return [judge(self.lm, c, f, g, self.thresholds, require_signature=True) for c, f, g in zip(challenges, fwd, gen)]
+        return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
+
+    def _weigh_evidence(self, uid: int, j: Judgement) -> Judgement:
+        """Add the round's token margins to the uid's evidence; a uid whose evidence crossed the limit
+        fails this round (and every later one, until its hotkey changes) and loses its score."""
+        th, key = self.thresholds, str(uid)
+        ev = scoring.update_evidence(self.state.evidence.get(key, scoring.Evidence()), j.margins,
+                                     th.evidence_drift, th.evidence_limit)
+        self.state.evidence[key] = ev
+        if not ev.flagged:
+            return j
+        self.state.scores[uid] = 0.0
+        reason = (f"evidence: token margins over {ev.tokens} tokens ({ev.disagreements} not the sampler's choice) "
+                  f"crossed the limit {th.evidence_limit:.3g}")
+        return dataclasses.replace(j, verified=False, reason=j.reason or reason)
 
     def weights(self) -> torch.Tensor:
         return scoring.weights_from_scores(torch.tensor(self.state.scores), self.config.max_weight)

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from neuron import calibration as cal  # noqa: E402
 from neuron.challenge import ChallengeConfig  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
+from neuron.harness.cheats import GENERATION_CHEATS  # noqa: E402
 from neuron.model import load_model  # noqa: E402
 from neuron.scoring import Thresholds  # noqa: E402
 
@@ -46,13 +47,19 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     ref = cal.Reference(load_model(name, args.device, args.ref_dtype))
     miners = {dt: (ref.lm if dt == args.ref_dtype else load_model(name, args.device, dt)) for dt in args.dtypes}
     source, rng = PromptSource.default(), random.Random(args.seed)
-    checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds)
+    checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds,
+                            forward=not args.generation_only)
     t1 = time.perf_counter()
     print(f"{label}: {len(checks)} honest checks in {t1 - t0:.0f} s", file=sys.stderr)
     if args.dishonest:
         cheats = cal.dishonest_models(ref.lm, seed=args.seed, different_relative=args.different_relative)
         checks += cal.dishonest_run(ref, cheats, source, rng, args.dishonest, cfg, th, model=label)
-        print(f"{label}: dishonest checks in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+        print(f"{label}: dishonest forward checks in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+    if args.generation_cheats:
+        t2 = time.perf_counter()
+        checks += cal.generation_cheat_run(ref, tuple(args.cheats), source, rng, args.generation_cheats, cfg, th,
+                                           model=label)
+        print(f"{label}: generation cheats in {time.perf_counter() - t2:.0f} s", file=sys.stderr)
     return checks
 
 
@@ -62,10 +69,10 @@ def tables(summary: dict) -> str:
     for model, s in summary["models"].items():
         out.append(f"### {model}\n")
         out.append(f"{s['checks']} checks, of which {s['honest_checks']} by honest miners in "
-                   f"{' or '.join(cal.ACCEPTED_DTYPES)}; false rejections among those: "
-                   f"{len(s['honest_false_rejections'])}. Checks (rejected) per honest miner: "
-                   + ", ".join(f"{k} {n} ({s['rejected_by_miner'][k]})" for k, n in s["checks_by_miner"].items())
-                   + ".\n")
+                   f"{' or '.join(cal.ACCEPTED_DTYPES)} ({s['honest_token_checks']} generated tokens checked); "
+                   f"false rejections among those: {len(s['honest_false_rejections'])}. Checks (rejected) per "
+                   "honest miner: " + ", ".join(f"{k} {n} ({s['rejected_by_miner'][k]})"
+                                                for k, n in s["checks_by_miner"].items()) + ".\n")
         out.append("| metric | threshold | honest worst (fp32/fp16) | bf16 worst | dishonest best (kind) |")
         out.append("|---|---|---|---|---|")
         for m, t, h, b, closest in cal.margin_rows(summary, model):
@@ -80,19 +87,32 @@ def tables(summary: dict) -> str:
             for b, w in sorted(cells.items(), key=lambda kv: int(kv[0])):
                 out.append(f"| {miner} | {b} | " + " | ".join(cal.fmt(w.get(m)) for m in metrics) + " |")
         out.append("")
-        out.append("Dishonest miners: best (least suspicious) value of each metric, and the share caught:\n")
-        out.append("| kind | forward caught | generation caught | " + " | ".join(cal.METRICS) + " |")
-        out.append("|---|---|---|" + "---|" * len(cal.METRICS))
+        out.append("Dishonest miners: share caught per single challenge (generation: over the challenges a cheat "
+                   "applies to, and over those where its tokens differ from the honest sampler's), and the first "
+                   "failed check:\n")
+        out.append("| kind | forward caught | generation caught | caught when changed (changed/all) | reasons |")
+        out.append("|---|---|---|---|---|")
         for kind, c in s["dishonest"].items():
+            reasons = ", ".join(f"{r} x{n}" for r, n in c["reasons"].items())
             out.append(f"| {kind} | {cal.fmt(c['forward_caught'])} | {cal.fmt(c['generation_caught'])} | "
-                       + " | ".join(cal.fmt(c["best"].get(m)) for m in cal.METRICS) + " |")
+                       f"{cal.fmt(c['generation_caught_when_changed'])} ({c['changed']}/{c['generations']}) | "
+                       f"{reasons} |")
         out.append("")
-        out.append("First failed check per dishonest kind: "
-                   + "; ".join(f"{k}: " + ", ".join(f"{r} x{n}" for r, n in c["reasons"].items())
-                               for k, c in s["dishonest"].items()) + ".\n")
-        chance = s["honest_eos_stop_chance_per_generation"]
-        out.append("Chance per honest generation of an EOS stop where the reference P(eos) is below a level: "
-                   + ", ".join(f"< {lvl}: {cal.fmt(p)}" for lvl, p in chance.items()) + ".\n")
+    ev = summary.get("evidence")
+    if ev:
+        out.append("### Evidence across rounds (CUSUM over token margins)\n")
+        out.append(f"Honest: {ev['honest_tokens']} tokens, {ev['honest_disagreements']} not the reference's choice "
+                   f"(upper bound on the rate, 99.9%: {cal.fmt(ev['honest_rate_upper'])}); largest honest CUSUM "
+                   f"{cal.fmt(ev['honest_max_cusum'])}. Drift {cal.fmt(ev['drift'])}; limit for "
+                   f"{cal.fmt(ev['false_alarm_per_day'])} false alarms per miner per day at "
+                   f"{ev['tokens_per_day']:.0f} tokens a day: {cal.fmt(ev['limit_derived'])} "
+                   f"(in use: {cal.fmt(ev['limit_used'])}).\n")
+        out.append("| cheat | tokens | disagreement rate | mean margin | tokens to flag (median / worst of 20 orders) |")
+        out.append("|---|---|---|---|---|")
+        for kind, c in ev["cheats"].items():
+            out.append(f"| {kind} | {c['tokens']} | {cal.fmt(c['disagreement_rate'])} | {cal.fmt(c['mean_margin'])} | "
+                       f"{c['tokens_to_flag_median'] or 'never'} / {c['tokens_to_flag_worst'] or 'never'} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -101,10 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="tiny, a local path or a Hugging Face id (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-dtype", default="float32", help="the validator's precision")
-    p.add_argument("--dtypes", default="float32,float16,bfloat16", help="honest miners' precisions")
+    p.add_argument("--dtypes", default="float32,float16", help="honest miners' precisions (bfloat16 is measured, "
+                   "not accepted)")
     p.add_argument("--batch-sizes", default="1-16", type=batch_sizes, help='e.g. "1-16" or "1,2,4,8,16"')
     p.add_argument("--rounds", type=int, default=1, help="repeat every batch size with fresh prompts")
-    p.add_argument("--dishonest", type=int, default=16, help="challenges sent to each dishonest kind (0: none)")
+    p.add_argument("--generation-only", action="store_true", help="honest miners: generation checks only")
+    p.add_argument("--dishonest", type=int, default=16, help="Forward challenges to each model cheat (0: none)")
+    p.add_argument("--generation-cheats", type=int, default=64,
+                   help="seeded Generate challenges to each generation cheat (0: none)")
+    p.add_argument("--cheats", default=",".join(GENERATION_CHEATS), help="generation cheats to run")
+    p.add_argument("--tokens-per-day", type=float, default=1e6,
+                   help="generated tokens a validator checks per miner a day (the evidence limit's horizon)")
+    p.add_argument("--false-alarm", type=float, default=1e-6, help="honest evidence alarms per miner per day")
     p.add_argument("--different-relative", type=float, default=0.1,
                    help="'different' model: weight noise relative to each tensor's std")
     p.add_argument("--seq-len", type=int, default=64)
@@ -121,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.model = args.model or ["tiny"]
     args.dtypes = args.dtypes.split(",")
+    args.cheats = [k for k in args.cheats.split(",") if k]
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -134,12 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         for path in args.rescore:
             earlier = json.loads(path.read_text())
-            cfg = dataclasses.replace(cfg, sample_top_k=earlier["sample_top_k"])
-            checks += [cal.rescored(cal.Check(**c), th, cfg.sample_top_k) for c in earlier["checks"]]
+            checks += [cal.rescored(cal.Check(**c), th) for c in earlier["checks"]]
     else:
         for name in args.model:
             checks += run_model(name, args, th, cfg)
-    summary = cal.summarize(checks, th, cfg.sample_top_k)
+    summary = cal.summarize(checks, th)
+    # The evidence limit is set on the real model's honest margins (all models' when it is absent).
+    models = {c.model for c in checks}
+    real = [m for m in models if m != "tiny"] or sorted(models)
+    honest_gen = [c for c in checks if c.accepted and c.kind != "forward" and c.model in real]
+    if honest_gen:
+        by_cheat: dict = {}
+        for c in checks:
+            if not c.honest and c.kind != "forward" and c.model in real:
+                by_cheat.setdefault(c.miner, []).append(c)
+        summary["evidence"] = cal.evidence_summary(honest_gen, by_cheat, th, args.tokens_per_day, args.false_alarm)
+        summary["evidence"]["models"] = sorted(real)
     summary["settings"] = {**json.loads(json.dumps(vars(args), default=str)),
                            "challenge": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}

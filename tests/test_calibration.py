@@ -1,13 +1,15 @@
 """The default Thresholds against measured noise: no honest miner rejected, every cheat caught.
 
-Honest: over 1,000 checks (one verify_forward or verify_generation call over one sequence) by
-miners in float32 and float16, in batches of 1 to 16 with left padding, generating in a batched
-decoder that sequences join, on the tiny model and on SmolLM2. Dishonest: every kind of
-neuron.calibration.DISHONEST fails on SmolLM2, whose real weights are what thresholds are set on.
+Honest: over 1,000 checks (one verify_forward or verify_generation call over one sequence) by miners in
+float32 and float16, Forward in left-padded batches of 1 to 16, seeded generation through the HF engine
+with sequences joining, on the tiny model and on SmolLM2. Dishonest: the Forward model cheats and every
+generation cheat on SmolLM2, whose real weights are what thresholds are set on. The full measurement is
+scripts/calibrate.py (docs/calibration.md).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -16,14 +18,14 @@ from conftest import SMOLLM2
 from neuron import calibration as cal
 from neuron.challenge import ChallengeConfig
 from neuron.dataset import PromptSource
+from neuron.harness.cheats import GENERATION_CHEATS
 from neuron.model import load_model
-from neuron.scoring import Thresholds, sampled_rank_limit
-
+from neuron.scoring import Thresholds
 
 TH = Thresholds()
 # float16 on this CPU is slow, so SmolLM2 gets short prompts; the tiny model gets the validator's.
 TINY = ChallengeConfig()
-SMALL = ChallengeConfig(seq_len=24, max_new_tokens=8)
+SMALL = ChallengeConfig(seq_len=24, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +51,59 @@ def test_no_honest_miner_is_rejected(honest_checks):
     assert rejected == []
 
 
-def test_honest_samples_stay_within_the_top_k_limit(honest_checks):
-    # The sampled-rank check must hold for any token of an honest top-k, not only those drawn.
-    limit = sampled_rank_limit(TH, TINY.sample_top_k)
-    assert max(c.metrics["sample_topk_rank"] for c in honest_checks if c.kind == "forward") <= limit
+def test_honest_margins_stay_within_the_thresholds(honest_checks):
+    gen = [c for c in honest_checks if c.kind != "forward"]
+    assert sum(len(c.margins) for c in gen) >= 8000
+    assert max(c.metrics["token_margin"] for c in gen) <= TH.max_token_margin
+    assert max(c.metrics["boundary_excess"] for c in gen) <= TH.boundary_tol
+    # The honest evidence never comes near its limit.
+    s = 0.0
+    for m in (m for c in gen for m in c.margins):
+        s = max(0.0, s + m - TH.evidence_drift)
+        assert s < TH.evidence_limit / 4
 
 
 @pytest.fixture(scope="module")
-def dishonest_checks(smollm2):
+def cheat_checks(smollm2):
     ref = cal.Reference(smollm2)
-    cheats = cal.dishonest_models(smollm2, seed=3)
-    return cal.dishonest_run(ref, cheats, PromptSource.default(), random.Random(3), 2, SMALL, TH, model="smollm2")
+    source = PromptSource.default()
+    checks = cal.dishonest_run(ref, cal.dishonest_models(smollm2, seed=3), source, random.Random(3), 2, SMALL, TH,
+                               model="smollm2")
+    return checks + cal.generation_cheat_run(ref, GENERATION_CHEATS, source, random.Random(4), 6, SMALL, TH,
+                                             model="smollm2")
 
 
-def test_every_cheat_is_caught_on_smollm2(dishonest_checks):
-    assert {c.miner for c in dishonest_checks} == set(cal.DISHONEST)
+def test_every_forward_cheat_is_caught_on_smollm2(cheat_checks):
     for kind in cal.DISHONEST:
-        mine = [c for c in dishonest_checks if c.miner == kind]
-        # Model cheats are caught by their forward answers alone; an early stop only generates.
-        caught = [c for c in mine if c.kind == "forward"] if kind != "early_stop" else mine
-        assert caught and all(not c.ok for c in caught), (kind, [c.metrics for c in caught if c.ok])
+        mine = [c for c in cheat_checks if c.miner == kind]
+        assert mine and all(not c.ok for c in mine), (kind, [c.metrics for c in mine if c.ok])
+
+
+@pytest.mark.parametrize("kind", GENERATION_CHEATS)
+def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
+    mine = [c for c in cheat_checks if c.miner == kind]
+    changed = [c for c in mine if c.changed]
+    assert len(mine) == 6 and changed, kind
+    if kind == "int8":  # a small, steady deviation: it shows in more disagreements than honest noise makes
+        assert sum(m > 0 for c in mine for m in c.margins) > 0
+    else:
+        assert sum(not c.ok for c in changed) >= len(changed) - 1, (kind, [c.metrics for c in changed if c.ok])
+
+
+def test_the_evidence_limit_bounds_honest_false_alarms():
+    # Lundberg: with X = bound * Bernoulli(p), theta solves E exp(theta (X - drift)) = 1, and the limit is
+    # ln(N / false_alarm) / theta.
+    p, bound, drift = 0.004, 0.05, 0.001
+    h = cal.evidence_limit(p, bound, drift, 1e6, 1e-6)
+    theta = math.log(1e12) / h
+    assert (1 - p) * math.exp(-theta * drift) + p * math.exp(theta * (bound - drift)) == pytest.approx(1, abs=1e-9)
+    # A walk of the worst honest kind, many times longer than the limit needs, stays below it.
+    rng = random.Random(0)
+    s, worst = 0.0, 0.0
+    for _ in range(200_000):
+        s = max(0.0, s + (bound if rng.random() < p else 0.0) - drift)
+        worst = max(worst, s)
+    assert worst < h
+    with pytest.raises(ValueError):
+        cal.evidence_limit(p, bound, p * bound / 2, 1e6, 1e-6)
+    assert cal.poisson_upper(0, 10_000) == pytest.approx(math.log(1000) / 10_000, rel=1e-3)

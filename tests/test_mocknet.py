@@ -9,13 +9,18 @@ CAUGHT_BY = {
     "random": "forward:", "different": "forward:", "truncated": "forward:", "quantized": "forward:",
     "noise": "forward:", "replay": "forward:", "echo": "generate:", "early_stop": "generate:",
     "slow": "deadline_exceeded", "dead": "deadline_exceeded",
+    # Generation cheats answer Forward honestly; their tokens are not the seeded sampler's.
+    "greedy": "generate:", "cold": "generate:", "hot": "generate:", "least_likely": "generate:",
+    "steer": "generate:", "early_eos": "generate:", "sentence_eos": "generate:", "cheap": "generate:",
+    "int8": ("generate:", "evidence:"), "int4": ("generate:", "evidence:"),
 }
+# Caught by the evidence across rounds: some rounds pass on their own before it crosses the limit.
+BY_EVIDENCE = {"int8", "int4"}
 
 
 def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
     report, plot = tmp_path / "report.json", tmp_path / "weights.png"
-    code = main(["mocknet", "--rounds", "4", "--workdir", str(tmp_path / "net"), "--report", str(report),
-                 "--plot", str(plot)])
+    code = main(["mocknet", "--workdir", str(tmp_path / "net"), "--report", str(report), "--plot", str(plot)])
     assert code == 0
     out = capsys.readouterr().out
     assert "honest miners hold" in out
@@ -29,8 +34,11 @@ def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
     for r in rows:
         assert {"uid", "hotkey", "kind", "verified_fraction", "weight"} <= set(r)
         if r["kind"] != "honest":
-            assert r["weight"] <= 0.01 and r["verified_fraction"] == 0.0, r
-            assert r["caught_for"].startswith(CAUGHT_BY[r["kind"]]) or CAUGHT_BY[r["kind"]] in r["caught_for"], r
+            assert r["weight"] <= 0.01, r
+            assert r["kind"] in BY_EVIDENCE or r["verified_fraction"] == 0.0, r
+            expected = CAUGHT_BY[r["kind"]]
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            assert any(r["caught_for"].startswith(e) or e in r["caught_for"] for e in expected), r
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

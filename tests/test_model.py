@@ -30,7 +30,7 @@ def test_padded_batch_forward_matches_each_row_alone(lm):
 
 
 def test_forward_runs_the_lm_head_only_where_asked_and_agrees_with_the_full_pass(lm):
-    from neuron.adversaries import cheat_model
+    from neuron.harness.cheats import cheat_model
     from neuron.model import _body_and_head, forward_logprobs
 
     assert _body_and_head(lm.model) is not None  # OPT and Llama: the head can run on a few positions

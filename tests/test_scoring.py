@@ -5,14 +5,17 @@ import math
 import pytest
 import torch
 
+from neuron.engine.sampler import bits_int
 from neuron.scoring import (
     PROB_FLOOR,
+    Evidence,
+    GenSpec,
     Thresholds,
     ema_update,
     quality_loss,
     reset_uids,
     reward,
-    sampled_rank_limit,
+    update_evidence,
     verify_forward,
     verify_generation,
     weights_from_scores,
@@ -163,61 +166,109 @@ def test_forward_shapes_and_dtypes():
         verify_forward(ref[0], ids, lp, rest, TH)
 
 
-# verify_generation
+# verify_generation (seeded, docs/sampling.md)
 
 GEN_REF = ref_from([[0.7, 0.2, 0.09, 0.01], [0.1, 0.6, 0.25, 0.05], [0.2, 0.3, 0.1, 0.4]])
 EOS = 3
+GREEDY = GenSpec(max_new_tokens=3)
 
 
-def gen(tokens, reported=None, **kw):
-    args = dict(greedy=True, finish_reason="length", eos_token_id=EOS, max_new_tokens=3, th=TH)
+def g(seed, step, v):
+    """The spec's Gumbel noise, from the plain-Python hash (independent of the batched code)."""
+    u = (bits_int(seed, step, v) + 0.5) / 2**32
+    return -math.log(-math.log(u))
+
+
+def gen(tokens, reported=None, spec=GREEDY, **kw):
+    args = dict(spec=spec, finish_reason="length", eos_token_id=EOS, th=TH)
     args.update(kw)
     t = torch.tensor(tokens)
+    ref_lp = GEN_REF[: len(tokens)]
     if reported is None:
-        rep = GEN_REF[: len(tokens)].gather(1, t[:, None]).squeeze(1)
+        rep = ref_lp.gather(1, t[:, None]).squeeze(1)
     else:
         rep = torch.tensor(reported)
-    return verify_generation(GEN_REF[: len(tokens)], t, rep, **args)
+    # Logits with an arbitrary per-row offset: only differences matter.
+    return verify_generation(ref_lp + 5.0, t, rep, **args)
 
 
 def test_generation_honest_greedy():
     v = gen([0, 1, 3], finish_reason="stop")
-    assert v.ok and v.metrics["token_rank"] == 0.0 and v.metrics["gen_logprob_error"] == 0.0
-    assert v.metrics["eos_prob"] == pytest.approx(0.4)
-    assert v.metrics["n_tokens"] == 3.0
+    assert v.ok and v.metrics["token_margin"] == 0.0 and v.metrics["gen_logprob_error"] == pytest.approx(0, abs=1e-6)
+    assert v.metrics["n_tokens"] == 3.0 and v.metrics["margins"] == [0.0, 0.0, 0.0]
 
 
-def test_generation_rank_tighter_for_greedy():
-    th = Thresholds(max_token_rank_greedy=1)
-    v = gen([0, 0, 1], th=th)
-    assert v.metrics["token_rank"] == 2.0
-    assert v.reason == "token rank 2 > 1 at step 1"
-    assert gen([0, 0, 1], greedy=False, th=th).ok
+def test_generation_greedy_margin_is_the_logit_gap():
+    v = gen([0, 2, 3], finish_reason="stop", th=Thresholds(max_token_margin=1.0))
+    assert v.ok and v.metrics["margins"][1] == pytest.approx(math.log(0.6 / 0.25), abs=1e-6)
+    v = gen([0, 2, 3], finish_reason="stop", th=Thresholds(max_token_margin=0.5))
+    assert v.reason == "token margin 0.8755 > 0.5000 at step 1"
 
 
-def test_generation_sampled_rank_follows_the_top_k():
-    th = Thresholds(sampled_rank_slack=1)
-    assert sampled_rank_limit(th, 0) == th.max_token_rank_sampled
-    assert sampled_rank_limit(th, 2) == 2
-    assert gen([0, 0, 2], greedy=False, th=th).ok
-    assert gen([0, 0, 2], greedy=False, th=th, top_k=3).ok
-    assert gen([0, 0, 2], greedy=False, th=th, top_k=2).reason == "token rank 3 > 2 at step 2"
-    with pytest.raises(ValueError):
-        gen([0, 0, 2], greedy=False, top_k=-1)
+def sampled_choice(logits, temp, seed, step, allowed):
+    scores = {v: logits[v] / temp + g(seed, step, v) for v in allowed}
+    return max(scores, key=scores.get), scores
+
+
+def test_generation_sampled_margin_uses_the_seeded_noise():
+    seed, temp = 12345, 0.7
+    spec = GenSpec(max_new_tokens=3, temperature=temp, seed=seed)
+    logits = GEN_REF.double()
+    chosen, worst, margins = [], [], []
+    for t in range(3):
+        c, scores = sampled_choice(logits[t].tolist(), temp, seed, t, range(4))
+        chosen.append(c)
+        w = min((v for v in scores if v != EOS), key=scores.get)
+        worst.append(w)
+        margins.append(temp * (scores[c] - scores[w]))
+    chosen[-1] = chosen[-1] if chosen[-1] != EOS else 0  # keep it a "length" generation
+    worst[-1] = worst[-1] if worst[-1] != EOS else 0
+    v = gen(chosen, spec=spec, th=Thresholds(max_token_margin=100.0))
+    assert v.ok and v.metrics["margins"][:2] == [0.0, 0.0]
+    v = gen(worst[:2] + [chosen[2]], spec=spec, th=Thresholds(max_token_margin=100.0))
+    assert v.metrics["margins"][:2] == pytest.approx(margins[:2], abs=1e-6)
+
+
+def test_generation_top_k_boundary_tolerance():
+    # Row 0: logits log(0.7), log(0.2), log(0.09), log(0.01); top_k 2 keeps ids 0 and 1.
+    spec = GenSpec(max_new_tokens=1, temperature=1.0, top_k=2, seed=7)
+    far = Thresholds(boundary_tol=0.1, max_token_margin=100.0)
+    assert gen([2], spec=spec, th=far).reason == "token outside the top-k/top-p allowed set at step 0"
+    # log(0.2 / 0.09) = 0.80: within a tolerance of 0.9, id 2 may be in an honest miner's top 2.
+    near = Thresholds(boundary_tol=0.9, max_token_margin=100.0)
+    v = gen([2], spec=spec, th=near)
+    assert v.ok
+    # With that tolerance id 1 is no longer surely allowed: the margin counts against id 0 only.
+    expected = max(0.0, math.log(0.7) + g(7, 0, 0) - (math.log(0.09) + g(7, 0, 2)))
+    assert v.metrics["margins"][0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_generation_top_p_boundary_tolerance():
+    # Row 0 at top_p 0.65: only id 0 (mass before id 1 is 0.7).
+    spec = GenSpec(max_new_tokens=1, temperature=1.0, top_p=0.65, seed=3)
+    tight = Thresholds(boundary_tol=0.0, max_token_margin=100.0)
+    assert gen([1], spec=spec, th=tight).reason.startswith("token outside")
+    assert gen([0], spec=spec, th=tight).ok
+    # exp(2 * 0.05) * 0.65 = 0.718: id 1 (0.7 before it) may be in, id 2 (0.9) may not.
+    loose = Thresholds(boundary_tol=0.05, max_token_margin=100.0)
+    assert gen([1], spec=spec, th=loose).ok
+    assert gen([2], spec=spec, th=loose).reason.startswith("token outside")
+
+
+def test_generation_eos_follows_the_sampler():
+    # Step 1 of GEN_REF: greedy picks id 1; stopping there with EOS (logit gap log(0.6/0.05)) fails.
+    v = gen([0, 3], finish_reason="stop")
+    assert v.reason == "EOS token margin 2.4849 > 0.0500 at step 1"
+    # Step 2: the greedy choice is EOS itself; going on with id 1 costs log(0.4 / 0.3).
+    v = gen([0, 1, 1], th=Thresholds(max_token_margin=0.2))
+    assert v.reason == "token margin 0.2877 > 0.2000 at step 2"
+    assert gen([0, 1, 3], finish_reason="stop").ok
 
 
 def test_generation_logprob_error():
-    v = gen([0, 1, 2], reported=[math.log(0.7), math.log(0.6), math.log(0.2)], greedy=False)
+    v = gen([0, 1, 2], reported=[math.log(0.7), math.log(0.6), math.log(0.2)], th=Thresholds(max_token_margin=10))
     assert v.metrics["gen_logprob_error"] == pytest.approx(math.log(2), abs=1e-6)
     assert v.reason == "logprob error 0.6931 > 0.0800 at step 2"
-
-
-def test_generation_early_stop_needs_plausible_eos():
-    v = gen([1, 3], finish_reason="stop", greedy=False)
-    assert v.metrics["eos_prob"] == pytest.approx(0.05)
-    assert v.ok
-    v = gen([1, 3], finish_reason="stop", greedy=False, th=Thresholds(min_eos_prob=0.1))
-    assert v.reason == "P(eos) 5.00e-02 < 1.00e-01 at step 1"
 
 
 @pytest.mark.parametrize(
@@ -225,7 +276,7 @@ def test_generation_early_stop_needs_plausible_eos():
     [
         ([], {}, "empty generation"),
         ([0, 1], {}, "finish 'length' after 2 of 3 tokens"),
-        ([0, 1, 3], {"max_new_tokens": 2}, "3 tokens > max_new_tokens 2"),
+        ([0, 1, 3], {"spec": GenSpec(max_new_tokens=2)}, "3 tokens > max_new_tokens 2"),
         ([0, 1], {"finish_reason": "stop"}, "finish 'stop' without a final EOS token"),
         ([0, 1, 3], {"finish_reason": "stop", "eos_token_id": None},
          "finish 'stop' without a final EOS token"),
@@ -238,7 +289,8 @@ def test_generation_early_stop_needs_plausible_eos():
 def test_generation_malformed(tokens, kw, reason):
     t = torch.tensor(tokens, dtype=torch.long)
     ref = GEN_REF[: max(len(tokens), 1)] if tokens else GEN_REF[:0]
-    args = dict(greedy=False, finish_reason="length", eos_token_id=EOS, max_new_tokens=3, th=TH) | kw
+    args = dict(spec=GenSpec(max_new_tokens=3, temperature=0.7, seed=1), finish_reason="length",
+                eos_token_id=EOS, th=TH) | kw
     v = verify_generation(ref, t, torch.full((len(tokens),), -1.0), **args)
     assert (v.ok, v.reason) == (False, reason)
 
@@ -249,18 +301,40 @@ def test_generation_stop_sequence_and_bad_values():
     assert gen([0, 1], reported=[0.5, -1.0]).reason == "positive logprob 0.5000"
     assert gen([0, 1], reported=[-1.0]).reason.startswith("reported logprobs must be float [2]")
     t = torch.tensor([0.0, 1.0])
-    v = verify_generation(GEN_REF[:2], t, t, greedy=True, finish_reason="length", eos_token_id=3,
-                          max_new_tokens=2, th=TH)
+    v = verify_generation(GEN_REF[:2], t, t, spec=GenSpec(max_new_tokens=2), finish_reason="length",
+                          eos_token_id=3, th=TH)
     assert v.reason.startswith("tokens must be a 1-D integer tensor")
 
 
 def test_generation_reference_mismatch_is_a_bug():
     with pytest.raises(ValueError):
-        verify_generation(GEN_REF, torch.tensor([0, 1]), torch.zeros(2), greedy=True,
-                          finish_reason="length", eos_token_id=3, max_new_tokens=3, th=TH)
+        verify_generation(GEN_REF, torch.tensor([0, 1]), torch.zeros(2), spec=GREEDY,
+                          finish_reason="length", eos_token_id=3, th=TH)
+
+
+# update_evidence
+
+
+def test_evidence_cusum_exact():
+    ev = update_evidence(Evidence(), [0.0, 0.5, 0.0, 0.3], drift=0.1, limit=1.0)
+    # 0 -> 0 -> 0.4 -> 0.3 -> 0.5
+    assert ev.cusum == pytest.approx(0.5) and ev.tokens == 4 and ev.disagreements == 2
+    assert ev.margin_sum == pytest.approx(0.8) and not ev.flagged
+    ev = update_evidence(ev, [0.65], drift=0.1, limit=1.0)
+    assert ev.cusum == pytest.approx(1.05) and ev.flagged
+    # Once flagged, it stays flagged even as the sum drains.
+    assert update_evidence(ev, [0.0] * 50, drift=0.1, limit=1.0).flagged
+
+
+def test_evidence_treats_unreadable_margins_as_the_limit():
+    assert update_evidence(Evidence(), [float("nan")], drift=0.1, limit=1.0).flagged
+    assert update_evidence(Evidence(), [-1.0], drift=0.1, limit=1.0).flagged
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], drift=0.0, limit=1.0)
 
 
 # quality_loss
+
 
 
 def test_quality_loss_exact():

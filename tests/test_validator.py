@@ -4,10 +4,12 @@ import asyncio
 
 import pytest
 
-from conftest import make_wallet, miner_config
-from neuron.axon import Axon, AxonServicer
+from conftest import make_axon, make_wallet, miner_config
+from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
+from neuron.challenge import Judgement
+from neuron.scoring import Evidence, Thresholds
 from neuron.validator import State, Validator
 
 
@@ -34,8 +36,8 @@ async def network(tmp_path, tiny):
         w = make_wallet(tmp_path / "w", f"miner{i}")
         uid, _ = chain.register(1, w)
         servicer = Hanging if i == 2 else AxonServicer
-        axon = Axon(tiny, miner_config(**{"auth.required": True}), w.hotkey, lambda: chain.metagraph(1),
-                    servicer_factory=servicer)
+        axon = make_axon(tiny, miner_config(**{"auth.required": True}), keypair=w.hotkey,
+                         metagraph=lambda: chain.metagraph(1), servicer_factory=servicer)
         port = await axon.start()
         chain.serve_axon(1, w, "127.0.0.1", port)
         axons.append((uid, axon))
@@ -96,8 +98,33 @@ def test_a_uid_that_changes_hotkey_starts_from_zero(tmp_path, tiny):
     mg = chain.metagraph(1)
     renamed = type(mg)(mg.netuid, mg.block, tuple(
         n if n.uid != uid else type(n)(**{**n.__dict__, "hotkey": "5" + "X" * 47}) for n in mg.neurons))
+    v.state.evidence[str(uid)] = Evidence(cusum=0.5, tokens=100)
     v._sync(renamed)
     assert v.state.scores[uid] == 0.0
+    assert str(uid) not in v.state.evidence  # the new hotkey's evidence starts afresh
+
+
+def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_path, tiny):
+    chain = LocalChain(tmp_path / "chain.sqlite")
+    chain.create_subnet(1)
+    vw = make_wallet(tmp_path / "w", "v")
+    chain.register(1, vw)
+    uid, _ = chain.register(1, make_wallet(tmp_path / "w", "m"))
+    config = with_overrides(ValidatorConfig(), **{"subtensor.netuid": 1, "state_path": str(tmp_path / "s.json")})
+    th = Thresholds(evidence_drift=0.01, evidence_limit=1.0)
+    v = Validator(config, chain, vw, tiny, thresholds=th)
+    v._sync(chain.metagraph(1))
+    v.state.scores[uid] = 0.7
+    passed = Judgement(True, "", margins=[0.0, 0.3, 0.3])
+    assert v._weigh_evidence(uid, passed).verified  # 0.29 + 0.29 = 0.58 < 1
+    assert v.state.evidence[str(uid)].cusum == pytest.approx(0.58)
+    v.state.save(v.state_path)
+    again = Validator(config, chain, vw, tiny, thresholds=th)
+    assert again.state.evidence[str(uid)] == v.state.evidence[str(uid)]
+    j = again._weigh_evidence(uid, Judgement(True, "", margins=[0.1] * 6))  # every round passed on its own
+    assert not j.verified and j.reason.startswith("evidence: token margins over 9 tokens")
+    assert again.state.scores[uid] == 0.0
+    assert not again._weigh_evidence(uid, Judgement(True, "", margins=[])).verified  # it stays flagged
 
 
 def test_unreadable_state_is_a_clear_error(tmp_path):

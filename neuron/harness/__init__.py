@@ -1,0 +1,1 @@
+"""Harnesses apart from production: cheating miners for the mock network, a direct seeded decoder, calibration."""
