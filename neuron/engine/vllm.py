@@ -114,6 +114,7 @@ class VllmEngine:
         self._info: EngineInfo | None = None
         self._ids = itertools.count()
         self._in_hand = 0
+        self._active: set[str] = set()  # vLLM request ids in flight, aborted by stop() after its timeout
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -152,7 +153,8 @@ class VllmEngine:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
-            pass
+            await self._llm.abort(list(self._active))
+            await asyncio.sleep(0.05)  # let the aborted streams see their end before the engine goes
         llm, self._llm = self._llm, None
         llm.shutdown()
 
@@ -246,9 +248,15 @@ class VllmEngine:
         return ForwardResult(topk_ids=top_ids, topk_logprobs=top_lp, rest_mass=rest, hidden=None)
 
     async def _one(self, prompt: list[int], params: VSamplingParams, priority: float):
-        last = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, self._request_id()):
-            last = out
+        last, rid = None, self._request_id()
+        self._active.add(rid)
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid):
+                last = out
+        finally:
+            self._active.discard(rid)
+        if last is None or not last.finished or last.outputs[0].finish_reason == "abort":
+            raise Unavailable("the forward pass was aborted: the engine is shutting down")
         return last
 
     # generate
@@ -285,7 +293,9 @@ class VllmEngine:
                         deadline: float | None) -> AsyncIterator[TokenStep]:
         self._check_admissible(deadline)
         self._take()
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, self._request_id())
+        rid = self._request_id()
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid)
+        self._active.add(rid)
         finished = False
         eos = self._info.eos_token_id
         self._stats["generations"] += 1
@@ -318,5 +328,6 @@ class VllmEngine:
         finally:
             if not finished:
                 self._stats["aborted"] += 1
+            self._active.discard(rid)
             await stream.aclose()  # vLLM aborts the request when its stream closes unfinished
             self._release()
