@@ -114,6 +114,7 @@ class VllmEngine:
         self._info: EngineInfo | None = None
         self._ids = itertools.count()
         self._in_hand = 0
+        self._aborts: set[asyncio.Future] = set()
         self._active: set[str] = set()  # vLLM request ids in flight, aborted by stop() after its timeout
         self._stopping = False
         self._idle = asyncio.Event()
@@ -157,6 +158,11 @@ class VllmEngine:
             await asyncio.sleep(0.05)  # let the aborted streams see their end before the engine goes
         llm, self._llm = self._llm, None
         llm.shutdown()
+
+    @property
+    def async_llm(self) -> AsyncLLM | None:
+        """vLLM's own engine (for benches that compare against it); None before start and after stop."""
+        return self._llm
 
     def info(self) -> EngineInfo:
         if self._info is None:
@@ -261,7 +267,8 @@ class VllmEngine:
 
     # generate
 
-    def _validate(self, job: GenerateJob) -> VSamplingParams:
+    def sampling_params(self, job: GenerateJob) -> VSamplingParams:
+        """The vLLM parameters a job is sent with (checked against the engine's limits first)."""
         info = self.info()
         sp = job.sampling
         check(len(job.prompt_ids) >= 1, "empty prompt")
@@ -285,7 +292,7 @@ class VllmEngine:
 
     def generate(self, job: GenerateJob, priority: float = 0.0,
                  deadline: float | None = None) -> AsyncIterator[TokenStep]:
-        params = self._validate(job)
+        params = self.sampling_params(job)
         self._check_admissible(deadline)
         return self._generate(job, params, priority, deadline)
 
@@ -296,18 +303,30 @@ class VllmEngine:
         rid = self._request_id()
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid)
         self._active.add(rid)
-        finished = False
+        finished = expired = False
         eos = self._info.eos_token_id
         self._stats["generations"] += 1
+
+        def expire() -> None:  # the deadline: vLLM ends the stream with an "abort" output
+            nonlocal expired
+            expired = True
+            task = asyncio.ensure_future(self._llm.abort(rid))
+            self._aborts.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._aborts.discard)
+
+        # One timer rather than a timeout around every step: no task per token.
+        timer = None if deadline is None else asyncio.get_running_loop().call_later(self._remaining(deadline), expire)
         try:
             while not finished:
                 try:
-                    out = await asyncio.wait_for(stream.__anext__(), self._remaining(deadline))
-                except asyncio.TimeoutError:
-                    self._stats["deadline_exceeded"] += 1
-                    raise DeadlineExceeded("the deadline passed during generation") from None
+                    out = await stream.__anext__()
                 except StopAsyncIteration:
                     raise Unavailable("the engine stopped during generation") from None
+                if out.outputs[0].finish_reason == "abort":
+                    if expired:
+                        self._stats["deadline_exceeded"] += 1
+                        raise DeadlineExceeded("the deadline passed during generation")
+                    raise Unavailable("the generation was aborted: the engine is shutting down")
                 finished = out.finished
                 comp = out.outputs[0]
                 n = len(comp.token_ids)
@@ -317,8 +336,6 @@ class VllmEngine:
                     lp = entries[token].logprob if token in entries else math.nan
                     reason = None
                     if finished and j == n - 1:
-                        if comp.finish_reason == "abort":
-                            raise Unavailable("the generation was aborted by the engine")
                         reason = FinishReason.EOS if token == eos else FinishReason.LENGTH
                     self._stats["generated_tokens"] += 1
                     yield TokenStep(token_id=int(token), logprob=float(lp), top_ids=tuple(top_ids),
@@ -326,6 +343,8 @@ class VllmEngine:
                 if finished and n == 0:
                     raise Unavailable("the generation ended without a token")
         finally:
+            if timer is not None:
+                timer.cancel()
             if not finished:
                 self._stats["aborted"] += 1
             self._active.discard(rid)
