@@ -67,6 +67,19 @@ def _jobs(prompts: list[list[int]], new_tokens: int, sampler: Sampler) -> list[G
                         logprobs_topn=1) for i, p in enumerate(prompts)]
 
 
+# (temperature, top_k, top_p) cycled over the agreement requests: greedy, top-k, nucleus, whole vocabulary.
+AGREEMENT_SAMPLINGS = [(0.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (1.3, 0, 1.0), (0.5, 5, 0.8), (1.0, 0, 1.0)]
+
+
+def _agreement_jobs(prompts: list[list[int]], new_tokens: int) -> list[GenerateJob]:
+    jobs = []
+    for i, p in enumerate(prompts):
+        t, k, top_p = AGREEMENT_SAMPLINGS[i % len(AGREEMENT_SAMPLINGS)]
+        sp = SamplingParams(temperature=t, top_k=k, top_p=top_p, seed=7000 + i, sampler=Sampler.GUMBEL_V1)
+        jobs.append(GenerateJob(tuple(p), new_tokens, sp))
+    return jobs
+
+
 async def _through_engine(engine, jobs: list[GenerateJob]) -> tuple[float, list[list[int]]]:
     async def one(job):
         return [s.token_id async for s in engine.generate(job)]
@@ -141,6 +154,22 @@ def agreement(lm, jobs: list[GenerateJob], tokens: list[list[int]]) -> dict:
             "tokens": total, "differing": differing, "worst_score_gap": worst_gap}
 
 
+async def run_agreement(model: str, config: VllmConfig, requests: int, new_tokens: int, prompt_len: int) -> list[dict]:
+    """Only the agreement count, over `requests` seeded generations run concurrently."""
+    from neuron.engine.vllm import VllmEngine
+    from neuron.model import load_model
+
+    engine = VllmEngine(model, config, queue_size=max(256, requests))
+    await engine.start()
+    try:
+        jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=2), new_tokens)
+        _, tokens = await _through_engine(engine, jobs)
+    finally:
+        await engine.stop()
+    lm = load_model(model, device="cuda" if torch.cuda.is_available() else "cpu", dtype="auto")
+    return [await asyncio.to_thread(agreement, lm, jobs, tokens)]
+
+
 async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, prompt_len: int, reps: int) -> list[dict]:
     from vllm import LLM
 
@@ -175,7 +204,7 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
                                    "VllmEngine / vllm.LLM.generate", eng, own, "tok/s", ">= 0.9"))
             figures.append(_paired(f"vllm_engine_vs_hf_{name}", f"{requests} x {new_tokens} tokens, {name}: "
                                    "VllmEngine / HF generate (one request after another)", eng, hf, "tok/s"))
-        jobs = _jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=1), new_tokens, Sampler.GUMBEL_V1)
+        jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=1), new_tokens)
         _, tokens = await _through_engine(engine, jobs)
         figures.append(await asyncio.to_thread(agreement, lm, jobs, tokens))
     finally:
@@ -206,12 +235,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vllm.kv_cache_memory_bytes", dest="kv", type=int, default=512 << 20)
     p.add_argument("--vllm.gpu_memory_utilization", dest="util", type=float, default=0.1)
     p.add_argument("--vllm.max_model_len", dest="max_len", type=int, default=512)
+    p.add_argument("--agreement-only", action="store_true", help="only count gumbel-v1 tokens differing from HF")
     p.add_argument("--json", default="", help="write the figures to this file")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = VllmConfig(max_model_len=a.max_len, kv_cache_memory_bytes=a.kv, gpu_memory_utilization=a.util,
                         max_num_seqs=max(16, a.requests))
-    figures = asyncio.run(run(a.model, config, a.requests, a.new_tokens, a.prompt_len, a.reps))
+    if a.agreement_only:
+        figures = asyncio.run(run_agreement(a.model, config, a.requests, a.new_tokens, a.prompt_len))
+    else:
+        figures = asyncio.run(run(a.model, config, a.requests, a.new_tokens, a.prompt_len, a.reps))
     print_table(figures)
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
