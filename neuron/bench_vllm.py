@@ -231,7 +231,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=8, help="concurrent generations per measurement")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="alternations; fewer are noisy on a busy machine")
     p.add_argument("--vllm.kv_cache_memory_bytes", dest="kv", type=int, default=512 << 20)
     p.add_argument("--vllm.gpu_memory_utilization", dest="util", type=float, default=0.1)
     p.add_argument("--vllm.max_model_len", dest="max_len", type=int, default=512)

@@ -65,12 +65,18 @@ class GumbelV1LogitsProcessor(LogitsProcessor):
         return vllm_sampler.force_choice(logits, rows)
 
 
+def _source(model: str) -> str:
+    """A local directory as an absolute path (vLLM and transformers do not expand ~), else the HF id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEngineArgs:
     """vLLM's engine arguments for `model` under `config` (what `neuron bench` gives LLM() too)."""
     on_cpu = not torch.cuda.is_available()
     dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "float16")
     kwargs = dict(
-        model=str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model,
+        model=_source(model),
         dtype=dtype,
         gpu_memory_utilization=config.gpu_memory_utilization,
         tensor_parallel_size=config.tensor_parallel_size,
@@ -79,7 +85,8 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
         max_logprobs=config.max_logprobs,
         logprobs_mode="raw_logprobs",  # logprobs of the unmodified distribution, before any processor
         logits_processors=[GumbelV1LogitsProcessor],
-        generation_config="vllm",  # no sampling defaults from the checkpoint: the request says everything
+        generation_config="vllm",
+        scheduling_policy="priority",  # the contract's priority (lower first: the axon passes -stake)  # no sampling defaults from the checkpoint: the request says everything
         seed=0,
         disable_log_stats=True,
     )
@@ -89,6 +96,11 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     if config.kv_cache_memory_bytes:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     return AsyncEngineArgs(**kwargs)
+
+
+def _priority(priority: float) -> int:
+    """vLLM takes integer priorities, lower first, as the contract's floats are."""
+    return int(math.floor(max(-1e15, min(1e15, priority))))
 
 
 def _top(entries: dict, k: int) -> tuple[list[int], list[float]]:
@@ -108,8 +120,7 @@ class VllmEngine:
         self.config = config
         self.queue_size = queue_size
         self.model_id = model_id or model
-        self.tokenizer = AutoTokenizer.from_pretrained(str(Path(model).expanduser()) if Path(model).expanduser().is_dir()
-                                                       else model, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(_source(model), padding_side="left")
         self._llm: AsyncLLM | None = None
         self._info: EngineInfo | None = None
         self._ids = itertools.count()
@@ -170,9 +181,12 @@ class VllmEngine:
         return self._info
 
     def stats(self) -> dict[str, float]:
-        running = float(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0.0
-        return {**self._stats, "in_hand": float(self._in_hand), "running": running,
-                "queued": max(0.0, self._in_hand - running), "queue_size": float(self.queue_size)}
+        """Counters, and gauges: in_hand (admitted, not finished), running (at most max_num_seqs of the
+        requests vLLM holds) and queued (the rest of them, waiting in vLLM's scheduler)."""
+        in_vllm = float(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0.0
+        running = min(in_vllm, float(self.config.max_num_seqs))
+        return {**self._stats, "in_hand": float(self._in_hand), "running": running, "queued": in_vllm - running,
+                "queue_size": float(self.queue_size)}
 
     # admission: the miner's own bound in front of vLLM's unbounded waiting queue
 
@@ -257,7 +271,8 @@ class VllmEngine:
         last, rid = None, self._request_id()
         self._active.add(rid)
         try:
-            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid):
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid,
+                                                priority=_priority(priority)):
                 last = out
         finally:
             self._active.discard(rid)
@@ -301,7 +316,8 @@ class VllmEngine:
         self._check_admissible(deadline)
         self._take()
         rid = self._request_id()
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid)
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid,
+                                    priority=_priority(priority))
         self._active.add(rid)
         finished = expired = False
         eos = self._info.eos_token_id

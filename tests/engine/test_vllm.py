@@ -118,7 +118,7 @@ async def test_gumbel_tokens_are_the_samplers_choice_over_hf_logits(engine, smol
 async def test_legacy_sampling_uses_the_seed(engine, smollm2):
     prompt = tuple(prompts(smollm2, 1, seed=3)[0])
     job = GenerateJob(prompt, 12, SamplingParams(temperature=1.0, top_k=50, seed=42))
-    first, again = await asyncio.gather(run(engine, job), run(engine, job))
+    first, again = await asyncio.gather(run(engine, job), run(engine, job, priority=-1234.5))
     assert [s.token_id for s in first] == [s.token_id for s in again]
     other = await run(engine, GenerateJob(prompt, 12, SamplingParams(temperature=1.0, top_k=50, seed=43)))
     assert [s.token_id for s in other] != [s.token_id for s in first]
