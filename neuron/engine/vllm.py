@@ -21,9 +21,11 @@ from typing import AsyncIterator
 import torch
 from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
@@ -31,7 +33,7 @@ from neuron.engine import vllm_sampler
 from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, Sampler,
                                  TokenStep)
 from neuron.engine.vllm_config import VllmConfig
-from neuron.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, check
+from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
 from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
 
 
@@ -96,6 +98,17 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     if config.kv_cache_memory_bytes:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     return AsyncEngineArgs(**kwargs)
+
+
+def _neuron_error(exc: VLLMError) -> NeuronError:
+    """vLLM's errors as the contract's (the axon maps those to gRPC statuses)."""
+    if isinstance(exc, EngineDeadError):
+        return Unavailable("the vLLM engine has stopped")
+    if isinstance(exc, GracefulHTTPError):
+        return ResourceExhausted(f"vLLM refused the request: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return InvalidArgument(f"vLLM refused the request: {exc}")
+    return NeuronError(f"vLLM failed: {type(exc).__name__}")
 
 
 def _priority(priority: float) -> int:
@@ -274,6 +287,8 @@ class VllmEngine:
             async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid,
                                                 priority=_priority(priority)):
                 last = out
+        except VLLMError as exc:
+            raise _neuron_error(exc) from exc
         finally:
             self._active.discard(rid)
         if last is None or not last.finished or last.outputs[0].finish_reason == "abort":
@@ -338,6 +353,8 @@ class VllmEngine:
                     out = await stream.__anext__()
                 except StopAsyncIteration:
                     raise Unavailable("the engine stopped during generation") from None
+                except VLLMError as exc:
+                    raise _neuron_error(exc) from exc
                 if out.outputs[0].finish_reason == "abort":
                     if expired:
                         self._stats["deadline_exceeded"] += 1

@@ -209,6 +209,19 @@ async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
     assert rejected == []
 
 
+def test_vllm_errors_become_the_contracts():
+    from vllm.exceptions import QueueOverflowError, VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from neuron.engine.vllm import _neuron_error
+    from neuron.errors import NeuronError
+
+    assert isinstance(_neuron_error(EngineDeadError()), Unavailable)
+    assert isinstance(_neuron_error(VLLMValidationError("too long")), InvalidArgument)
+    assert isinstance(_neuron_error(QueueOverflowError()), ResourceExhausted)
+    assert type(_neuron_error(vllm.exceptions.VLLMServerError("boom"))) is NeuronError
+
+
 # vLLM's shutdown leaves a ZeroMQ context to the garbage collector, which complains as it goes.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_stop_refuses_new_work(engine, smollm2):
