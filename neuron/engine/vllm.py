@@ -87,8 +87,8 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
         max_logprobs=config.max_logprobs,
         logprobs_mode="raw_logprobs",  # logprobs of the unmodified distribution, before any processor
         logits_processors=[GumbelV1LogitsProcessor],
-        generation_config="vllm",
-        scheduling_policy="priority",  # the contract's priority (lower first: the axon passes -stake)  # no sampling defaults from the checkpoint: the request says everything
+        generation_config="vllm",  # no sampling defaults from the checkpoint: the request says everything
+        scheduling_policy="priority",  # the contract's priority (lower first: the axon passes -stake)
         seed=0,
         disable_log_stats=True,
     )
@@ -250,6 +250,7 @@ class VllmEngine:
         ids = job.input_ids
         check(int(ids.min()) >= 0 and int(ids.max()) < info.vocab_size, "token id outside the vocabulary")
         self._check_admissible(deadline)
+        left = self._remaining(deadline)
         self._take()
         try:
             rows = ids.tolist()
@@ -260,7 +261,7 @@ class VllmEngine:
                                      logprobs=job.topk if need_last else None,
                                      output_kind=RequestOutputKind.FINAL_ONLY)
             outs = await asyncio.wait_for(
-                asyncio.gather(*(self._one(row, params, priority) for row in rows)), self._remaining(deadline))
+                asyncio.gather(*(self._one(row, params, priority) for row in rows)), left)
         except asyncio.TimeoutError:
             self._stats["deadline_exceeded"] += 1
             raise DeadlineExceeded("the deadline passed during the forward pass") from None
@@ -329,6 +330,7 @@ class VllmEngine:
     async def _generate(self, job: GenerateJob, params: VSamplingParams, priority: float,
                         deadline: float | None) -> AsyncIterator[TokenStep]:
         self._check_admissible(deadline)
+        left = self._remaining(deadline)
         self._take()
         rid = self._request_id()
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid,
@@ -346,7 +348,7 @@ class VllmEngine:
             task.add_done_callback(self._aborts.discard)
 
         # One timer rather than a timeout around every step: no task per token.
-        timer = None if deadline is None else asyncio.get_running_loop().call_later(self._remaining(deadline), expire)
+        timer = None if left is None else asyncio.get_running_loop().call_later(left, expire)
         try:
             while not finished:
                 try:
@@ -355,7 +357,7 @@ class VllmEngine:
                     raise Unavailable("the engine stopped during generation") from None
                 except VLLMError as exc:
                     raise _neuron_error(exc) from exc
-                if out.outputs[0].finish_reason == "abort":
+                if expired or out.outputs[0].finish_reason == "abort":
                     if expired:
                         self._stats["deadline_exceeded"] += 1
                         raise DeadlineExceeded("the deadline passed during generation")
