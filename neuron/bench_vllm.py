@@ -154,6 +154,31 @@ def agreement(lm, jobs: list[GenerateJob], tokens: list[list[int]]) -> dict:
             "tokens": total, "differing": differing, "worst_score_gap": worst_gap}
 
 
+def processor_cost(rows: int, vocab: int, reps: int = 20) -> list[dict]:
+    """Milliseconds per decode step of the processor's function alone, `rows` seeded rows of `vocab` logits."""
+    from neuron.engine.vllm_sampler import force_choice
+
+    out = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for label, (t, k, p) in (("top_k 50", (0.8, 50, 1.0)), ("whole vocabulary", (1.0, 0, 1.0)),
+                             ("top_p 0.9", (1.0, 0, 0.9))):
+        logits = torch.randn(rows, vocab, device=device) * 3
+        times = []
+        for step in range(reps):
+            x = logits.clone()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            force_choice(x, {i: (t, k, p, 1000 + i, step) for i in range(rows)})
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        out.append({"key": f"gumbel_processor_ms_{label.replace(' ', '_')}",
+                    "label": f"gumbel-v1 processor, {rows} rows x {vocab} logits, {label}: ms per step",
+                    "ms": statistics.median(times)})
+    return out
+
+
 async def run_agreement(model: str, config: VllmConfig, requests: int, new_tokens: int, prompt_len: int) -> list[dict]:
     """Only the agreement count, over `requests` seeded generations run concurrently."""
     from neuron.engine.vllm import VllmEngine
@@ -187,23 +212,31 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
     figures = []
     try:
         prompts = _prompts(engine.tokenizer, requests, prompt_len)
-        for sampler in (Sampler.GUMBEL_V1, Sampler.ANY):
-            jobs = _jobs(prompts, new_tokens, sampler)
-            await _through_engine(engine, jobs)  # warm-up
-            await asyncio.to_thread(_through_llm, llm, engine, jobs)
-            eng, raw, own, hf = [], [], [], []
-            for _ in range(reps):
-                eng.append((await _through_engine(engine, jobs))[0])
-                raw.append(await _through_async_llm(engine, jobs))
-                own.append(await asyncio.to_thread(_through_llm, llm, engine, jobs))
-                hf.append(await asyncio.to_thread(_through_hf, lm, jobs[:2]))
-            name = sampler.value
-            figures.append(_paired(f"vllm_engine_vs_async_llm_{name}", f"{requests} x {new_tokens} tokens, {name}: "
-                                   "VllmEngine / vLLM AsyncLLM streaming", eng, raw, "tok/s", ">= 0.9"))
-            figures.append(_paired(f"vllm_engine_vs_llm_{name}", f"{requests} x {new_tokens} tokens, {name}: "
-                                   "VllmEngine / vllm.LLM.generate", eng, own, "tok/s", ">= 0.9"))
-            figures.append(_paired(f"vllm_engine_vs_hf_{name}", f"{requests} x {new_tokens} tokens, {name}: "
-                                   "VllmEngine / HF generate (one request after another)", eng, hf, "tok/s"))
+        kinds = (Sampler.GUMBEL_V1, Sampler.ANY)
+        jobs = {kind: _jobs(prompts, new_tokens, kind) for kind in kinds}
+        runs = {(kind, what): [] for kind in kinds for what in ("engine", "async_llm", "llm", "hf")}
+        for rep in range(reps + 1):  # the first round warms every path up and is not counted
+            for kind in kinds:
+                got = {"engine": (await _through_engine(engine, jobs[kind]))[0],
+                       "async_llm": await _through_async_llm(engine, jobs[kind]),
+                       "llm": await asyncio.to_thread(_through_llm, llm, engine, jobs[kind]),
+                       "hf": await asyncio.to_thread(_through_hf, lm, jobs[kind][:2])}
+                for what, value in got.items():
+                    if rep:
+                        runs[kind, what].append(value)
+        size = f"{requests} x {new_tokens} tokens"
+        for kind in kinds:
+            name = kind.value
+            eng = runs[kind, "engine"]
+            figures.append(_paired(f"vllm_engine_vs_async_llm_{name}", f"{size}, {name}: VllmEngine / vLLM AsyncLLM "
+                                   "streaming", eng, runs[kind, "async_llm"], "tok/s", ">= 0.9"))
+            figures.append(_paired(f"vllm_engine_vs_llm_{name}", f"{size}, {name}: VllmEngine / vllm.LLM.generate",
+                                   eng, runs[kind, "llm"], "tok/s", ">= 0.9"))
+            figures.append(_paired(f"vllm_engine_vs_hf_{name}", f"{size}, {name}: VllmEngine / HF generate "
+                                   "(one request after another)", eng, runs[kind, "hf"], "tok/s"))
+        figures.append(_paired("vllm_gumbel_vs_own_sampler", f"{size}: VllmEngine gumbel-v1 / VllmEngine vLLM's "
+                               "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"], "tok/s"))
+        figures += processor_cost(requests, engine.info().vocab_size)
         jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=1), new_tokens)
         _, tokens = await _through_engine(engine, jobs)
         figures.append(await asyncio.to_thread(agreement, lm, jobs, tokens))
@@ -215,7 +248,9 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
 
 def print_table(figures: list[dict]) -> None:
     for f in figures:
-        if "ratio" in f:
+        if "ms" in f:
+            print(f"{f['label']:<80} {f['ms']:9.2f} ms")
+        elif "ratio" in f:
             met = {True: "met", False: "NOT met", None: ""}[f["met"]]
             print(f"{f['label']:<80} {f['a']:9.1f} / {f['b']:9.1f} {f['unit']:<6} = {f['ratio']:5.2f} "
                   f"{f['target']} {met}")
