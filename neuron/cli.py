@@ -335,6 +335,10 @@ def cmd_mocknet(argv: list[str], yaml_path: str | None) -> int:
 
 
 def cmd_bench(argv: list[str], _yaml) -> int:
+    from neuron import bench_vllm
+
+    if bench_vllm.wants_vllm(argv):
+        return bench_vllm.main(argv)
     from neuron.bench import main as bench_main
 
     return bench_main(argv)
