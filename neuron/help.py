@@ -61,11 +61,12 @@ def _rows(cls: type, values: Any, prefix: str = "") -> list[tuple[str, list[tupl
         value = getattr(values, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             doc = (hints[f.name].__doc__ or "").strip()
-            sections.append((f"{prefix}{f.name}: {doc}", _rows(hints[f.name], value, prefix + f.name + ".")[0][1]))
+            (_, own), *nested = _rows(hints[f.name], value, prefix + f.name + ".") or [("", [])]
+            sections += [(f"{prefix}{f.name}: {doc}", own), *nested]
         else:
             flag = f"--{prefix}{f.name} {_type_name(hints[f.name])}"
             top.append((flag, _default(value), comments.get(f.name, "")))
-    return [("options", top), *sections] if top or not prefix else sections
+    return [("options", top), *sections]
 
 
 def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "",

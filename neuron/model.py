@@ -142,7 +142,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         max_positions=max_positions,
         eos_token_id=tokenizer.eos_token_id,
-        weights_fingerprint=weights_fingerprint(model),
+        weights_fingerprint=weights_fingerprint(source, model),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
     params = sum(p.numel() for p in model.parameters())
@@ -151,8 +151,15 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     return lm
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every tensor's name, shape, dtype and bytes."""
+def weights_fingerprint(source: str, model: torch.nn.Module) -> str:
+    """The checkpoint files' fingerprint (neuron/fingerprint.py: the same on every backend); for a checkpoint
+    without safetensors/bin files, the SHA-256 over every loaded tensor's name, shape, dtype and bytes."""
+    from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
+
+    try:
+        return checkpoint_fingerprint(checkpoint_dir(source))
+    except (OSError, ValueError):
+        pass
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()

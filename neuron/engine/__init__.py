@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from neuron.config import MinerConfig
+from typing import TYPE_CHECKING
+
 from neuron.engine.types import Engine
+
+if TYPE_CHECKING:
+    from neuron.config import MinerConfig
 
 BACKENDS = ("hf", "vllm")
 
 
-def open_engine(config: MinerConfig) -> Engine:
+def open_engine(config: "MinerConfig") -> Engine:
     """Load the model and build the engine `config.engine.backend` names (blocking: minutes for a large model)."""
     backend = config.engine.backend
     if backend == "hf":

@@ -7,21 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VllmConfig:
-    # Longest prompt + generation per sequence; 0: the model's own limit. Bounds the KV cache per sequence.
-    max_model_len: int = 0
-    # Bytes of KV cache to allocate; 0: let vLLM size it from gpu_memory_utilization. On CPU set it
-    # (e.g. 512 MiB for SmolLM2-135M): vLLM's CPU default takes a large share of host memory.
-    kv_cache_memory_bytes: int = 0
-    # Share of the device memory vLLM may use (on CPU: of host memory) for weights, activations and KV cache.
-    gpu_memory_utilization: float = 0.9
-    # GPUs one model is split over (tensor parallelism); 1 on CPU.
-    tensor_parallel_size: int = 1
-    # Skip CUDA graphs and compilation: slower steps, faster start, less memory. Always on for CPU here.
-    enforce_eager: bool = False
-    # "auto" (float16 on CUDA, float32 on CPU, as the HF backend), "float32", "float16", "bfloat16".
-    dtype: str = "auto"
-    # Sequences decoded together (vLLM's max_num_seqs); requests beyond wait in vLLM's queue.
-    max_num_seqs: int = 16
-    # Largest top-k / top-n of log-probabilities a request may ask for (vLLM's max_logprobs); at least
-    # the axon's limits.max_topk and limits.max_logprobs_topn.
-    max_logprobs: int = 64
+    """vLLM's own settings, under the names vLLM gives them (used with --engine.backend vllm)."""
+
+    max_model_len: int = 0  # longest prompt + generation per sequence; 0: the model's own limit
+    kv_cache_memory_bytes: int = 0  # KV cache to allocate; 0: sized from gpu_memory_utilization (set it on CPU, e.g. 536870912)
+    gpu_memory_utilization: float = 0.9  # share of device memory vLLM may use (on CPU: of host memory; use ~0.1 there)
+    tensor_parallel_size: int = 1  # GPUs one model is split over (tensor parallelism); 1 on CPU
+    enforce_eager: bool = False  # skip CUDA graphs and compilation: faster start, slower steps (always on for CPU)
+    dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16"
+    max_num_seqs: int = 16  # sequences decoded together; more wait in vLLM's queue
+    max_logprobs: int = 64  # largest top-k / top-n a request may ask for: at least limits.max_topk and max_logprobs_topn
