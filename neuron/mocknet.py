@@ -65,6 +65,10 @@ def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Pa
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
             "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
+    if node.kind == "honest" and c.engine != "hf":
+        # vLLM on a shared CPU: a small KV cache and a small share of host memory, or it refuses to start.
+        args += ["--engine.backend", c.engine, "--engine.vllm.kv_cache_memory_bytes", str(512 << 20),
+                 "--engine.vllm.gpu_memory_utilization", "0.1", "--engine.vllm.max_model_len", "512"]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     node.log = logs / f"{node.name}.log"
@@ -120,8 +124,7 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
         "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
         "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0,
-        # Long generations, so that small steady cheats (int8) build up evidence within the rounds.
-        "max_new_tokens": 96})
+        "max_new_tokens": c.max_new_tokens})
     lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
     v = Validator(vc, chain, validator_node.wallet, lm)
     holder.append(v)  # the caller reads the partial state after a Ctrl-C
