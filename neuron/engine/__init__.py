@@ -22,7 +22,7 @@ def open_engine(config: "MinerConfig") -> Engine:
         lm = load_model(config.model.name, config.model.device, config.model.dtype)
         return HFEngine(lm, config.batching, config.limits.max_seq_len)
     if backend == "vllm":
-        from neuron.engine.vllm import VLLMEngine
+        from neuron.engine.vllm import VllmEngine
 
-        return VLLMEngine(config)
+        return VllmEngine(config.model.name, config.engine.vllm, queue_size=config.batching.queue_size)
     raise ValueError(f"unknown engine backend {backend!r}: expected one of {', '.join(BACKENDS)}")

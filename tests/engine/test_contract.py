@@ -215,6 +215,7 @@ async def test_a_full_queue_is_refused_at_once(backend, small):
         assert refused >= 2  # at most queue_size (2) of the 4 wait
         for gen, task in accepted:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             await gen.aclose()
         await running.aclose()
     finally:
