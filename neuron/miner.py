@@ -116,6 +116,7 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
             engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
         else:
             engine = await asyncio.to_thread(open_engine, config)
+        await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
         if engine.info().dtype == "bfloat16":
             logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                            "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")

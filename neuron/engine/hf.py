@@ -127,7 +127,8 @@ class HFEngine:
                 "slots": self.runner.slots, **{k: float(v) for k, v in self._counts.items()}}
 
     async def start(self) -> None:
-        self._thread.start()
+        if self._thread.ident is None:  # idempotent: the miner starts it before the axon does
+            self._thread.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Refuse new work, fail the queued, let running generations finish within `timeout`."""
