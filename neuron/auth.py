@@ -26,6 +26,9 @@ AUTH_KEYS = tuple(h.lower() for h in (http_auth.HEADER_VERSION, http_auth.HEADER
                                       http_auth.HEADER_NONCE, http_auth.HEADER_CRYPTO, http_auth.HEADER_SIGNATURE))
 HOTKEY_KEY = http_auth.HEADER_HOTKEY.lower()
 NONCE_KEY = http_auth.HEADER_NONCE.lower()
+# The longest btauth value is the 0x-prefixed hex signature (130 characters): anything longer is refused
+# before it is parsed (a nonce of thousands of digits costs quadratic time in int()).
+MAX_HEADER_CHARS = 256
 
 
 def sign(keypair, method: str, path: str, body: bytes, receiver: str) -> list[tuple[str, str]]:
@@ -99,6 +102,9 @@ def verify(headers: Mapping[str, str], body: bytes, *, method: str, path: str, s
     """Check a signature; UNAUTHENTICATED (with the SDK's reason) when it does not hold."""
     if not headers:
         raise Unauthenticated("the request is not signed: sign it with a hotkey (btauth/1 in the gRPC metadata)")
+    for key, value in headers.items():
+        if len(value) > MAX_HEADER_CHARS:
+            raise Unauthenticated(f"MalformedAuth: {key} has {len(value)} characters (at most {MAX_HEADER_CHARS})")
     try:
         return http_auth.verify(headers, body, method=method, path=path, self_hotkey_ss58=self_hotkey,
                                 max_age=max_age, allowed_skew=allowed_skew, nonce_store=nonce_store)

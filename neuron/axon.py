@@ -88,10 +88,12 @@ class AxonServicer(axon_pb2_grpc.AxonServicer):
 
 
 class Guard(grpc.aio.ServerInterceptor):
-    """Wraps every Axon method: verify the signature on the raw bytes, admit, run, sign the answer.
+    """Wraps every Axon method: bound the body, verify the signature on the raw bytes, admit, parse, run,
+    sign the answer, and log one line per finished call.
 
     Handlers are rebuilt to take and return raw bytes, so the signature covers exactly what
-    travelled. NeuronErrors become their status codes here, and nowhere else.
+    travelled. NeuronErrors become their status codes here, and nowhere else. Info passes through
+    here too (its errors are mapped the same way) but needs no signature: it does no model work.
     """
 
     def __init__(self, config: MinerConfig, keypair, metagraph: Callable[[], Metagraph | None]):
@@ -99,11 +101,13 @@ class Guard(grpc.aio.ServerInterceptor):
         self.keypair = keypair
         self.hotkey = keypair.ss58_address if keypair is not None else ""
         self.admission = auth.Admission(config.auth, metagraph)
+        self.max_bytes = protocol.max_request_bytes(config.limits)
+        self.metrics = None  # a neuron.metrics.MinerMetrics, set by the miner when --metrics.port is on
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/") or details.method.endswith("/Info"):
-            return handler  # health, reflection and Info are public: they do no model work
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler  # health and reflection are public: they do no model work
         method = details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -115,68 +119,129 @@ class Guard(grpc.aio.ServerInterceptor):
         """The admitted peer and the request's nonce; raises Unauthenticated / PermissionDenied / ResourceExhausted."""
         headers = auth.auth_headers(context.invocation_metadata() or ())
         if not self.config.auth.required:
-            return Peer(headers.get(auth.HOTKEY_KEY, ""), 0.0), headers.get(auth.NONCE_KEY, "0")
+            return Peer(headers.get(auth.HOTKEY_KEY, "")[:64], 0.0), headers.get(auth.NONCE_KEY, "0")[:32]
+        if method.endswith("/Info"):
+            return Peer("", 0.0), "0"  # public: answered unsigned to anyone
         a = self.config.auth
         caller = auth.verify(headers, raw, method=auth.REQUEST, path=method, self_hotkey=self.hotkey,
                              nonce_store=auth.SignatureOnly(), max_age=a.max_age_s, allowed_skew=a.allowed_skew_s)
         stake = self.admission.admit(caller.hotkey_ss58, caller.nonce_ns)
         return Peer(caller.hotkey_ss58, stake), str(caller.nonce_ns)
 
-    def _sign(self, method: str, nonce: str, body: bytes, peer: Peer) -> list[tuple[str, str]]:
-        if self.keypair is None or not peer.hotkey:
-            return []
-        return auth.sign(self.keypair, auth.RESPONSE, auth.response_path(method, nonce), body, peer.hotkey)
-
-    @staticmethod
-    def _parse(deserialize, raw: bytes):
+    def _open(self, call: "_Call", raw: bytes, context, deserialize):
+        """The admitted, parsed request and its nonce. The body's size is checked first: a body larger than
+        any valid request of this RPC is refused before it is hashed, parsed or looked at."""
+        limit = self.max_bytes[_short(call.method)]
+        if len(raw) > limit:
+            raise InvalidArgument(f"the request has {len(raw)} bytes; no valid {_short(call.method)} request "
+                                  f"has more than {limit} under this miner's limits")
+        call.peer, nonce = self._admit(call.method, raw, context)
+        _PEER.set(call.peer)
         try:
-            return deserialize(raw)
+            return deserialize(raw), nonce
         except DecodeError:
             raise InvalidArgument("the request is not a valid protobuf message") from None
 
+    def _sign(self, method: str, nonce: str, body: bytes, peer: Peer) -> list[tuple[str, str]]:
+        if self.keypair is None or not peer.hotkey or method.endswith("/Info"):
+            return []
+        return auth.sign(self.keypair, auth.RESPONSE, auth.response_path(method, nonce), body, peer.hotkey)
+
     def _unary(self, method, inner, deserialize, serialize):
         async def behavior(raw: bytes, context):
-            start, peer = time.monotonic(), Peer("", 0.0)
+            call = _Call(method)
             try:
-                peer, nonce = self._admit(method, raw, context)
-                _PEER.set(peer)
-                body = serialize(await inner(self._parse(deserialize, raw), context))
-                context.set_trailing_metadata(self._sign(method, nonce, body, peer))
-                _log(method, peer, "OK", start)
+                request, nonce = self._open(call, raw, context, deserialize)
+                del raw  # the parsed request is all that is needed from here on
+                answer = await inner(request, context)
+                body = serialize(answer)
+                context.set_trailing_metadata(self._sign(method, nonce, body, call.peer))
+                call.outcome, call.tokens = "OK", len(getattr(answer, "token_ids", ()))
                 return body
-            except NeuronError as exc:
-                _log(method, peer, exc.code.name, start, str(exc))
-                await context.abort(exc.code, str(exc))
-            except asyncio.CancelledError:
-                _log(method, peer, "CANCELLED", start)
-                raise
-            except Exception:
-                logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
+            except BaseException as exc:
+                call.failed(exc, context)
+                if call.status is None:
+                    raise  # cancelled: there is nobody to answer
+            finally:
+                call.log(context, self.metrics)
+            call.answer(context)
+            return None  # with a status set, gRPC sends it and no message
         return behavior
 
     def _stream(self, method, inner, deserialize, serialize):
+        # A coroutine writing with context.write rather than an async generator: a client's cancel then
+        # arrives here, at once, as CancelledError, so the servicer's generator is closed (and the engine
+        # told) now, not whenever the garbage collector finalises an abandoned generator.
         async def behavior(raw: bytes, context):
-            start, peer, chunks = time.monotonic(), Peer("", 0.0), []
+            call, sent = _Call(method), []
             try:
-                peer, nonce = self._admit(method, raw, context)
-                _PEER.set(peer)
-                async for msg in inner(self._parse(deserialize, raw), context):
-                    body = serialize(msg)
-                    chunks.append(body)
-                    yield body
-                context.set_trailing_metadata(self._sign(method, nonce, auth.stream_digest(chunks), peer))
-                _log(method, peer, "OK", start, f"{len(chunks)} chunks")
-            except NeuronError as exc:
-                _log(method, peer, exc.code.name, start, str(exc))
-                await context.abort(exc.code, str(exc))
-            except asyncio.CancelledError:
-                _log(method, peer, "CANCELLED", start, f"after {len(chunks)} chunks")
-                raise
-            except Exception:
-                logger.exception(f"{_short(method)} from {peer.hotkey[:8] or '-'}: internal error")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the miner)")
+                request, nonce = self._open(call, raw, context, deserialize)
+                del raw
+                chunks = inner(request, context)
+                try:
+                    async for msg in chunks:
+                        body = serialize(msg)
+                        sent.append(body)
+                        await context.write(body)
+                finally:
+                    await chunks.aclose()
+                context.set_trailing_metadata(self._sign(method, nonce, auth.stream_digest(sent), call.peer))
+                call.outcome, call.tokens = "OK", len(sent)
+            except BaseException as exc:
+                call.failed(exc, context)
+                if call.status is None:
+                    raise
+            finally:
+                call.detail = call.detail or f"{len(sent)} chunks"
+                call.log(context, self.metrics)
+            call.answer(context)
         return behavior
+
+
+class _Call:
+    """One call's outcome as the guard records it: the status to answer with, and its log line."""
+
+    def __init__(self, method: str):
+        self.method, self.start, self.peer = method, time.monotonic(), Peer("", 0.0)
+        self.outcome, self.detail = "", ""
+        self.status: grpc.StatusCode | None = None
+        self.message = ""
+        self.tokens = 0  # generated tokens answered
+
+    def failed(self, exc: BaseException, context) -> None:
+        """Record what `exc` means for the caller; status stays None when nobody is left to answer."""
+        if isinstance(exc, NeuronError):
+            self.status, self.message = exc.code, str(exc) or exc.code.name
+            self.outcome, self.detail = exc.code.name, self.message
+        elif isinstance(exc, asyncio.CancelledError):
+            remaining = context.time_remaining()
+            self.outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        elif isinstance(exc, Exception):
+            logger.opt(exception=exc).error(f"{_short(self.method)} from {self.peer.hotkey[:8] or '-'}: internal error")
+            self.status, self.message = grpc.StatusCode.INTERNAL, "internal error (logged on the miner)"
+            self.outcome = "INTERNAL"
+        else:
+            self.outcome = type(exc).__name__
+
+    def answer(self, context) -> None:
+        """Set the recorded status, outside any except block and without raising: `context.abort` would
+        raise an error whose traceback holds the handler's frame (and the request in it), and gRPC keeps
+        that error in a reference cycle, so every refused request lived until the next GC pass."""
+        if self.status is not None:
+            context.set_code(self.status)
+            context.set_details(self.message)
+
+    def log(self, context, metrics=None) -> None:
+        """The call's one log line (naming the hotkey a refused caller claimed), and its metrics."""
+        outcome, detail, peer = self.outcome or "CANCELLED", self.detail, self.peer
+        if outcome in ("PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED"):
+            claimed = peer.hotkey or auth.auth_headers(context.invocation_metadata() or ()).get(auth.HOTKEY_KEY, "")
+            peer, detail = Peer(claimed[:64], 0.0), f"{detail} (hotkey {claimed[:64] or '-'})"
+        _log(self.method, peer, outcome, self.start, detail)
+        if metrics is not None:
+            metrics.observe_request(_short(self.method), outcome, time.monotonic() - self.start, detail)
+            if self.tokens:
+                metrics.observe_tokens(self.tokens)
 
 
 def _short(method: str) -> str:

@@ -32,11 +32,15 @@ from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forw
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 RANDOM_OPT = "opt-125m-random"
-# facebook/opt-125m's shape; the weights are random, made on the fly (nothing can be downloaded here).
+# Shapes of facebook/opt-125m and of opentensor/bt-opt-1.3b (the production model); the weights are random,
+# made on the fly (nothing can be downloaded here).
 OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
                 max_position_embeddings=2048, word_embed_proj_dim=768)
+OPT_1_3B = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                max_position_embeddings=2048, word_embed_proj_dim=2048)
+RANDOM = {RANDOM_OPT: OPT_125M, "opt-1.3b-random": OPT_1_3B}
 NETUID = 1
-PARTS = ("overhead", "forward", "generate", "validator", "memory")
+PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load")
 
 
 @dataclass
@@ -94,13 +98,15 @@ class Sizes:
     prompt_len: int = 16  # generation prompt
     new_tokens: int = 64
     streams: int = 8
+    bound_streams: tuple[int, ...] = (1, 8)  # streams of the bandwidth-bound figure (1/16/64/256 on a GPU)
     overhead_calls: int = 4  # Forward calls per rep for the latency figure
     clients: tuple[int, ...] = (1, 8, 32)
     miners: tuple[int, ...] = (1, 8, 32)
 
 
 QUICK = Sizes(latency=Shape(32, 0, 8), traffic=Shape(16, 4, 8), reps=1, requests_per_client=1, min_requests=2,
-              prompt_len=8, new_tokens=8, streams=4, overhead_calls=2, clients=(1, 8), miners=(1, 2))
+              prompt_len=8, new_tokens=8, streams=4, overhead_calls=2, clients=(1, 8), miners=(1, 2), bound_streams=(1, 4))
+GPU = dict(prompt_len=64, new_tokens=128, bound_streams=(1, 16, 64, 256))
 
 
 def make_random_opt(path: Path, shape: dict = OPT_125M, seed: int = 0) -> None:
@@ -191,12 +197,18 @@ class Bench:
 
         keypair = self.miner_wallet.hotkey
         config = _miner_config(**{f"batching.{k}": v for k, v in batching.items()})
-        axon = Axon(self.lm, config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
+        axon = Axon(self.engine(config), config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
         port = await axon.start()
         self.axons.append(axon)
         if self.dendrite is None:
             self.dendrite = Dendrite(self.validator_wallet.hotkey)
         return axon, Target(f"127.0.0.1:{port}", keypair.ss58_address)
+
+    def engine(self, config: MinerConfig | None = None):
+        from neuron.engine.hf import HFEngine
+
+        config = config or _miner_config()
+        return HFEngine(self.lm, config.batching, config.limits.max_seq_len)
 
     async def close(self) -> None:
         if self.dendrite is not None:
@@ -238,9 +250,9 @@ async def forward_figures(b: Bench, shape: Shape, clients_list: tuple[int, ...],
             return n / (time.perf_counter() - start)
 
         async def axon_batched() -> float:
-            before = batched.worker.batch_rows.copy()
+            before = batched.engine.batch_rows.copy()
             rate = await through(t_batched)
-            formed[:] = list((batched.worker.batch_rows - before).elements())
+            formed[:] = list((batched.engine.batch_rows - before).elements())
             return rate
 
         async def axon_single() -> float:
@@ -330,12 +342,110 @@ async def generation_figures(b: Bench) -> list[Figure]:
         s.reps, lambda: axon(1), lambda: plain(1), lambda: axon(k), lambda: plain(k))
     return [
         Figure.paired("generate_1_axon_vs_plain", "generate, 1 stream: axon / model.generate", one, plain_one,
-                      "tok/s", ">= 0.9"),
+                      "tok/s", ">= 0.95"),
         Figure.paired(f"generate_{k}_axon_vs_plain", f"generate, {k} streams: axon / {k} model.generate in turn",
                       many, plain_many, "tok/s"),
         Figure.paired(f"generate_{k}_vs_1", f"generate through the axon: {k} streams / 1 stream",
-                      many, one, "tok/s", ">= 3.0"),
+                      many, one, "tok/s", ">= 3.5"),
     ]
+
+
+async def sampler_figures(b: Bench) -> list[Figure]:
+    """The seeded sampler's cost per decode step, against the decode step of one greedy stream.
+
+    Two sampling settings: the validator's (temperature 0.7, top-k 50: noise at 50 candidates) and
+    temperature 1 over the whole vocabulary (noise at every id)."""
+    from neuron.engine import sampler as S
+    from neuron.engine.runner import Runner
+    from neuron.engine.types import SamplingParams
+
+    runner = Runner(b.lm, 1, b.sizes.prompt_len + 4 * b.sizes.new_tokens + 8)
+    runner.prefill([0], [b.ids(1, b.sizes.prompt_len)[0].tolist()], [SamplingParams()], [0], [0])
+    logits = torch.randn(1, b.lm.vocab_size, generator=b.gen).to(b.lm.device) * 3
+    settings = {"validator": (0.7, 50, 1.0), "full_vocab": (1.0, 0, 1.0)}
+    steps = max(4, b.sizes.new_tokens // 4)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if b.lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps * 1000
+
+    def decode_ms() -> float:
+        return timed(runner.decode)
+
+    def choose_ms(t: float, k: int, p: float) -> float:
+        rows = [S.RowParams.build([(t, k, p, seed, seed)], b.lm.device) for seed in range(steps)]
+        it = iter(rows)
+        return timed(lambda: S.choose(logits, next(it)))
+
+    async def run(fn, *args) -> float:
+        return await asyncio.to_thread(fn, *args)
+
+    figures = []
+    for name, (t, k, p) in settings.items():
+        xs, ys = await alternate(b.sizes.reps, lambda: run(choose_ms, t, k, p), lambda: run(decode_ms))
+        label = f"seeded sampler (T {t}{f', top-k {k}' if k else ''}) / one decode step"
+        figures.append(Figure.paired(f"sampler_{name}_vs_decode_step", label, xs, ys, "ms", "<= 0.05"))
+    return figures
+
+
+def copy_bandwidth(device: torch.device, mb: int = 256) -> float:
+    """Bytes per second a device copy moves (read + write), the best of three."""
+    x = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        y.copy_(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() / best
+
+
+async def bound_figures(b: Bench) -> list[Figure]:
+    """Decode tokens/s of the engine against the memory-bandwidth bound measured in the same run.
+
+    The bound for n streams: every decode step reads the weights once and each stream's keys and values,
+    so n * bandwidth / (weight bytes + n * context * KV bytes per token) tokens/s, with the bandwidth of a
+    plain device copy. The engine is called directly (no gRPC): this is the runner's efficiency."""
+    from neuron.engine.types import GenerateJob
+
+    s = b.sizes
+    weights = sum(p.numel() * p.element_size() for p in b.lm.model.parameters())
+    bandwidth = copy_bandwidth(b.lm.device)
+    figures = []
+    for n in s.bound_streams:
+        config = _miner_config(**{"batching.max_generate_batch": n, "limits.max_seq_len": s.prompt_len + s.new_tokens})
+        engine = b.engine(config)
+        await engine.start()
+        try:
+            async def measure() -> float:
+                jobs = [GenerateJob(tuple(b.ids(1, s.prompt_len)[0].tolist()), s.new_tokens) for _ in range(n)]
+                start = time.perf_counter()
+                counts = await asyncio.gather(*(_count(engine.generate(j)) for j in jobs))
+                return sum(counts) / (time.perf_counter() - start)
+
+            await measure()
+            rates = (await alternate(s.reps, measure))[0]
+        finally:
+            await engine.stop(0)
+        context = s.prompt_len + s.new_tokens / 2
+        bound = n * bandwidth / (weights + n * context * engine.runner.kv_bytes_per_token)
+        rate = statistics.median(rates)
+        target = (">= 0.5" if n == 1 else ">= 0.3" if n == 64 else "") if b.lm.device.type == "cuda" else ""
+        figures.append(Figure(f"decode_{n}_vs_bound", f"decode, {n} streams: engine / bandwidth bound "
+                              f"({bandwidth / 1e9:.0f} GB/s copy)", rate, bound, rate / bound, "tok/s", target))
+    return figures
+
+
+async def _count(gen) -> int:
+    return len([s async for s in gen])
 
 
 # ---- 4. validator rounds -----------------------------------------------------------------------
@@ -432,11 +542,16 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
         shape = sizes.latency
         ids = torch.randint(3, lm.vocab_size, (1, shape.seq_len), generator=gen)
         request = pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=shape.topk)
-        forwards = [d.call(target, "Forward", request, 600) for _ in range(max(sizes.clients))]
         prompt = ids[0, :sizes.prompt_len].tolist()
-        streams = [d.stream_all(target, pb.GenerateRequest(prompt_ids=prompt, max_new_tokens=sizes.new_tokens), 600)
-                   for _ in range(sizes.streams)]
-        results = await asyncio.gather(*forwards, *streams)
+
+        def streams():
+            return [d.stream_all(target, pb.GenerateRequest(prompt_ids=prompt, max_new_tokens=sizes.new_tokens), 600)
+                    for _ in range(sizes.streams)]
+
+        results = await asyncio.gather(*streams())  # streams alone first: what a stream costs
+        streams_kb = _status_kb(proc.pid, "VmHWM")
+        forwards = [d.call(target, "Forward", request, 600) for _ in range(max(sizes.clients))]
+        results += await asyncio.gather(*forwards, *streams())
         await d.close()
         bad = [r for r in results if not r.ok]
         if bad:
@@ -452,6 +567,9 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     return [Figure("miner_rss_loaded_vs_weights", "miner process RSS once serving / weight bytes",
                    loaded_kb / 1024, weights, loaded_kb / 1024 / weights, "MiB"),
+            Figure("miner_peak_rss_per_stream", f"miner peak RSS growth per stream ({sizes.streams} streams; KV "
+                   "slots are preallocated, so in 'loaded') / weight bytes", (streams_kb - loaded_kb) / 1024 / sizes.streams,
+                   weights, (streams_kb - loaded_kb) / 1024 / sizes.streams / weights, "MiB"),
             Figure("miner_peak_rss_vs_weights",
                    f"miner process peak RSS under {max(sizes.clients)} forwards + {sizes.streams} streams / weight bytes",
                    peak_kb / 1024, weights, peak_kb / 1024 / weights, "MiB")]
@@ -474,8 +592,8 @@ def table(figures: list[Figure], notes: list[str]) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="neuron bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=RANDOM_OPT,
-                   help=f"{RANDOM_OPT} (facebook/opt-125m's shape, random weights made on the fly), tiny, "
-                        "a local directory or a Hugging Face id")
+                   help=f"{', '.join(RANDOM)} (those models' shapes, random weights made on the fly), tiny, "
+                        "a local directory (e.g. ~/.cache/neuron/smollm2-135m) or a Hugging Face id")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--json", default="", help="write the figures here as JSON")
@@ -501,6 +619,10 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
             figures += await forward_figures(bench, sizes.latency, sizes.clients[-1:], targets=False)
         if "generate" in wanted:
             figures += await generation_figures(bench)
+        if "sampler" in wanted:
+            figures += await sampler_figures(bench)
+        if "bound" in wanted:
+            figures += await bound_figures(bench)
     finally:
         await bench.close()
     if "validator" in wanted:
@@ -511,6 +633,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
                      f"every miner an axon in this process")
     if "memory" in wanted:
         figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
+    if "load" in wanted:
+        from neuron.bench_load import QUICK_LOAD, LoadSizes, run_load
+        more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
+                                          QUICK_LOAD if args.quick else LoadSizes(), workdir)
+        figures, notes = figures + more, notes + load_notes
     return figures, notes
 
 
@@ -520,6 +647,8 @@ def main(argv: list[str]) -> int:
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} | {level: <7} | {message}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = QUICK if args.quick else Sizes()
+    if args.device.startswith("cuda") and not args.quick:
+        sizes = dataclasses.replace(sizes, **GPU)
     if args.reps:
         sizes = dataclasses.replace(sizes, reps=args.reps)
     if args.quick and args.model == RANDOM_OPT:
@@ -528,14 +657,20 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="neuron-bench-") as tmp:
         workdir = Path(tmp)
         model = args.model
-        if model == RANDOM_OPT:
-            model = str(workdir / RANDOM_OPT)
-            make_random_opt(Path(model))
+        if model in RANDOM:
+            model = str(workdir / model)
+            make_random_opt(Path(model), RANDOM[args.model])
         figures, notes = asyncio.run(run(args, sizes, model, workdir))
     print(f"neuron bench {' '.join(argv)}: model {args.model}, device {args.device}, dtype {args.dtype}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"{time.perf_counter() - started:.0f} s")
     print(table(figures, notes))
+    if args.model == "tiny" and any(f.met is False for f in figures):
+        # The targets are set for 125M-parameter models (OPT-125M's shape, SmolLM2-135M); on tiny (0.1M)
+        # fixed per-call costs dominate and batching has little to save, so a MISSED there is expected.
+        print("note: the targets are set for 125M-parameter models (the default opt-125m-random, or "
+              "~/.cache/neuron/smollm2-135m); on tiny a MISSED target says little"
+              f"{' (--quick runs tiny: a smoke test)' if args.quick else ''}.")
     if args.json:
         report = {"command": ["neuron", "bench", *argv], "model": args.model, "device": args.device,
                   "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "sizes": asdict(sizes),

@@ -1,61 +1,122 @@
-"""`neuron miner|validator|register|metagraph|wallet|query|mocknet|bench`: config, logging, and exit codes live here."""
+"""`neuron <command>`: config, help, logging, confirmations and exit codes live here."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import difflib
 import json
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 from loguru import logger
 
 from neuron import config as cfg
 from neuron.chain.base import ChainError
 
-USAGE = """neuron <command> [options] [--section.name VALUE ...]
 
-commands:
-  miner       serve a model on an axon                 (config/miner.yaml)
-  validator   query, verify and score miners            (config/validator.yaml)
-  mocknet     a local chain, miners and a validator     (config/mocknet.yaml)
-  register    register a hotkey on a subnet
-  metagraph   print a subnet as a table
-  wallet      create a wallet: neuron wallet create --wallet.name N --wallet.hotkey H
-  query       ask a miner to generate: neuron query --axon HOST:PORT --prompt TEXT
-  bench       measure batching, overhead and generation speed side by side
-
-Any config field can be set with a dotted flag, e.g. --axon.port 8091 --model.name tiny --logging.debug.
-"""
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[list[str], str | None], int]
+    config: type | None  # the dataclass its flags come from (None: the command parses its own)
+    summary: str
+    yaml: str | None = None  # name of its shipped YAML defaults
+    positional: str = ""  # e.g. "create|list"
 
 
-def setup_logging(debug: bool = False, as_json: bool = False) -> None:
+def _usage() -> str:
+    lines = ["usage: neuron <command> [options]     neuron help <command>     neuron --version", "", "commands:"]
+    for name, c in COMMANDS.items():
+        lines.append(f"  {(name + ' ' + c.positional).strip():<20} {c.summary}")
+    lines += ["", "Every option is a dotted flag (--axon.port 8092, --axon.port=8092, --logging.debug); "
+              "`neuron <command> --help` lists them all, with defaults."]
+    return "\n".join(lines) + "\n"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("neuron")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
+def setup_logging(log: cfg.LoggingConfig | None = None, command: str = "neuron") -> None:
+    """stderr, and a rotating file under logging_dir when set; JSON lines with --logging.json."""
+    log = log or cfg.LoggingConfig()
+    level = "TRACE" if log.trace else "DEBUG" if log.debug else "INFO"
+    fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if debug else "INFO", serialize=as_json,
-               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}")
+    logger.add(sys.stderr, level=level, serialize=log.json, format=fmt)
+    if log.logging_dir:
+        from pathlib import Path
+
+        path = Path(log.logging_dir).expanduser() / f"{command}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logger.add(str(path), level=level, serialize=log.json, format=fmt, rotation="50 MB", retention=5,
+                   enqueue=True)
 
 
-def _config(cls, name: str, argv: list[str], yaml_path: str | None):
-    path = yaml_path or str(cfg.CONFIG_DIR / f"{name}.yaml")
-    return cfg.load(cls, path if Path(path).exists() else None, cfg.parse_dotted(argv))
+def _load(cls, command: str, argv: list[str], yaml_path: str | None):
+    """Defaults, then the shipped YAML (or --config PATH, which must exist), then flags; logging set up."""
+    path = yaml_path if yaml_path is not None else cfg.default_yaml(command)
+    c = cfg.load(cls, path, cfg.parse_dotted(argv))
+    setup_logging(c.logging, command)  # the log file is <logging_dir>/<command>.log
+    return c
 
 
-def _chain(sub: cfg.SubtensorConfig):
-    if sub.network == "none":
+def _positional(argv: list[str], choices: tuple[str, ...], command: str) -> tuple[str, list[str]]:
+    if not argv or argv[0].startswith("--"):
+        raise cfg.ConfigError(f"neuron {command} needs one of: {', '.join(choices)} (see neuron {command} --help)")
+    if argv[0] not in choices:
+        close = difflib.get_close_matches(argv[0], choices, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise cfg.ConfigError(f"neuron {command} {argv[0]}: unknown action{hint} (expected {', '.join(choices)})")
+    return argv[0], argv[1:]
+
+
+def _chain(sub: cfg.SubtensorConfig, create: bool = False):
+    """The chain the flags name; a local chain file must exist unless `create` (register's first step)."""
+    if sub.network == "none" and not sub.chain_endpoint:
         return None
     from neuron.chain import open_chain
 
-    if sub.network == "local" and not sub.chain_path:
-        raise cfg.ConfigError("--subtensor.network local needs --subtensor.chain_path (the local chain's SQLite file)")
-    return open_chain(sub.network, sub.chain_path or None)
+    if sub.chain_endpoint:
+        if not sub.chain_endpoint.startswith(("ws://", "wss://")):
+            raise cfg.ConfigError(f"--subtensor.chain_endpoint {sub.chain_endpoint}: expected ws:// or wss://")
+        return open_chain(sub.chain_endpoint)
+    if sub.network == "local":
+        if not sub.chain_path:
+            raise cfg.ConfigError("--subtensor.network local needs --subtensor.chain_path (the local chain's SQLite file)")
+        from pathlib import Path
+
+        if create and not Path(sub.chain_path).exists():
+            logger.info(f"creating a new local chain at {sub.chain_path}")
+        return open_chain("local", sub.chain_path, create=create)
+    return open_chain(sub.network)
+
+
+def _network(sub: cfg.SubtensorConfig) -> str:
+    return sub.chain_endpoint or sub.network
+
+
+def confirm(action: str, yes: bool) -> None:
+    """Paid or irreversible chain actions: print what happens and what it costs, then ask (or --yes)."""
+    print(action, file=sys.stderr)
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise cfg.ConfigError("not confirmed: no terminal to ask on; pass --yes to go ahead")
+    if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise cfg.ConfigError("cancelled; nothing was submitted")
 
 
 def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
     from neuron.miner import run_miner
     from neuron.wallets import open_wallet
 
-    c = _config(cfg.MinerConfig, "miner", argv, yaml_path)
-    setup_logging(c.logging.debug, c.logging.json)
+    c = _load(cfg.MinerConfig, "miner", argv, yaml_path)
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
     asyncio.run(run_miner(c, chain, wallet))
@@ -66,74 +127,154 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
     from neuron.validator import run_validator
     from neuron.wallets import open_wallet
 
-    c = _config(cfg.ValidatorConfig, "validator", argv, yaml_path)
-    setup_logging(c.logging.debug, c.logging.json)
+    c = _load(cfg.ValidatorConfig, "validator", argv, yaml_path)
     chain = _chain(c.subtensor)
     if chain is None:
         raise cfg.ConfigError("the validator needs a chain: set --subtensor.network")
-    asyncio.run(run_validator(c, chain, open_wallet(c.wallet)))
+    wallet = open_wallet(c.wallet)
+    metrics = server = None
+    if c.metrics.port:
+        from neuron import metrics as m
+        from neuron.miner import check_port_free
+
+        check_port_free(c.metrics.ip, c.metrics.port, "--metrics.port")
+        metrics = m.ValidatorMetrics()
+        server = m.serve(metrics.registry, c.metrics.ip, c.metrics.port)
+        logger.info(f"metrics at http://{c.metrics.ip}:{server.server_port}/metrics")
+    try:
+        queried = asyncio.run(run_validator(c, chain, wallet, metrics=metrics))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    if c.rounds and not queried:
+        logger.error(f"{c.rounds} rounds and no miner could be queried: no uid on netuid {c.subtensor.netuid} "
+                     "serves an axon (start a miner, then check with: neuron metagraph)")
+        return 1
     return 0
 
 
-def _wallet_and_chain(argv: list[str], parser: argparse.ArgumentParser):
-    args, rest = parser.parse_known_args(argv)
-    over = cfg.parse_dotted(rest)
-    wallet_cfg = cfg.load(cfg.WalletConfig, None, {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("wallet.")})
-    sub = cfg.load(cfg.SubtensorConfig, None, {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("subtensor.")})
-    unknown = [k for k in over if not k.startswith(("wallet.", "subtensor."))]
-    if unknown:
-        raise cfg.ConfigError(f"unknown option(s): {', '.join('--' + k for k in unknown)}")
-    return args, wallet_cfg, sub
+def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
+    from neuron import wallets
 
+    action, argv = _positional(argv, ("create", "list"), "wallet")
+    c = _load(cfg.WalletCommandConfig, "wallet", argv, yaml_path)
+    if action == "list":
+        found = wallets.list_wallets(c.wallet.path)
+        if not found:
+            print(f"no wallets in {c.wallet.path}; create one with: neuron wallet create --wallet.name NAME")
+        for w in found:
+            state = {True: "encrypted", False: "NOT ENCRYPTED", None: "public key only"}[w.encrypted]
+            print(f"{w.name:<20} coldkey {w.coldkey or '(missing)'}  ({state})")
+            for name, address in w.hotkeys:
+                print(f"  hotkey {name:<13} {address}")
+        return 0
+    from pathlib import Path
 
-def cmd_wallet(argv: list[str], _yaml) -> int:
-    from neuron.wallets import create_wallet
+    has_coldkey = (Path(c.wallet.path).expanduser() / c.wallet.name / "coldkeypub.txt").exists()
+    if has_coldkey:  # only a new hotkey: the coldkey is neither read nor changed
+        password = None
+    elif c.no_password:
+        logger.warning("--no_password: the coldkey is stored unencrypted; anyone who reads the file can spend "
+                       "its TAO (development only)")
+        password = None
+    else:
+        password = wallets.new_password(c.wallet)
 
-    parser = argparse.ArgumentParser(prog="neuron wallet", description="create a wallet without prompts")
-    parser.add_argument("action", choices=["create"])
-    _, wallet_cfg, _ = _wallet_and_chain(argv, parser)
-    wallet, created = create_wallet(wallet_cfg)
-    print(f"created {' and '.join(created)} for {wallet_cfg.name}/{wallet_cfg.hotkey} in {wallet_cfg.path}")
+    def show(kind: str, words: str) -> None:
+        print(f"\n{kind} mnemonic (shown once; write it down and keep it offline; it restores the key):\n"
+              f"    {words}\n")
+
+    wallet, created = wallets.create_wallet(c.wallet, password, show)
+    w = c.wallet
+    print(f"created {' and '.join(created)} for {w.name}/{w.hotkey} in {w.path}")
     print(f"coldkey {wallet.coldkeypub.ss58_address}")
     print(f"hotkey  {wallet.hotkey.ss58_address}")
+    if "coldkey" in created and password is not None:
+        print(f"the coldkey is encrypted; for unattended use the SDK reads its password from "
+              f"${wallets.coldkey_password_env(w)}")
     return 0
 
 
-def cmd_register(argv: list[str], _yaml) -> int:
+def cmd_register(argv: list[str], yaml_path: str | None) -> int:
     from neuron.wallets import open_wallet
 
-    parser = argparse.ArgumentParser(prog="neuron register", description="register a hotkey on a subnet")
-    parser.add_argument("--netuid", type=int, required=True)
-    args, wallet_cfg, sub = _wallet_and_chain(argv, parser)
-    wallet = open_wallet(wallet_cfg)
-    chain = _chain(sub)
+    c = _load(cfg.RegisterConfig, "register", argv, yaml_path)
+    sub, netuid = c.subtensor, c.subtensor.netuid
+    wallet = open_wallet(c.wallet)
+    chain = _chain(sub, create=True)
     if chain is None:
         raise cfg.ConfigError("register needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
+    local = sub.network == "local" and not sub.chain_endpoint
     # A local chain starts empty; its subnets are created on first use, as a new user would expect.
-    if sub.network == "local" and chain.create_subnet(args.netuid):
-        logger.info(f"created subnet {args.netuid} on the local chain {sub.chain_path} with default settings")
-    uid, new = chain.register(args.netuid, wallet)
+    if local and chain.create_subnet(netuid):
+        s = chain.subnet(netuid)
+        logger.info(f"created subnet {netuid} on the local chain {sub.chain_path} with default settings "
+                    f"(a validator permit needs stake >= {s.min_validator_stake:g}: neuron stake add)")
     hotkey = wallet.hotkey.ss58_address
+    uid = chain.uid_of(netuid, hotkey)
+    if uid is not None:
+        print(f"hotkey {hotkey} is already registered on netuid {netuid} as uid {uid}; nothing to do")
+        return 0
+    if not local:
+        cost = chain.registration_cost(netuid)
+        confirm(f"registering hotkey {hotkey} on subnet {netuid} of {_network(sub)} burns {cost:.9f} TAO "
+                f"(plus a transaction fee) from coldkey {wallet.coldkeypub.ss58_address}; it is not refunded",
+                c.yes)
+    uid, new = chain.register(netuid, wallet)
     if new:
-        print(f"registered hotkey {hotkey} on netuid {args.netuid} as uid {uid}")
+        print(f"registered hotkey {hotkey} on netuid {netuid} as uid {uid}")
     else:
-        print(f"hotkey {hotkey} is already registered on netuid {args.netuid} as uid {uid}; nothing to do")
+        print(f"hotkey {hotkey} is already registered on netuid {netuid} as uid {uid}; nothing to do")
     return 0
 
 
-def cmd_metagraph(argv: list[str], _yaml) -> int:
-    parser = argparse.ArgumentParser(prog="neuron metagraph", description="print a subnet as a table")
-    parser.add_argument("--netuid", type=int, required=True)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args, _, sub = _wallet_and_chain(argv, parser)
+def cmd_stake(argv: list[str], yaml_path: str | None) -> int:
+    from neuron.wallets import open_wallet
+
+    action, argv = _positional(argv, ("add", "remove"), "stake")
+    c = _load(cfg.StakeConfig, "stake", argv, yaml_path)
+    sub, netuid = c.subtensor, c.subtensor.netuid
+    if not c.amount > 0:
+        raise cfg.ConfigError(f"neuron stake {action} needs --amount TAO (a positive number)")
+    wallet = open_wallet(c.wallet)
     chain = _chain(sub)
     if chain is None:
+        raise cfg.ConfigError("stake needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
+    hotkey = c.hotkey_ss58 or wallet.hotkey.ss58_address
+    local = sub.network == "local" and not sub.chain_endpoint
+    if not local:
+        verb = (f"staking {c.amount:g} TAO from coldkey {wallet.coldkeypub.ss58_address} onto" if action == "add"
+                else f"unstaking {c.amount:g} (alpha) back to coldkey {wallet.coldkeypub.ss58_address} from")
+        confirm(f"{verb} hotkey {hotkey} on subnet {netuid} of {_network(sub)}: the TAO/alpha swap moves the pool "
+                "price (up to 5% slippage is accepted) and costs a transaction fee", c.yes)
+    if action == "add":
+        chain.stake(netuid, wallet, hotkey, c.amount)
+    else:
+        chain.unstake(netuid, wallet, hotkey, c.amount)
+    me = chain.metagraph(netuid).by_hotkey(hotkey)
+    if me is None:
+        print(f"{'staked' if action == 'add' else 'unstaked'} {c.amount:g} on {hotkey} (not registered on netuid {netuid})")
+        return 0
+    print(f"uid {me.uid} ({hotkey}) on netuid {netuid} now has stake {me.stake:g}; "
+          f"validator permit: {'yes' if me.validator_permit else 'no'}")
+    if not me.validator_permit and local:
+        s = chain.subnet(netuid)
+        print(f"a validator permit needs stake >= {s.min_validator_stake:g} and a place in the top "
+              f"{s.max_validators} by stake", file=sys.stderr)
+    return 0
+
+
+def cmd_metagraph(argv: list[str], yaml_path: str | None) -> int:
+    c = _load(cfg.MetagraphConfig, "metagraph", argv, yaml_path)
+    chain = _chain(c.subtensor)
+    if chain is None:
         raise cfg.ConfigError("metagraph needs a chain: set --subtensor.network (finney, test, local, or an endpoint)")
-    mg = chain.metagraph(args.netuid)
+    mg = chain.metagraph(c.subtensor.netuid)
     rows = [dict(uid=n.uid, hotkey=n.hotkey, coldkey=n.coldkey, stake=n.stake, permit=n.validator_permit,
                  axon=str(n.axon) if n.axon else "", incentive=n.incentive, last_update=n.last_update)
             for n in mg.neurons]
-    if args.json:
+    if c.json:
         print(json.dumps({"netuid": mg.netuid, "block": mg.block, "neurons": rows}, indent=2))
         return 0
     print(f"netuid {mg.netuid} at block {mg.block}: {len(rows)} neurons")
@@ -144,35 +285,29 @@ def cmd_metagraph(argv: list[str], _yaml) -> int:
     return 0
 
 
-def cmd_query(argv: list[str], _yaml) -> int:
+def cmd_query(argv: list[str], yaml_path: str | None) -> int:
     from neuron.dendrite import Dendrite, Target
     from neuron.pb.neuron.v1 import axon_pb2 as pb
-    from neuron.protocol import FINISH_NAMES
+    from neuron.protocol import FINISH_OF
     from neuron.wallets import open_wallet
 
-    parser = argparse.ArgumentParser(prog="neuron query", description="ask a miner to generate text")
-    parser.add_argument("--axon", required=True, help="HOST:PORT of the miner")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("--json", action="store_true", help="print a JSON object (text, token_ids, ...)")
-    args, wallet_cfg, _ = _wallet_and_chain(argv, parser)
+    c = _load(cfg.QueryConfig, "query", argv, yaml_path)
+    if not c.axon or not c.prompt:
+        raise cfg.ConfigError("neuron query needs --axon HOST:PORT and --prompt TEXT")
     signed = any(a.startswith("--wallet.") for a in argv)
-    keypair = open_wallet(wallet_cfg).hotkey if signed else None
+    keypair = open_wallet(c.wallet).hotkey if signed else None
 
     async def ask():
         d = Dendrite(keypair)
         try:
-            target = Target(args.axon)
+            target = Target(c.axon)
             if keypair is not None:  # requests are bound to the miner's hotkey: learn it first
-                info = await d.call(target, "Info", pb.InfoRequest(), args.timeout)
+                info = await d.call(target, "Info", pb.InfoRequest(), c.timeout_s)
                 if not info.ok:
                     return info
-                target = Target(args.axon, info.response.hotkey)
-            req = pb.GenerateRequest(prompt_text=args.prompt, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature)
-            return await d.call(target, "Generate", req, args.timeout)
+                target = Target(c.axon, info.response.hotkey)
+            req = pb.GenerateRequest(prompt_text=c.prompt, max_new_tokens=c.max_new_tokens, temperature=c.temperature)
+            return await d.call(target, "Generate", req, c.timeout_s)
         finally:
             await d.close()
 
@@ -184,9 +319,9 @@ def cmd_query(argv: list[str], _yaml) -> int:
                   "validator hotkey", file=sys.stderr)
         return 1
     r = result.response
-    if args.json:
+    if c.json:
         print(json.dumps({"text": r.text, "token_ids": list(r.token_ids), "logprobs": [round(x, 6) for x in r.logprobs],
-                          "finish_reason": FINISH_NAMES.get(r.finish_reason, "unspecified"),
+                          "finish_reason": FINISH_OF[r.finish_reason].value if r.finish_reason in FINISH_OF else "unspecified",
                           "latency_ms": round(result.latency_s * 1000, 1), "signed": result.signed}))
     else:
         print(r.text)
@@ -196,36 +331,89 @@ def cmd_query(argv: list[str], _yaml) -> int:
 def cmd_mocknet(argv: list[str], yaml_path: str | None) -> int:
     from neuron.mocknet import main as mocknet_main
 
-    return mocknet_main(argv, yaml_path)
+    return mocknet_main(_load(cfg.MocknetConfig, "mocknet", argv, yaml_path))
 
 
 def cmd_bench(argv: list[str], _yaml) -> int:
+    from neuron import bench_vllm
+
+    if bench_vllm.wants_vllm(argv):
+        return bench_vllm.main(argv)
     from neuron.bench import main as bench_main
 
     return bench_main(argv)
 
 
-COMMANDS = {"miner": cmd_miner, "validator": cmd_validator, "register": cmd_register, "metagraph": cmd_metagraph,
-            "wallet": cmd_wallet, "query": cmd_query, "mocknet": cmd_mocknet, "bench": cmd_bench}
+COMMANDS: dict[str, Command] = {
+    "miner": Command(cmd_miner, cfg.MinerConfig, "serve a model on an axon", "miner"),
+    "validator": Command(cmd_validator, cfg.ValidatorConfig, "query, verify and score miners; set weights", "validator"),
+    "mocknet": Command(cmd_mocknet, cfg.MocknetConfig, "a local chain, miners and a validator on this machine",
+                       "mocknet"),
+    "wallet": Command(cmd_wallet, cfg.WalletCommandConfig, "create (encrypted coldkey, mnemonic once) or list wallets",
+                      positional="create|list"),
+    "register": Command(cmd_register, cfg.RegisterConfig, "register a hotkey on a subnet (shows the cost, asks)"),
+    "stake": Command(cmd_stake, cfg.StakeConfig, "add or remove stake (a validator permit needs stake)",
+                     positional="add|remove"),
+    "metagraph": Command(cmd_metagraph, cfg.MetagraphConfig, "print a subnet as a table"),
+    "query": Command(cmd_query, cfg.QueryConfig, "ask a miner to generate text"),
+    "bench": Command(cmd_bench, None, "measure batching, overhead and generation speed side by side"),
+}
+
+
+def command_help(name: str) -> str:
+    from neuron import help as help_text
+
+    c = COMMANDS[name]
+    return help_text.render(name, c.config, c.yaml, positional=c.positional)
+
+
+def _split_config(rest: list[str]) -> tuple[str | None, list[str]]:
+    """`--config PATH` or `--config=PATH` taken out of the flags."""
+    out, path, i = [], None, 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--config":
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise cfg.ConfigError("--config needs a path: --config PATH or --config=PATH")
+            path, i = rest[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            if not path:
+                raise cfg.ConfigError("--config needs a path: --config PATH or --config=PATH")
+        else:
+            out.append(arg)
+        i += 1
+    return path, out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"neuron {version()}")
+        return 0
+    if argv[0] == "help":
+        if len(argv) < 2:
+            print(_usage())
+            return 0
+        argv = [argv[1], "--help"]
     command, rest = argv[0], argv[1:]
-    yaml_path = None
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            print("error: --config needs a path", file=sys.stderr)
-            return 2
-        yaml_path = rest[i + 1]
-        rest = rest[:i] + rest[i + 2:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean `neuron {close[0]}`?" if close else ""
+        print(f"error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    spec = COMMANDS[command]
+    if spec.config is not None and ("-h" in rest or "--help" in rest):
+        print(command_help(command))
+        return 0
     setup_logging()
     try:
-        return COMMANDS[command](rest, yaml_path)
+        yaml_path, rest = _split_config(rest) if spec.config is not None else (None, rest)
+        return spec.run(rest, yaml_path)
     except (cfg.ConfigError, ChainError) as exc:
         logger.error(str(exc))
         return 1

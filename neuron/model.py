@@ -59,6 +59,51 @@ def _source(name: str) -> str:
     return os.path.expanduser(name)
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub: seconds, where the hub client's own retries take most of a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_source(name: str, source: str, offline: bool) -> bool:
+    """Fail fast, with the fix, when the model cannot be found; returns whether to stay off the hub."""
+    if os.path.isdir(source):
+        return offline
+    if _looks_like_path(name):
+        raise ModelNotFound(f"model path {source!r} does not exist (--model.name takes a Hugging Face id, a local "
+                            f"directory, or \"tiny\")")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except Exception:  # not a valid repo id: let transformers say so
+        return offline
+    if cached:
+        return offline or not _hub_reachable()  # cached and no hub: load it without the hub's retries
+    # "models/opt" may be a repo id or a mistyped directory: say it is neither.
+    nowhere = f"there is no local directory {source!r}, and " if "/" in name or os.sep in name else ""
+    fix = (f"download it where the hub is reachable (`huggingface-cli download {name}`) and copy the Hugging Face "
+           f"cache (~/.cache/huggingface) here, or pass a local directory with --model.name /path/to/model")
+    if offline:
+        raise ModelNotFound(f"model {name!r}: {nowhere}it is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                            f"downloading it: {fix}")
+    if not _hub_reachable():
+        raise ModelNotFound(f"model {name!r}: {nowhere}it is not in the Hugging Face cache, and the hub is unreachable from "
+                            f"here: {fix}; set HF_HUB_OFFLINE=1 to never try the hub")
+    return offline
+
+
 def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `name` (HF id, local path, or "tiny"); HF_HUB_OFFLINE=1 is honoured by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +117,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     source = _source(name)
     # Read at call time: huggingface_hub reads the variable once, at import.
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = _check_source(name, source, offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=offline)
@@ -96,7 +142,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         max_positions=max_positions,
         eos_token_id=tokenizer.eos_token_id,
-        weights_fingerprint=weights_fingerprint(model),
+        weights_fingerprint=weights_fingerprint(source, model),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
     params = sum(p.numel() for p in model.parameters())
@@ -105,8 +151,15 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     return lm
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every tensor's name, shape, dtype and bytes."""
+def weights_fingerprint(source: str, model: torch.nn.Module) -> str:
+    """The checkpoint files' fingerprint (neuron/fingerprint.py: the same on every backend); for a checkpoint
+    without safetensors/bin files, the SHA-256 over every loaded tensor's name, shape, dtype and bytes."""
+    from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
+
+    try:
+        return checkpoint_fingerprint(checkpoint_dir(source))
+    except (OSError, ValueError):
+        pass
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()

@@ -32,6 +32,11 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # hidden states can be large: refuse a re
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_SEED = (1 << 63) - 1
+# The wire carries these as float32: compare against the float32 nearest each bound, or a client's 0.01
+# (0.0099999998 once decoded) would be refused.
+_F32 = {x: float(np.float32(x)) for x in (MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_PENALTY, MAX_PENALTY)}
+# Room for the fields' tags and lengths, and for fields a newer client may add.
+REQUEST_SLACK_BYTES = 4096
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS: pb.FINISH_REASON_EOS,
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 FINISH_OF = {v: k for k, v in FINISH.items()}
@@ -43,6 +48,20 @@ SAMPLER_PB = {v: k for k, v in SAMPLERS.items()}
 
 def max_seq_len(info: EngineInfo, limits: LimitsConfig) -> int:
     return min(limits.max_seq_len, info.max_seq_len)
+
+
+def max_request_bytes(limits: LimitsConfig) -> dict[str, int]:
+    """The largest body a valid request of each RPC can have under `limits`, by RPC name.
+
+    The axon refuses a larger body before hashing or parsing it: a 4 MiB message of ids costs
+    nothing to send and far more to decode. Repeated numbers are counted at their unpacked worst case
+    (tag plus a 10-byte varint), text at 4 UTF-8 bytes per character.
+    """
+    seq = limits.max_seq_len
+    forward = limits.max_batch * seq * 8 + seq * 11
+    generate = 4 * limits.max_prompt_chars + seq * 11 + limits.max_stop_sequences * (4 * limits.max_stop_chars + 8)
+    return {"Info": REQUEST_SLACK_BYTES, "Forward": forward + REQUEST_SLACK_BYTES,
+            "Generate": generate + REQUEST_SLACK_BYTES, "GenerateStream": generate + REQUEST_SLACK_BYTES}
 
 
 def info(e: EngineInfo, limits: LimitsConfig, hotkey: str) -> pb.InfoResponse:
@@ -126,10 +145,10 @@ def generate_job(req: pb.GenerateRequest, limits: LimitsConfig, e: EngineInfo, t
     t, p, rp = req.temperature, req.top_p, req.repetition_penalty
     for name, value in (("temperature", t), ("top_p", p), ("repetition_penalty", rp)):
         check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
-    check(t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE,
+    check(t == 0 or _F32[MIN_TEMPERATURE] <= t <= _F32[MAX_TEMPERATURE],
           f"temperature {t} is outside 0 (greedy) or [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     check(p <= 1, f"top_p {p} is above 1")
-    check(rp in (0, 1) or MIN_PENALTY <= rp <= MAX_PENALTY,
+    check(rp in (0, 1) or _F32[MIN_PENALTY] <= rp <= _F32[MAX_PENALTY],
           f"repetition_penalty {rp} is outside 0 or 1 (off) or [{MIN_PENALTY}, {MAX_PENALTY}]")
     check(req.top_k <= e.vocab_size, f"top_k {req.top_k} exceeds the vocabulary size {e.vocab_size}")
     seed = int(req.seed) if req.HasField("seed") else None
@@ -215,7 +234,7 @@ def decode_forward(resp: pb.ForwardResponse, batch: int, positions: list[int], t
     """The answer to a Forward of `batch` rows asked at `positions` with `topk`; BadResponse if malformed."""
     P = len(positions)
     try:
-        if list(resp.positions) != list(positions):
+        if len(resp.positions) != P or list(resp.positions) != list(positions):
             raise InvalidArgument("answered other positions than asked")
         return ForwardAnswer(
             positions=tuple(positions),

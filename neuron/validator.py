@@ -20,11 +20,21 @@ from loguru import logger
 from neuron import scoring
 from neuron.chain.base import Chain, ChainError, Metagraph
 from neuron.challenge import Challenge, ChallengeConfig, Judgement, judge_round, make_challenge
-from neuron.config import ValidatorConfig
+from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel, load_model
 from neuron.reference import Reference
+
+
+def failure_kind(reason: str) -> str:
+    """What an operator does about a failure: a miner that refused us, one we could not reach, or a wrong answer."""
+    call = reason.split(": ")[1] if reason.count(": ") >= 1 else ""
+    if call in ("permission_denied", "unauthenticated", "resource_exhausted"):
+        return "refused"
+    if call in ("unavailable", "deadline_exceeded", "cancelled"):
+        return "unreachable"
+    return "wrong answer"
 
 
 @dataclass
@@ -87,8 +97,9 @@ class Validator:
     """Holds the model, the dendrite, the moving averages; `run_round` is one full round."""
 
     def __init__(self, config: ValidatorConfig, chain: Chain, wallet, lm: LoadedModel,
-                 source: PromptSource | None = None, thresholds: scoring.Thresholds | None = None):
+                 source: PromptSource | None = None, thresholds: scoring.Thresholds | None = None, metrics=None):
         self.config, self.chain, self.wallet, self.lm = config, chain, wallet, lm
+        self.metrics = metrics  # a neuron.metrics.ValidatorMetrics, or None
         self.keypair = wallet.hotkey
         self.source = source or (PromptSource.from_file(config.dataset) if config.dataset else PromptSource.default())
         self.thresholds = thresholds or scoring.Thresholds()
@@ -143,7 +154,8 @@ class Validator:
         self._sync(mg)
         uids = self._pick(mg)
         if not uids:
-            logger.warning("no serving miners on the subnet; nothing to query this round")
+            logger.warning(f"no miner on netuid {self.config.subtensor.netuid} serves an axon; nothing to query "
+                           "this round")
             return {}
         targets = [Target(str(mg.by_uid(u).axon), mg.by_uid(u).hotkey) for u in uids]
         challenges = [make_challenge(self.lm, self.source, self.rng, self.challenge_config) for _ in uids]
@@ -164,10 +176,18 @@ class Validator:
             await self.set_weights(mg)
         s.save(self.state_path)
         verified = sum(j.verified for j in judgements)
-        logger.info(f"round {s.rounds}: {verified}/{len(uids)} miners verified in {time.monotonic() - started:.2f} s")
+        elapsed = time.monotonic() - started
+        logger.info(f"round {s.rounds}: {verified}/{len(uids)} miners verified in {elapsed:.2f} s")
         for uid, j in zip(uids, judgements):
-            if not j.verified:
-                logger.debug(f"uid {uid} not verified: {j.reason}")
+            if not j.verified:  # an operator sees why in the INFO log: dead, refused, or wrong
+                logger.info(f"round {s.rounds}: uid {uid} {mg.by_uid(uid).hotkey} {failure_kind(j.reason)}: {j.reason}")
+        if self.metrics is not None:
+            self.metrics.rounds.inc()
+            self.metrics.round_seconds.observe(elapsed)
+            for uid, j in zip(uids, judgements):
+                self.metrics.observe_judgement(uid, j.verified, j.reason)
+            for uid, score in enumerate(s.scores):
+                self.metrics.score.labels(str(uid)).set(score)
         self.last_round = dict(zip(uids, judgements))
         return self.last_round
 
@@ -203,31 +223,86 @@ class Validator:
             await asyncio.to_thread(self.chain.set_weights, self.config.subtensor.netuid, self.wallet, uids, values)
         except ChainError as exc:
             logger.warning(f"setting weights failed, will retry next epoch: {exc}")
+            if self.metrics is not None:
+                self.metrics.weight_sets.labels("failed").inc()
             return False
+        if self.metrics is not None:
+            self.metrics.weight_sets.labels("ok").inc()
+            for u, v in zip(uids, values):
+                self.metrics.weight.labels(str(u)).set(v)
         top = sorted(zip(values, uids), reverse=True)[:5]
         logger.info("set weights: " + ", ".join(f"uid {u}={v:.3f}" for v, u in top))
         return True
 
 
-async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asyncio.Event | None = None) -> None:
-    """Run rounds until SIGTERM/SIGINT, `stop`, or config.rounds rounds."""
+def startup_report(config: ValidatorConfig, mg: Metagraph, me: str) -> None:
+    """Name, before any round, what will make rounds fail: no permit of our own, miners that serve nothing."""
+    netuid, mine = config.subtensor.netuid, mg.by_hotkey(me)
+    if not mine.validator_permit:
+        w = config.wallet
+        logger.warning(f"uid {mine.uid} ({me}) has no validator permit on netuid {netuid} (stake {mine.stake:g}): "
+                       f"miners refuse validators without one. Add stake: neuron stake add --amount 10 --netuid "
+                       f"{netuid} --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
+                       + (f"--subtensor.chain_endpoint {config.subtensor.chain_endpoint}" if config.subtensor.chain_endpoint
+                          else f"--subtensor.network {config.subtensor.network}")
+                       + (f" --wallet.path {w.path}" if w.path != WalletConfig().path else "")
+                       + (f" --subtensor.chain_path {config.subtensor.chain_path}" if config.subtensor.chain_path else ""))
+    others = [n for n in mg.neurons if n.hotkey != me]
+    silent = [n for n in others if n.axon is None]
+    for n in silent[:10]:
+        logger.info(f"uid {n.uid} {n.hotkey} serves no axon yet; it is not queried")
+    if len(silent) > 10:
+        logger.info(f"... and {len(silent) - 10} more uids serve no axon (neuron metagraph lists them)")
+    logger.info(f"netuid {netuid}: {len(others) - len(silent)} of {len(others)} other uids serve an axon")
+
+
+async def probe_miners(dendrite: Dendrite, mg: Metagraph, me: str, timeout_s: float) -> None:
+    """Name, at start-up, each serving miner that does not answer `Info` (public: no model work, no permit)."""
+    from neuron.pb.neuron.v1 import axon_pb2 as pb
+
+    serving = [n for n in mg.neurons if n.axon is not None and n.hotkey != me]
+    # No hotkey in the target: Info answers are not signed, so there is no signature to check.
+    results = await asyncio.gather(*(dendrite.call(Target(str(n.axon)), "Info", pb.InfoRequest(), timeout_s)
+                                     for n in serving))
+    for n, r in zip(serving, results):
+        if not r.ok:
+            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon} is unreachable: {r.code.name.lower()}: {r.message[:120]}")
+        elif r.response.hotkey != n.hotkey:  # another miner on that address: its answers will not verify
+            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon}: the axon there answers as hotkey "
+                           f"{r.response.hotkey or '(none)'}")
+    if serving:
+        logger.info(f"{sum(r.ok for r in results)} of {len(serving)} serving miners answer")
+
+
+async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asyncio.Event | None = None,
+                        metrics=None) -> int:
+    """Run rounds until SIGTERM/SIGINT, `stop`, or config.rounds rounds of this process.
+
+    Returns how many rounds queried at least one miner.
+    """
     me = wallet.hotkey.ss58_address
     mg = await asyncio.to_thread(chain.metagraph, config.subtensor.netuid)
     if mg.by_hotkey(me) is None:
         raise ChainError(f"validator hotkey {me} is not registered on netuid {config.subtensor.netuid}; "
                          f"register it with: neuron register --netuid {config.subtensor.netuid} ...")
+    startup_report(config, mg, me)
     lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-    validator = Validator(config, chain, wallet, lm)
+    validator = Validator(config, chain, wallet, lm, metrics=metrics)
+    await probe_miners(validator.dendrite, mg, me, min(config.timeout_s, 5.0))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    ran = queried = 0  # rounds of this process: --rounds counts these, not the saved total
     try:
-        while not stop.is_set() and not (config.rounds and validator.state.rounds >= config.rounds):
+        while not stop.is_set() and not (config.rounds and ran >= config.rounds):
+            ran += 1
             try:
-                await validator.run_round()
+                queried += bool(await validator.run_round())
             except ChainError as exc:
                 logger.warning(f"round skipped, the chain is unavailable: {exc}")
+            if config.rounds and ran >= config.rounds:
+                break
             try:
                 await asyncio.wait_for(stop.wait(), config.round_interval_s)
             except asyncio.TimeoutError:
@@ -236,4 +311,6 @@ async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asy
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await validator.close()
-        logger.info("validator stopped; state saved")
+        logger.info(f"validator stopped after {ran} rounds of this process ({queried} with miners to query); "
+                    "state saved")
+    return queried

@@ -39,9 +39,9 @@ def from_pb(msg: pb.Tensor, *, name: str, dtype: str | None = None, max_elements
         raise InvalidArgument(f"{name}: unknown dtype {msg.dtype[:32]!r} (expected one of {', '.join(_DTYPES)})")
     if dtype is not None and msg.dtype != dtype:
         raise InvalidArgument(f"{name}: dtype must be {dtype}, got {msg.dtype}")
+    if not 1 <= len(msg.shape) <= MAX_DIMS:  # the count before the list: a shape may have millions of entries
+        raise InvalidArgument(f"{name}: expected 1 to {MAX_DIMS} dimensions, got {len(msg.shape)}")
     shape = list(msg.shape)
-    if not 1 <= len(shape) <= MAX_DIMS:
-        raise InvalidArgument(f"{name}: expected 1 to {MAX_DIMS} dimensions, got {len(shape)}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{name}: negative dimension in shape {shape}")
     count = math.prod(shape)

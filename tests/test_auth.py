@@ -66,6 +66,19 @@ def test_every_broken_signature_is_unauthenticated(keys, what):
     assert str(err.value)
 
 
+@pytest.mark.parametrize("key, value", [(auth.NONCE_KEY, "9" * 5000), (auth.NONCE_KEY, "1" * 257),
+                                        ("x-bittensor-signature", "0x" + "ab" * 2000), (auth.HOTKEY_KEY, "5" * 300),
+                                        (auth.NONCE_KEY, "not a number"), (auth.NONCE_KEY, "")])
+def test_malformed_header_values_are_unauthenticated_and_long_ones_refused_unparsed(keys, key, value):
+    alice, bob = keys["Alice"], keys["Bob"]
+    meta = dict(auth.sign(alice, auth.REQUEST, METHOD, BODY, bob.ss58_address))
+    meta[key] = value
+    with pytest.raises(Unauthenticated, match="MalformedAuth|WrongReceiver|Stale|BadSignature") as err:
+        check(meta, receiver=bob.ss58_address)
+    if len(value) > auth.MAX_HEADER_CHARS:
+        assert "characters" in str(err.value)
+
+
 def test_a_replay_is_refused_by_a_nonce_store(keys):
     alice, bob = keys["Alice"], keys["Bob"]
     meta = auth.sign(alice, auth.REQUEST, METHOD, BODY, bob.ss58_address)

@@ -1,3 +1,6 @@
+import typing
+from pathlib import Path
+
 import pytest
 
 from neuron import config as cfg
@@ -12,15 +15,22 @@ def test_yaml_then_dotted_flags_override_defaults(tmp_path):
     assert c.limits == cfg.LimitsConfig()
 
 
-def test_shipped_yaml_files_load():
-    for cls, name in [(cfg.MinerConfig, "miner"), (cfg.ValidatorConfig, "validator")]:
-        path = cfg.CONFIG_DIR / f"{name}.yaml"
-        if path.exists():
-            cfg.load(cls, path)
+def test_shipped_yaml_files_load_from_inside_the_package():
+    # Package data: a wheel install carries them (pyproject's package-data), not only a checkout.
+    assert cfg.CONFIG_DIR.parent == Path(cfg.__file__).parent
+    for cls, name in [(cfg.MinerConfig, "miner"), (cfg.ValidatorConfig, "validator"), (cfg.MocknetConfig, "mocknet")]:
+        path = cfg.default_yaml(name)
+        assert path is not None and path.parent == cfg.CONFIG_DIR
+        cfg.load(cls, path)
+    assert 'defaults/*.yaml' in (Path(cfg.__file__).parents[1] / "pyproject.toml").read_text()
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--axon.prot", "1"], "unknown option"),
+    (["--axon.prot", "1"], r"unknown option --axon.prot; did you mean --axon.port\?"),
+    (["--port", "1"], r"did you mean --axon.port\?"),
+    (["--logging.debgu"], r"did you mean --logging.debug\?"),
+    (["--rounds", "1"], r"unknown option --rounds \(see --help\)"),
+    (["--axon", "1"], "--axon is a section"),
     (["--axon.port", "eighty"], "axon.port: expected int"),
     (["--logging.debug", "maybe"], "expected true or false"),
     (["axon.port"], "unexpected argument"),
@@ -35,5 +45,52 @@ def test_bad_yaml_is_a_config_error(tmp_path):
     path.write_text("axon: [1, 2\n")
     with pytest.raises(cfg.ConfigError, match="not valid YAML"):
         cfg.load(cfg.MinerConfig, path)
-    with pytest.raises(cfg.ConfigError, match="cannot read"):
+    with pytest.raises(cfg.ConfigError, match="missing.yaml does not exist"):
         cfg.load(cfg.MinerConfig, tmp_path / "missing.yaml")
+
+
+def test_btcli_names_and_one_spelling_for_every_command():
+    argv = ["--netuid", "5", "--subtensor.chain_endpoint", "ws://127.0.0.1:9944", "--logging.trace",
+            "--logging.logging_dir", "/tmp/x"]
+    for cls in (cfg.MinerConfig, cfg.ValidatorConfig, cfg.RegisterConfig, cfg.StakeConfig, cfg.MetagraphConfig):
+        c = cfg.load(cls, None, cfg.parse_dotted(argv))
+        assert c.subtensor.netuid == 5 and c.subtensor.chain_endpoint == "ws://127.0.0.1:9944"
+        assert c.logging.trace is True and c.logging.logging_dir == "/tmp/x"
+    # The mock network has its own subnet field: --netuid is that one there.
+    assert cfg.load(cfg.MocknetConfig, None, {"netuid": "4"}).netuid == 4
+    q = cfg.load(cfg.QueryConfig, None, cfg.parse_dotted(["--max-new-tokens", "3", "--timeout", "2"]))
+    assert (q.max_new_tokens, q.timeout_s) == (3, 2.0)
+    assert cfg.load(cfg.QueryConfig, None, cfg.parse_dotted(["--max_new_tokens=4"])).max_new_tokens == 4
+
+
+CONFIGS = [cfg.MinerConfig, cfg.ValidatorConfig, cfg.MocknetConfig, cfg.RegisterConfig, cfg.StakeConfig,
+           cfg.MetagraphConfig, cfg.WalletCommandConfig, cfg.QueryConfig]
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_has_a_comment_and_appears_in_the_help(cls):
+    from neuron import help as help_text
+
+    text = help_text.render("x", cls)
+    for name, typ in cfg.flag_names(cls).items():
+        *section, leaf = name.split(".")
+        owner = cls
+        for part in section:
+            owner = typing.get_type_hints(owner)[part]
+        assert help_text.field_comments(owner).get(leaf), f"{owner.__name__}.{leaf} has no comment"
+        assert f"--{name} " in text
+    assert "(default: " in text
+
+
+def test_the_deploy_environment_files_hold_valid_flags():
+    import shlex
+
+    deploy = Path(cfg.__file__).parents[1] / "deploy"
+    for name, cls, var in (("miner", cfg.MinerConfig, "NEURON_MINER_ARGS"),
+                           ("validator", cfg.ValidatorConfig, "NEURON_VALIDATOR_ARGS")):
+        env = dict(line.split("=", 1) for line in (deploy / f"{name}.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+        c = cfg.load(cls, cfg.default_yaml(name), cfg.parse_dotted(shlex.split(shlex.split(env[var])[0])))
+        assert c.metrics.port and c.metrics.ip == "127.0.0.1" and c.subtensor.netuid == 1
+        unit = (deploy / "systemd" / f"neuron-{name}.service").read_text()
+        assert f"EnvironmentFile=/etc/neuron/{name}.env" in unit and f"${var}" in unit

@@ -40,3 +40,43 @@ def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
             expected = expected if isinstance(expected, tuple) else (expected,)
             assert any(r["caught_for"].startswith(e) or e in r["caught_for"] for e in expected), r
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_temporary_directory_goes_and_ctrl_c_prints_the_rounds_so_far(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "neuron.cli", "mocknet", "--honest", "1", "--dishonest", "slow",
+               "--timeout_s", "2"]
+    done = subprocess.run([*command, "--rounds", "1"], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "honest miners hold" in done.stdout
+    assert list(tmp_path.glob("neuron-mocknet-*")) == []  # its wallets hold unencrypted coldkeys
+
+    err = tmp_path / "mocknet.err"
+    with open(err, "w") as stderr:
+        run = subprocess.Popen([*command, "--rounds", "1000"], env=env, cwd=repo, stdout=subprocess.PIPE,
+                               stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "round 1:" not in err.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130, err.read_text()
+    assert "interrupted: the table covers the" in out and "slow" in out and "honest miners hold" in out
+    [kept] = tmp_path.glob("neuron-mocknet-*")
+    assert f"logs: {kept / 'logs'}" in out and (kept / "logs" / "honest-0.log").exists()
+    assert "Traceback" not in err.read_text()
+    assert "kept in" in err.read_text()

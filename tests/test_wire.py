@@ -39,3 +39,18 @@ def test_element_limit_is_checked_before_the_bytes():
     huge = pb.Tensor(dtype="int64", shape=[1 << 20, 1 << 20], data=b"")
     with pytest.raises(InvalidArgument, match="exceed the limit"):
         wire.from_pb(huge, name="input_ids", max_elements=1000)
+
+
+def test_a_shape_with_millions_of_entries_is_refused_by_its_count():
+    """The number of dimensions is checked before the shape becomes a list (a list of 1M ints is ~36 MB)."""
+    import tracemalloc
+
+    msg = pb.Tensor(dtype="int64", shape=[1] * 1_000_000, data=b"")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument, match="dimensions"):
+            wire.from_pb(msg, name="input_ids", max_elements=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak} bytes allocated to refuse it"

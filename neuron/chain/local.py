@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 from contextlib import closing, contextmanager
@@ -104,12 +105,17 @@ class LocalChain:
 
     Blocks advance with wall time from the genesis stored in the file; `block_time` applies when the
     file is created, and an existing chain keeps its own. `clock` is the wall clock (tests pass a fake).
+    With `create=False` a missing file is an error: a mistyped path must not become a new, empty chain.
     """
 
-    def __init__(self, path, block_time: float = 1.0, *, clock: Callable[[], float] = time.time):
+    def __init__(self, path, block_time: float = 1.0, *, clock: Callable[[], float] = time.time,
+                 create: bool = True):
         if not block_time > 0:
             raise ChainError(f"block_time must be positive, not {block_time}")
         self.path = str(path)
+        if not create and not os.path.isfile(self.path):
+            raise ChainError(f"local chain {self.path} does not exist (check --subtensor.chain_path); "
+                             f"`neuron register --subtensor.network local` creates one")
         self._clock = clock
         try:
             with closing(self._connect()) as db:
@@ -217,6 +223,27 @@ class LocalChain:
             query = "UPDATE neurons SET stake = ? WHERE netuid = ? AND hotkey = ?"
             db.execute(query, (stake, netuid, hotkey))
             return stake
+
+    def subnet(self, netuid: int) -> Subnet:
+        """The subnet's hyperparameters (ChainError when it does not exist)."""
+        with self._transaction(write=False) as db:
+            return self._subnet(db, netuid)
+
+    def stake(self, netuid: int, wallet, hotkey: str, amount: float) -> float:
+        """Stake `amount` onto `hotkey` (free on a local chain); returns the hotkey's new stake."""
+        if not amount > 0:
+            raise ChainError(f"the amount to stake must be positive, not {amount}")
+        return self.add_stake(netuid, hotkey, amount)
+
+    def unstake(self, netuid: int, wallet, hotkey: str, amount: float) -> float:
+        """Remove `amount` of stake from `hotkey`; returns the hotkey's new stake."""
+        if not amount > 0:
+            raise ChainError(f"the amount to unstake must be positive, not {amount}")
+        return self.add_stake(netuid, hotkey, -amount)
+
+    def registration_cost(self, netuid: int) -> float:
+        """What registering costs, in TAO: nothing on a local chain."""
+        return 0.0
 
     # Chain protocol ---------------------------------------------------------
 

@@ -163,6 +163,30 @@ class SubtensorChain:
         except TimeoutError as exc:  # no proof in time: not a connection problem, so not retried
             raise ChainError(f"{what}: {exc}") from exc
 
+    def registration_cost(self, netuid: int) -> float:
+        """The TAO a burned registration on `netuid` costs now (it changes with demand)."""
+        what = f"reading the registration cost of subnet {netuid}"
+        raw = self._run(what, lambda: self._sub.query(bt.storage.SubtensorModule.Burn, [netuid]))
+        if raw is None:
+            raise ChainError(f"{what}: subnet {netuid} does not exist on {self.network}")
+        return _tao(raw)
+
+    def stake(self, netuid: int, wallet, hotkey: str, amount: float) -> None:
+        """Stake `amount` TAO from the wallet's coldkey onto `hotkey` (swapped to the subnet's alpha)."""
+        if not amount > 0:
+            raise ChainError(f"the amount to stake must be positive, not {amount}")
+        what = f"staking {amount} TAO onto {hotkey} on subnet {netuid}"
+        intent = bt.AddStake(hotkey_ss58=hotkey, netuid=netuid, amount_tao=amount)
+        self._run(what, lambda: self._execute(intent, wallet))
+
+    def unstake(self, netuid: int, wallet, hotkey: str, amount: float) -> None:
+        """Unstake `amount` (alpha) from `hotkey` back to the wallet's coldkey."""
+        if not amount > 0:
+            raise ChainError(f"the amount to unstake must be positive, not {amount}")
+        what = f"unstaking {amount} from {hotkey} on subnet {netuid}"
+        intent = bt.RemoveStake(hotkey_ss58=hotkey, netuid=netuid, amount_alpha=amount)
+        self._run(what, lambda: self._execute(intent, wallet))
+
     def serve_axon(self, netuid: int, wallet, ip: str, port: int) -> None:
         try:
             ipaddress.ip_address(ip)  # the chain stores the address as an integer, so no host names
@@ -211,6 +235,13 @@ class SubtensorChain:
             for n in graph.neurons
         )
         return Metagraph(netuid=netuid, block=graph.block, neurons=neurons)
+
+
+def _tao(raw) -> float:
+    """A storage balance (rao as an int, or an SDK Balance) in TAO."""
+    if isinstance(raw, bt.Balance):
+        return float(raw.tao)
+    return int(raw) / 1e9
 
 
 def _axon(endpoint: str | None) -> AxonAddress | None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from neuron.config import MinerConfig
+from typing import TYPE_CHECKING
+
 from neuron.engine.types import Engine
+
+if TYPE_CHECKING:
+    from neuron.config import MinerConfig
 
 BACKENDS = ("hf", "vllm")
 
 
-def open_engine(config: MinerConfig) -> Engine:
+def open_engine(config: "MinerConfig") -> Engine:
     """Load the model and build the engine `config.engine.backend` names (blocking: minutes for a large model)."""
     backend = config.engine.backend
     if backend == "hf":
@@ -18,7 +22,7 @@ def open_engine(config: MinerConfig) -> Engine:
         lm = load_model(config.model.name, config.model.device, config.model.dtype)
         return HFEngine(lm, config.batching, config.limits.max_seq_len)
     if backend == "vllm":
-        from neuron.engine.vllm import VLLMEngine
+        from neuron.engine.vllm import VllmEngine
 
-        return VLLMEngine(config)
+        return VllmEngine(config.model.name, config.engine.vllm, queue_size=config.batching.queue_size)
     raise ValueError(f"unknown engine backend {backend!r}: expected one of {', '.join(BACKENDS)}")

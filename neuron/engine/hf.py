@@ -97,7 +97,7 @@ class HFEngine:
                  choose: Callable[[object, S.RowParams], object] = S.choose):
         self.lm, self.config, self.tokenizer = lm, config, lm.tokenizer
         self.max_seq_len = min(max_seq_len, lm.max_positions)
-        self.runner = Runner(lm, config.max_generate_batch, self.max_seq_len)
+        self.runner = Runner(lm, config.max_generate_batch, self.max_seq_len, config.cuda_graphs)
         self.runner.choose = choose
         kv = config.kv_cache_mb * 2 ** 20 if config.kv_cache_mb else self.runner.kv_bytes
         self.scheduler = Scheduler(queue_size=config.queue_size, max_running=config.max_generate_batch, kv_bytes=kv,
@@ -108,7 +108,8 @@ class HFEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter(dict.fromkeys(
+            ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins"), 0))
         self.batch_rows: Counter[int] = Counter()  # forward batch size in rows -> batches of that size
 
     # ---- the contract -------------------------------------------------------------------------------
@@ -126,7 +127,8 @@ class HFEngine:
                 "slots": self.runner.slots, **{k: float(v) for k, v in self._counts.items()}}
 
     async def start(self) -> None:
-        self._thread.start()
+        if self._thread.ident is None:  # idempotent: the miner starts it before the axon does
+            self._thread.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Refuse new work, fail the queued, let running generations finish within `timeout`."""

@@ -18,22 +18,24 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from neuron.engine import sampler as S
+from neuron.engine.graphs import DecodeGraphs
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.model import LoadedModel, position_ids
 
 
 class SlotCache(Cache):
-    """A view of the first `bucket` slots of the runner's buffers, as the HF model code expects a cache."""
+    """The first `bucket` slots of the runner's buffers, as the HF model code expects a cache: the step's
+    keys are written at column `col`, and attention reads the columns [lo, hi) only."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], col: torch.Tensor):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], col: torch.Tensor, lo: int, hi: int):
         super().__init__(layers=[])
-        self._keys, self._values, self._col = keys, values, col
+        self._keys, self._values, self._col, self._lo, self._hi = keys, values, col, lo, hi
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self._keys[layer_idx], self._values[layer_idx]
         k.index_copy_(2, self._col, key_states.to(k.dtype))
         v.index_copy_(2, self._col, value_states.to(v.dtype))
-        return k, v
+        return k[:, :, self._lo:self._hi], v[:, :, self._lo:self._hi]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
@@ -65,7 +67,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 class Runner:
     """Owns the model's device state for generation; every method runs on the engine thread."""
 
-    def __init__(self, lm: LoadedModel, slots: int, max_len: int):
+    def __init__(self, lm: LoadedModel, slots: int, max_len: int, cuda_graphs: bool = True):
         self.lm, self.slots, self.max_len = lm, slots, max_len
         dev = lm.device
         layers, kv_heads, head_dim = kv_shape(lm.model.config)
@@ -74,7 +76,10 @@ class Runner:
         self.mask = torch.zeros(slots, max_len, dtype=torch.bool, device=dev)
         self.positions = torch.zeros(slots, dtype=torch.long, device=dev)  # next position per slot
         self.last = torch.zeros(slots, dtype=torch.long, device=dev)  # last chosen token per slot
-        self.col = 0  # next column every row writes to
+        # Columns counted without wrapping: the next step writes column tick % max_len in every row, and
+        # each slot's oldest valid column is first[slot] (a sequence spans at most max_len columns).
+        self.tick = 0
+        self.first: dict[int, int] = {}
         self._col = torch.zeros(1, dtype=torch.long, device=dev)
         # Sampling state per slot, on the device; `params` mirrors it on the host for planning.
         self.temperature = torch.zeros(slots, dtype=torch.float64, device=dev)
@@ -90,6 +95,7 @@ class Runner:
         self.kv_bytes_per_token = self.kv_bytes // (slots * max_len)
         self._mask_min = torch.finfo(self.keys[0].dtype).min
         self.choose = S.choose  # the sampling policy (the harness swaps in a cheating one)
+        self.graphs = DecodeGraphs(self) if dev.type == "cuda" and cuda_graphs else None
 
     # ---- slots ----------------------------------------------------------------------------------
 
@@ -100,8 +106,11 @@ class Runner:
         """The slot is free: nothing moves; it is masked until a new sequence is prefilled into it."""
         self.params.pop(slot, None)
         self.topn.pop(slot, None)
+        self.first.pop(slot, None)
         self.mask[slot] = False
         self.positions[slot] = 0
+        if not self.params:  # an empty batch starts again at column 0, far from wrapping
+            self.tick = -(-self.tick // self.max_len) * self.max_len
 
     def release_all(self) -> None:
         for slot in list(self.params):
@@ -123,13 +132,15 @@ class Runner:
                 seeds: list[int]) -> StepOutput:
         """Run the new prompts (left-padded together), copy their keys into their slots, choose their first tokens."""
         dev, width = self.lm.device, max(len(p) for p in prompts)
+        if not self.first:  # an empty batch sits at a block boundary: its prompts start there, unwrapped
+            self.tick += width
         pad = self.lm.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                             past_key_values=DynamicCache(config=self.lm.model.config), use_cache=True, logits_to_keep=1)
         rows = torch.tensor(slots, device=dev)
-        cols = (torch.arange(self.col - width, self.col, device=dev) % self.max_len)
+        cols = (torch.arange(self.tick - width, self.tick, device=dev) % self.max_len)
         layers = out.past_key_values.layers
         if len(layers) != len(self.keys) or layers[0].keys.shape[1::2] != self.keys[0].shape[1::2]:
             raise RuntimeError(f"the model's KV cache {tuple(layers[0].keys.shape)} x {len(layers)} does not match "
@@ -141,7 +152,7 @@ class Runner:
         self.mask[rows[:, None], cols[None, :]] = mask.bool()
         self.positions[rows] = mask.sum(1)
         for slot, prompt, p, n, seed in zip(slots, prompts, params, topn, seeds):
-            self.params[slot], self.topn[slot] = p, n
+            self.params[slot], self.topn[slot], self.first[slot] = p, n, self.tick - len(prompt)
             self.temperature[slot], self.top_k[slot], self.top_p[slot] = p.temperature, p.top_k, p.top_p
             self.seed[slot], self.step_no[slot], self.penalty[slot] = seed, 0, p.repetition_penalty
             if p.repetition_penalty != 1.0:
@@ -155,16 +166,30 @@ class Runner:
         b = self.bucket
         slots = sorted(self.params)
         rows = torch.tensor(slots, device=self.lm.device)
-        self._col.fill_(self.col)
-        self.mask[:b, self.col] = True
-        attn = torch.zeros(b, 1, 1, self.max_len, dtype=self.keys[0].dtype, device=self.lm.device)
-        attn.masked_fill_(~self.mask[:b, None, None, :], self._mask_min)
-        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col)
-        out = self.lm.model(input_ids=self.last[:b, None], attention_mask=attn, position_ids=self.positions[:b, None],
-                            past_key_values=cache, use_cache=True)
+        col = self.tick % self.max_len
+        self._col.fill_(col)
+        self.mask[:b, col] = True
+        logits = self.graphs.logits(b) if self.graphs is not None else None
+        if logits is None:
+            # Attend over the columns in use when they do not wrap round the buffer (nearly always), else all.
+            oldest = min(self.first.values())
+            same_lap = oldest // self.max_len == self.tick // self.max_len
+            lo, hi = (oldest % self.max_len, col + 1) if same_lap else (0, self.max_len)
+            logits = self.forward_step(b, self.attention_mask(b, lo, hi), lo, hi)
         self.positions[rows] += 1  # free rows stay at 0: they never walk off the position table
-        self.col = (self.col + 1) % self.max_len
-        return self._choose(rows, slots, out.logits[rows, -1, :])
+        self.tick += 1
+        return self._choose(rows, slots, logits[rows, -1, :])
+
+    def attention_mask(self, b: int, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive mask [b, 1, 1, hi - lo] of the columns each row may attend to (into `out` if given)."""
+        out = torch.zeros(b, 1, 1, hi - lo, dtype=self.keys[0].dtype, device=self.lm.device) if out is None else out
+        return out.fill_(0).masked_fill_(~self.mask[:b, None, None, lo:hi], self._mask_min)
+
+    def forward_step(self, b: int, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The model over the first b slots' last tokens, keys written at the current column: logits [b, 1, V]."""
+        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col, lo, hi)
+        return self.lm.model(input_ids=self.last[:b, None], attention_mask=attn, position_ids=self.positions[:b, None],
+                             past_key_values=cache, use_cache=True).logits
 
     def _choose(self, rows: torch.Tensor, slots: list[int], logits: torch.Tensor) -> StepOutput:
         """The sampler over these rows, and the one copy of everything the host needs."""

@@ -304,3 +304,26 @@ def test_processes_registering_at_once_get_distinct_uids(tmp_path, wallets):
     out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0, err
     assert json.loads(out) == registered
+
+
+def test_opening_a_missing_chain_without_create_is_an_error_and_creates_nothing(tmp_path):
+    path = tmp_path / "typo.db"
+    with pytest.raises(ChainError, match=r"typo.db does not exist.*neuron register"):
+        LocalChain(path, create=False)
+    assert not path.exists()
+    LocalChain(path).create_subnet(NETUID)  # the explicit first step creates it
+    assert LocalChain(path, create=False).subnet(NETUID).netuid == NETUID
+
+
+def test_stake_and_unstake_move_the_validator_permit(chain, wallets):
+    w = wallets[0]
+    chain.register(NETUID, w)
+    assert chain.registration_cost(NETUID) == 0.0
+    assert chain.stake(NETUID, w, hotkey(w), 12.0) == 12.0
+    assert chain.metagraph(NETUID).by_hotkey(hotkey(w)).validator_permit  # min_validator_stake is 10
+    assert chain.unstake(NETUID, w, hotkey(w), 3.0) == 9.0
+    assert not chain.metagraph(NETUID).by_hotkey(hotkey(w)).validator_permit
+    with pytest.raises(ChainError, match="must be positive"):
+        chain.stake(NETUID, w, hotkey(w), 0.0)
+    with pytest.raises(ChainError, match="only 9.0 staked"):
+        chain.unstake(NETUID, w, hotkey(w), 10.0)

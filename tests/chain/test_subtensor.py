@@ -33,6 +33,7 @@ class FakeSubstrate:
         self.signed: list[Call] = []  # inner calls signed for a MEV-shielded carrier
         self.reject: bt.ChainError | None = None  # set to make the next submission fail on chain
         self.graph: dict | None = None  # what SubnetInfoRuntimeApi.get_metagraph returns
+        self.alpha_price = 2 * 10**9  # rao of TAO per alpha (SwapRuntimeApi.current_alpha_price)
 
     def balance(self, rao: int, netuid: int = 0) -> bt.Balance:
         return bt.Balance(int(rao), netuid)
@@ -64,6 +65,9 @@ class FakeSubstrate:
         return []
 
     async def runtime_call(self, api, method, params, block_hash=None):
+        if (api, method) == ("SwapRuntimeApi", "current_alpha_price"):  # staking's slippage limit
+            assert params == [NETUID]
+            return self.alpha_price
         assert (api, method, params) == ("SubnetInfoRuntimeApi", "get_metagraph", [NETUID])
         return self.graph
 
@@ -302,3 +306,61 @@ def test_backoff_doubles_up_to_the_cap():
     with pytest.raises(ChainError, match="reading: chain unreachable after 5 attempts: down"):
         with_retries(down, "reading", attempts=5, backoff_s=1.0, max_backoff_s=5.0, sleep=delays.append)
     assert delays == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_registration_cost_is_the_burn_in_tao(chain, fake):
+    fake.storage[("SubtensorModule", "Burn", (NETUID,))] = 2_500_000_000
+    assert chain.registration_cost(NETUID) == 2.5
+    del fake.storage[("SubtensorModule", "Burn", (NETUID,))]
+    with pytest.raises(ChainError, match=f"subnet {NETUID} does not exist"):
+        chain.registration_cost(NETUID)
+    assert fake.submitted == []
+
+
+def test_stake_and_unstake_submit_slippage_limited_calls(chain, fake, wallet):
+    hotkey = wallet.hotkey.ss58_address
+    chain.stake(NETUID, wallet, hotkey, 3.0)
+    chain.unstake(NETUID, wallet, hotkey, 1.5)
+    add, remove = fake.submitted
+    assert (add.module, add.function) == ("SubtensorModule", "add_stake_limit")
+    assert add.params["hotkey"] == hotkey and add.params["netuid"] == NETUID
+    assert add.params["amount_staked"] == 3_000_000_000
+    # A limit 5% above the pool price (2 TAO per alpha): never filled at any price.
+    assert add.params["limit_price"] == 2_100_000_000 and add.params["allow_partial"] is False
+    assert (remove.function, remove.params["amount_unstaked"]) == ("remove_stake_limit", 1_500_000_000)
+    assert remove.params["limit_price"] == 1_900_000_000
+
+
+def test_stake_refuses_a_non_positive_amount(chain, fake, wallet):
+    for amount in (0.0, -1.0, float("nan")):
+        with pytest.raises(ChainError, match="must be positive"):
+            chain.stake(NETUID, wallet, wallet.hotkey.ss58_address, amount)
+    assert fake.submitted == []
+
+
+def test_register_off_a_local_chain_shows_the_burn_and_needs_a_yes(fake, wallet, monkeypatch, capsys):
+    """`neuron register` on a real network (the SDK over the fake substrate): the cost, then a confirmation."""
+    import neuron.chain
+    from neuron import cli
+
+    fake.storage[("SubtensorModule", "Burn", (NETUID,))] = 1_250_000_000
+    chains = []
+
+    def open_chain(network, *args, **kwargs):
+        chains.append(SubtensorChain(network, substrate=fake, attempts=1))
+        return chains[-1]
+
+    monkeypatch.setattr(neuron.chain, "open_chain", open_chain)
+    args = ["register", "--netuid", str(NETUID), "--subtensor.network", "finney", "--wallet.name", "cold",
+            "--wallet.hotkey", "hot", "--wallet.path", wallet.path]
+    try:
+        assert cli.main(args) == 1  # pytest's stdin is no terminal: nothing to ask on, so no
+        err = capsys.readouterr().err
+        assert "burns 1.250000000 TAO" in err and "not confirmed" in err and "--yes" in err
+        assert fake.submitted == [] and fake.signed == []
+        assert cli.main([*args, "--yes"]) == 0
+        assert [c.function for c in fake.signed] == ["burned_register"]
+        assert f"registered hotkey {wallet.hotkey.ss58_address} on netuid {NETUID}" in capsys.readouterr().out
+    finally:
+        for c in chains:
+            c.close()

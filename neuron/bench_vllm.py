@@ -1,0 +1,286 @@
+"""`neuron bench --engine.backend vllm`: the vLLM engine against vLLM's own LLM.generate and the HF model.
+
+Figures, each A and B measured in alternation on the same requests (ratio = median of A / B over
+adjacent pairs, as in neuron/bench.py):
+- generation through `VllmEngine` (AsyncLLM, the miner's queue, token steps) / `vllm.LLM.generate`
+  with the same engine arguments and sampling parameters: the cost of the engine layer (target >= 0.9);
+- the same requests through `VllmEngine` / the HF model's `generate` one after another;
+- gumbel-v1 agreement: tokens of the vLLM engine that differ from `sampler.choose` over the HF model's
+  logits teacher-forced over the same tokens (a count, not a timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from neuron.engine import sampler as S
+from neuron.engine.types import GenerateJob, Sampler, SamplingParams
+from neuron.engine.vllm_config import VllmConfig
+
+SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuron").expanduser() / "smollm2-135m"
+
+
+def wants_vllm(argv: list[str]) -> bool:
+    """The hook for `neuron bench`: true when argv selects this bench (`--engine.backend vllm`)."""
+    for i, arg in enumerate(argv):
+        if arg == "--engine.backend" and i + 1 < len(argv):
+            return argv[i + 1] == "vllm"
+        if arg.startswith("--engine.backend="):
+            return arg.split("=", 1)[1] == "vllm"
+    return False
+
+
+def _paired(key: str, label: str, xs: list[float], ys: list[float], unit: str, target: str = "") -> dict:
+    ratio = statistics.median(x / y for x, y in zip(xs, ys))
+    met = None
+    if target:
+        op, value = target.split()
+        met = ratio >= float(value) if op == ">=" else ratio <= float(value)
+    return {"key": key, "label": label, "a": statistics.median(xs), "b": statistics.median(ys), "ratio": ratio,
+            "unit": unit, "target": target, "met": met}
+
+
+def _prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    from neuron.dataset import PromptSource
+
+    rng = random.Random(seed)
+    source = PromptSource.default()
+    out = []
+    while len(out) < n:
+        ids = tokenizer(source.sample_span(rng, 4 * length, 8 * length)).input_ids[:length]
+        if len(ids) == length:
+            out.append(ids)
+    return out
+
+
+def _jobs(prompts: list[list[int]], new_tokens: int, sampler: Sampler) -> list[GenerateJob]:
+    return [GenerateJob(tuple(p), new_tokens, SamplingParams(temperature=0.8, top_k=50, seed=100 + i, sampler=sampler),
+                        logprobs_topn=1) for i, p in enumerate(prompts)]
+
+
+# (temperature, top_k, top_p) cycled over the agreement requests: greedy, top-k, nucleus, whole vocabulary.
+AGREEMENT_SAMPLINGS = [(0.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (1.3, 0, 1.0), (0.5, 5, 0.8), (1.0, 0, 1.0)]
+
+
+def _agreement_jobs(prompts: list[list[int]], new_tokens: int) -> list[GenerateJob]:
+    jobs = []
+    for i, p in enumerate(prompts):
+        t, k, top_p = AGREEMENT_SAMPLINGS[i % len(AGREEMENT_SAMPLINGS)]
+        sp = SamplingParams(temperature=t, top_k=k, top_p=top_p, seed=7000 + i, sampler=Sampler.GUMBEL_V1)
+        jobs.append(GenerateJob(tuple(p), new_tokens, sp))
+    return jobs
+
+
+async def _through_engine(engine, jobs: list[GenerateJob]) -> tuple[float, list[list[int]]]:
+    async def one(job):
+        return [s.token_id async for s in engine.generate(job)]
+
+    start = time.perf_counter()
+    tokens = await asyncio.gather(*(one(j) for j in jobs))
+    return sum(map(len, tokens)) / (time.perf_counter() - start), tokens
+
+
+async def _through_async_llm(engine, jobs: list[GenerateJob]) -> float:
+    """The same requests straight into vLLM's AsyncLLM (the engine's own, streaming deltas): what the
+    engine layer adds on top of it is the difference."""
+    from vllm.inputs import TokensPrompt
+
+    async def one(i, job):
+        made = 0
+        async for out in engine.async_llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)),
+                                                   engine.sampling_params(job), f"bench-{i}-{time.perf_counter()}"):
+            made += len(out.outputs[0].token_ids)
+        return made
+
+    start = time.perf_counter()
+    made = await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs)))
+    return sum(made) / (time.perf_counter() - start)
+
+
+def _through_llm(llm, engine, jobs: list[GenerateJob]) -> float:
+    from vllm.inputs import TokensPrompt
+
+    from vllm.sampling_params import RequestOutputKind
+
+    params = [engine.sampling_params(j) for j in jobs]  # the very vLLM parameters the engine sends
+    for p in params:
+        p.output_kind = RequestOutputKind.FINAL_ONLY  # LLM.generate returns finished requests only
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(j.prompt_ids)) for j in jobs], params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+
+def _through_hf(lm, jobs: list[GenerateJob]) -> float:
+    made, start = 0, time.perf_counter()
+    for j in jobs:
+        ids = torch.tensor([list(j.prompt_ids)])
+        with torch.inference_mode():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=j.max_new_tokens,
+                                    min_new_tokens=j.max_new_tokens, do_sample=True, top_k=50, temperature=0.8,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+        made += out.shape[1] - ids.shape[1]
+    return made / (time.perf_counter() - start)
+
+
+def agreement(lm, jobs: list[GenerateJob], tokens: list[list[int]]) -> dict:
+    """How many of the engine's gumbel-v1 tokens differ from sampler.choose over the HF model's logits
+    teacher-forced over them, and the largest score gap at a difference (a near-tie when tiny)."""
+    total = differing = 0
+    worst_gap = 0.0
+    for job, toks in zip(jobs, tokens):
+        with torch.inference_mode():
+            logits = lm.model(torch.tensor([list(job.prompt_ids) + toks])).logits[0].float()
+        n = len(job.prompt_ids)
+        logits = logits[n - 1:n - 1 + len(toks)]
+        sp = job.sampling
+        rp = S.RowParams.build([(sp.temperature, sp.top_k, sp.top_p, sp.seed, t) for t in range(len(toks))])
+        want = S.choose(logits, rp).tolist()
+        scores, _ = S.perturbed_scores(logits, rp)
+        for t, (got, exp) in enumerate(zip(toks, want)):
+            total += 1
+            if got != exp:
+                differing += 1
+                worst_gap = max(worst_gap, float(scores[t, exp] - scores[t, got]))
+    return {"key": "gumbel_agreement", "label": "gumbel-v1 tokens: vLLM engine vs sampler.choose over HF logits",
+            "tokens": total, "differing": differing, "worst_score_gap": worst_gap}
+
+
+def processor_cost(rows: int, vocab: int, reps: int = 20) -> list[dict]:
+    """Milliseconds per decode step of the processor's function alone, `rows` seeded rows of `vocab` logits."""
+    from neuron.engine.vllm_sampler import force_choice
+
+    out = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for label, (t, k, p) in (("top_k 50", (0.8, 50, 1.0)), ("whole vocabulary", (1.0, 0, 1.0)),
+                             ("top_p 0.9", (1.0, 0, 0.9))):
+        logits = torch.randn(rows, vocab, device=device) * 3
+        times = []
+        for step in range(reps):
+            x = logits.clone()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            force_choice(x, {i: (t, k, p, 1000 + i, step) for i in range(rows)})
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        out.append({"key": f"gumbel_processor_ms_{label.replace(' ', '_')}",
+                    "label": f"gumbel-v1 processor, {rows} rows x {vocab} logits, {label}: ms per step",
+                    "ms": statistics.median(times)})
+    return out
+
+
+async def run_agreement(model: str, config: VllmConfig, requests: int, new_tokens: int, prompt_len: int) -> list[dict]:
+    """Only the agreement count, over `requests` seeded generations run concurrently."""
+    from neuron.engine.vllm import VllmEngine
+    from neuron.model import load_model
+
+    engine = VllmEngine(model, config, queue_size=max(256, requests))
+    await engine.start()
+    try:
+        jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=2), new_tokens)
+        _, tokens = await _through_engine(engine, jobs)
+    finally:
+        await engine.stop()
+    lm = load_model(model, device="cuda" if torch.cuda.is_available() else "cpu", dtype="auto")
+    return [await asyncio.to_thread(agreement, lm, jobs, tokens)]
+
+
+async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, prompt_len: int, reps: int) -> list[dict]:
+    from vllm import LLM
+
+    from neuron.engine.vllm import VllmEngine, engine_args
+    from neuron.model import load_model
+
+    engine = VllmEngine(model, config, queue_size=max(256, requests))
+    await engine.start()
+    args = engine_args(model, config)
+    llm = LLM(**{f: getattr(args, f) for f in ("model", "dtype", "gpu_memory_utilization", "tensor_parallel_size",
+                                               "enforce_eager", "max_num_seqs", "max_logprobs", "logprobs_mode",
+                                               "logits_processors", "generation_config", "seed", "max_model_len",
+                                               "kv_cache_memory_bytes")})
+    lm = load_model(model, device="cuda" if torch.cuda.is_available() else "cpu", dtype="auto")
+    figures = []
+    try:
+        prompts = _prompts(engine.tokenizer, requests, prompt_len)
+        kinds = (Sampler.GUMBEL_V1, Sampler.ANY)
+        jobs = {kind: _jobs(prompts, new_tokens, kind) for kind in kinds}
+        runs = {(kind, what): [] for kind in kinds for what in ("engine", "async_llm", "llm", "hf")}
+        for rep in range(reps + 1):  # the first round warms every path up and is not counted
+            for kind in kinds:
+                got = {"engine": (await _through_engine(engine, jobs[kind]))[0],
+                       "async_llm": await _through_async_llm(engine, jobs[kind]),
+                       "llm": await asyncio.to_thread(_through_llm, llm, engine, jobs[kind]),
+                       "hf": await asyncio.to_thread(_through_hf, lm, jobs[kind][:2])}
+                for what, value in got.items():
+                    if rep:
+                        runs[kind, what].append(value)
+        size = f"{requests} x {new_tokens} tokens"
+        for kind in kinds:
+            name = kind.value
+            eng = runs[kind, "engine"]
+            figures.append(_paired(f"vllm_engine_vs_async_llm_{name}", f"{size}, {name}: VllmEngine / vLLM AsyncLLM "
+                                   "streaming", eng, runs[kind, "async_llm"], "tok/s", ">= 0.9"))
+            figures.append(_paired(f"vllm_engine_vs_llm_{name}", f"{size}, {name}: VllmEngine / vllm.LLM.generate",
+                                   eng, runs[kind, "llm"], "tok/s", ">= 0.9"))
+            figures.append(_paired(f"vllm_engine_vs_hf_{name}", f"{size}, {name}: VllmEngine / HF generate "
+                                   "(one request after another)", eng, runs[kind, "hf"], "tok/s"))
+        figures.append(_paired("vllm_gumbel_vs_own_sampler", f"{size}: VllmEngine gumbel-v1 / VllmEngine vLLM's "
+                               "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"], "tok/s"))
+        figures += processor_cost(requests, engine.info().vocab_size)
+        jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=1), new_tokens)
+        _, tokens = await _through_engine(engine, jobs)
+        figures.append(await asyncio.to_thread(agreement, lm, jobs, tokens))
+    finally:
+        await engine.stop()
+        llm.llm_engine.engine_core.shutdown()
+    return figures
+
+
+def print_table(figures: list[dict]) -> None:
+    for f in figures:
+        if "ms" in f:
+            print(f"{f['label']:<80} {f['ms']:9.2f} ms")
+        elif "ratio" in f:
+            met = {True: "met", False: "NOT met", None: ""}[f["met"]]
+            print(f"{f['label']:<80} {f['a']:9.1f} / {f['b']:9.1f} {f['unit']:<6} = {f['ratio']:5.2f} "
+                  f"{f['target']} {met}")
+        else:
+            print(f"{f['label']:<80} {f['differing']} of {f['tokens']} differ (worst score gap "
+                  f"{f['worst_score_gap']:.2e})")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="neuron bench --engine.backend vllm", description=__doc__.splitlines()[0])
+    p.add_argument("--engine.backend", dest="backend", default="vllm", choices=["vllm"])
+    p.add_argument("--model.name", dest="model", default=str(SMOLLM2), help="local checkpoint directory or HF id")
+    p.add_argument("--requests", type=int, default=8, help="concurrent generations per measurement")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5, help="alternations; fewer are noisy on a busy machine")
+    p.add_argument("--vllm.kv_cache_memory_bytes", dest="kv", type=int, default=512 << 20)
+    p.add_argument("--vllm.gpu_memory_utilization", dest="util", type=float, default=0.1)
+    p.add_argument("--vllm.max_model_len", dest="max_len", type=int, default=512)
+    p.add_argument("--agreement-only", action="store_true", help="only count gumbel-v1 tokens differing from HF")
+    p.add_argument("--json", default="", help="write the figures to this file")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = VllmConfig(max_model_len=a.max_len, kv_cache_memory_bytes=a.kv, gpu_memory_utilization=a.util,
+                        max_num_seqs=max(16, a.requests))
+    if a.agreement_only:
+        figures = asyncio.run(run_agreement(a.model, config, a.requests, a.new_tokens, a.prompt_len))
+    else:
+        figures = asyncio.run(run(a.model, config, a.requests, a.new_tokens, a.prompt_len, a.reps))
+    print_table(figures)
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=2))
+    return 0

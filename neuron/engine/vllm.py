@@ -1,0 +1,387 @@
+"""The vLLM backend of the engine contract: vLLM v1's AsyncLLM behind the miner's own bounded queue.
+
+Forward comes from prompt log-probabilities (the top-k at every prompt position; the last position's
+from one greedy step), Generate streams vLLM's tokens with raw log-probabilities. Seeded requests
+(gumbel-v1) reach vLLM as greedy with their parameters in extra_args, and `GumbelV1LogitsProcessor`
+leaves only the spec's token finite, so the choice is exactly docs/sampling.md's. No hidden states.
+
+vLLM runs its engine core in a spawned process: a script that builds this engine needs the
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from vllm import SamplingParams as VSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMError
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from neuron.engine import vllm_sampler
+from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, Sampler,
+                                 TokenStep)
+from neuron.engine.vllm_config import VllmConfig
+from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
+from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
+
+
+class GumbelV1LogitsProcessor(LogitsProcessor):
+    """Runs in vLLM's engine core: for every request carrying gumbel-v1 arguments, the spec's token is
+    the only finite logit, so vLLM's greedy pick is it. The step is the request's count of output
+    tokens, read from the live list vLLM hands over when the request joins the batch."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        # batch row -> (temperature, top_k, top_p, seed, the request's output token ids, kept up to date by vLLM)
+        self.rows: dict[int, tuple[float, int, float, int, list[int]]] = {}
+
+    @classmethod
+    def validate_params(cls, params: VSamplingParams) -> None:
+        args = vllm_sampler.row_args(params.extra_args)
+        if args is not None and params.temperature != 0.0:
+            raise ValueError("gumbel-v1 requests are sent to vLLM as greedy")
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the argmax
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def new_row(params, _prompt, output_ids):
+            args = vllm_sampler.row_args(params.extra_args)
+            return None if args is None else (*args, output_ids)
+
+        process_dict_updates(self.rows, batch_update, new_row)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = {i: (t, k, p, s, len(out)) for i, (t, k, p, s, out) in self.rows.items() if i < logits.shape[0]}
+        return vllm_sampler.force_choice(logits, rows)
+
+
+def _source(model: str) -> str:
+    """A local directory as an absolute path (vLLM and transformers do not expand ~), else the HF id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEngineArgs:
+    """vLLM's engine arguments for `model` under `config` (what `neuron bench` gives LLM() too)."""
+    on_cpu = not torch.cuda.is_available()
+    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "float16")
+    kwargs = dict(
+        model=_source(model),
+        dtype=dtype,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager or on_cpu,
+        max_num_seqs=config.max_num_seqs,
+        max_logprobs=config.max_logprobs,
+        logprobs_mode="raw_logprobs",  # logprobs of the unmodified distribution, before any processor
+        logits_processors=[GumbelV1LogitsProcessor],
+        generation_config="vllm",  # no sampling defaults from the checkpoint: the request says everything
+        scheduling_policy="priority",  # the contract's priority (lower first: the axon passes -stake)
+        seed=0,
+        disable_log_stats=True,
+    )
+    max_len = config.max_model_len or max_seq_len
+    if max_len:
+        kwargs["max_model_len"] = max_len
+    if config.kv_cache_memory_bytes:
+        kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+    return AsyncEngineArgs(**kwargs)
+
+
+def _neuron_error(exc: VLLMError) -> NeuronError:
+    """vLLM's errors as the contract's (the axon maps those to gRPC statuses)."""
+    if isinstance(exc, EngineDeadError):
+        return Unavailable("the vLLM engine has stopped")
+    if isinstance(exc, GracefulHTTPError):
+        return ResourceExhausted(f"vLLM refused the request: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return InvalidArgument(f"vLLM refused the request: {exc}")
+    return NeuronError(f"vLLM failed: {type(exc).__name__}")
+
+
+def _priority(priority: float) -> int:
+    """vLLM takes integer priorities, lower first, as the contract's floats are."""
+    return int(math.floor(max(-1e15, min(1e15, priority))))
+
+
+def _top(entries: dict, k: int) -> tuple[list[int], list[float]]:
+    """The k most likely (id, logprob) of one position's vLLM logprob dict (top-k plus the actual token)."""
+    best = sorted(entries.items(), key=lambda kv: (-kv[1].logprob, kv[1].rank or 0, kv[0]))[:k]
+    return [i for i, _ in best], [lp.logprob for _, lp in best]
+
+
+class VllmEngine:
+    """The engine contract over vLLM's AsyncLLM; `queue_size` requests at most are in hand at once."""
+
+    def __init__(self, model: str, config: VllmConfig = VllmConfig(), *, queue_size: int = 256,
+                 model_id: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.model = model
+        self.config = config
+        self.queue_size = queue_size
+        self.model_id = model_id or model
+        self.tokenizer = AutoTokenizer.from_pretrained(_source(model), padding_side="left")
+        self._llm: AsyncLLM | None = None
+        self._info: EngineInfo | None = None
+        self._ids = itertools.count()
+        self._in_hand = 0
+        self._aborts: set[asyncio.Future] = set()
+        self._active: set[str] = set()  # vLLM request ids in flight, aborted by stop() after its timeout
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stats = {"forward_batches": 0.0, "forward_rows": 0.0, "generated_tokens": 0.0, "generations": 0.0,
+                       "aborted": 0.0, "rejected": 0.0, "deadline_exceeded": 0.0}
+
+    # life cycle
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.model, self.config))
+        mc = self._llm.model_config
+        hf = mc.hf_config
+        from neuron.model import tokenizer_fingerprint
+
+        self._info = EngineInfo(
+            model_id=self.model_id,
+            backend="vllm",
+            vocab_size=int(mc.get_vocab_size()),
+            max_seq_len=int(mc.max_model_len),
+            eos_token_id=self.tokenizer.eos_token_id,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            device="cuda:0" if torch.cuda.is_available() else "cpu",
+            weights_fingerprint=checkpoint_fingerprint(checkpoint_dir(self.model)),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            hidden_size=int(getattr(hf, "hidden_size", 0) or 0),
+            supports_hidden=False,
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """New work is refused at once; work in hand gets `timeout` seconds, then is aborted."""
+        self._stopping = True
+        if self._llm is None:
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            await self._llm.abort(list(self._active))
+            await asyncio.sleep(0.05)  # let the aborted streams see their end before the engine goes
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+
+    @property
+    def async_llm(self) -> AsyncLLM | None:
+        """vLLM's own engine (for benches that compare against it); None before start and after stop."""
+        return self._llm
+
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise Unavailable("the engine is not started")
+        return self._info
+
+    def stats(self) -> dict[str, float]:
+        """Counters, and gauges: in_hand (admitted, not finished), running (at most max_num_seqs of the
+        requests vLLM holds) and queued (the rest of them, waiting in vLLM's scheduler)."""
+        in_vllm = float(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0.0
+        running = min(in_vllm, float(self.config.max_num_seqs))
+        return {**self._stats, "in_hand": float(self._in_hand), "running": running, "queued": in_vllm - running,
+                "queue_size": float(self.queue_size)}
+
+    # admission: the miner's own bound in front of vLLM's unbounded waiting queue
+
+    def _check_admissible(self, deadline: float | None) -> None:
+        if self._stopping or self._llm is None:
+            raise Unavailable("the engine is shutting down" if self._stopping else "the engine is not started")
+        if self._in_hand >= self.queue_size:
+            self._stats["rejected"] += 1
+            raise ResourceExhausted(f"queue full ({self.queue_size} requests in hand)")
+        if deadline is not None and time.monotonic() >= deadline:
+            self._stats["deadline_exceeded"] += 1
+            raise DeadlineExceeded("the deadline passed before the work could start")
+
+    def _take(self) -> None:
+        self._in_hand += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self._in_hand -= 1
+        if self._in_hand == 0:
+            self._idle.set()
+
+    def _request_id(self) -> str:
+        return f"neuron-{next(self._ids)}"
+
+    def _remaining(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._stats["deadline_exceeded"] += 1
+            raise DeadlineExceeded("the deadline passed")
+        return left
+
+    # forward
+
+    async def forward(self, job: ForwardJob, priority: float = 0.0, deadline: float | None = None) -> ForwardResult:
+        if job.want_hidden:
+            raise InvalidArgument("hidden states are not available from the vLLM backend")
+        info = self.info()
+        S = job.seq_len
+        positions = list(range(S)) if job.positions is None else list(job.positions)
+        check(job.rows >= 1 and S >= 1, "empty input")
+        check(all(0 <= p < S for p in positions), f"positions must be in [0, {S})")
+        check(1 <= job.topk <= min(self.config.max_logprobs, info.vocab_size),
+              f"topk must be in [1, {min(self.config.max_logprobs, info.vocab_size)}]")
+        check(S + 1 <= info.max_seq_len, f"sequence of {S} tokens is longer than the engine takes")
+        ids = job.input_ids
+        check(int(ids.min()) >= 0 and int(ids.max()) < info.vocab_size, "token id outside the vocabulary")
+        self._check_admissible(deadline)
+        left = self._remaining(deadline)
+        self._take()
+        try:
+            rows = ids.tolist()
+            need_prompt = any(p < S - 1 for p in positions)
+            need_last = (S - 1) in positions
+            params = VSamplingParams(max_tokens=1, temperature=0.0, detokenize=False, ignore_eos=True,
+                                     prompt_logprobs=job.topk if need_prompt else None,
+                                     logprobs=job.topk if need_last else None,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
+            outs = await asyncio.wait_for(
+                asyncio.gather(*(self._one(row, params, priority) for row in rows)), left)
+        except asyncio.TimeoutError:
+            self._stats["deadline_exceeded"] += 1
+            raise DeadlineExceeded("the deadline passed during the forward pass") from None
+        finally:
+            self._release()
+        k = job.topk
+        top_ids = torch.empty(job.rows, len(positions), k, dtype=torch.int64)
+        top_lp = torch.empty(job.rows, len(positions), k, dtype=torch.float32)
+        for b, out in enumerate(outs):
+            for j, p in enumerate(positions):
+                entries = out.outputs[0].logprobs[0] if p == S - 1 else out.prompt_logprobs[p + 1]
+                i, lp = _top(entries, k)
+                top_ids[b, j] = torch.tensor(i)
+                top_lp[b, j] = torch.tensor(lp)
+        rest = (1.0 - top_lp.double().exp().sum(-1)).clamp(min=0.0).float()
+        self._stats["forward_batches"] += 1
+        self._stats["forward_rows"] += job.rows
+        return ForwardResult(topk_ids=top_ids, topk_logprobs=top_lp, rest_mass=rest, hidden=None)
+
+    async def _one(self, prompt: list[int], params: VSamplingParams, priority: float):
+        last, rid = None, self._request_id()
+        self._active.add(rid)
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid,
+                                                priority=_priority(priority)):
+                last = out
+        except VLLMError as exc:
+            raise _neuron_error(exc) from exc
+        finally:
+            self._active.discard(rid)
+        if last is None or not last.finished or last.outputs[0].finish_reason == "abort":
+            raise Unavailable("the forward pass was aborted: the engine is shutting down")
+        return last
+
+    # generate
+
+    def sampling_params(self, job: GenerateJob) -> VSamplingParams:
+        """The vLLM parameters a job is sent with (checked against the engine's limits first)."""
+        info = self.info()
+        sp = job.sampling
+        check(len(job.prompt_ids) >= 1, "empty prompt")
+        check(job.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        check(len(job.prompt_ids) + job.max_new_tokens <= info.max_seq_len,
+              f"prompt + max_new_tokens exceeds the engine's {info.max_seq_len} tokens")
+        check(all(0 <= t < info.vocab_size for t in job.prompt_ids), "token id outside the vocabulary")
+        check(0 <= job.logprobs_topn <= self.config.max_logprobs,
+              f"logprobs_topn must be in [0, {self.config.max_logprobs}]")
+        eos = info.eos_token_id
+        common = dict(max_tokens=job.max_new_tokens, logprobs=job.logprobs_topn, detokenize=False,
+                      ignore_eos=True, stop_token_ids=[eos] if eos is not None else None,
+                      output_kind=RequestOutputKind.DELTA)
+        if sp.sampler == Sampler.GUMBEL_V1:
+            check(sp.seed is not None, "gumbel-v1 needs a seed")
+            check(sp.repetition_penalty in (0.0, 1.0), "gumbel-v1 takes no repetition penalty")
+            return VSamplingParams(temperature=0.0, extra_args=vllm_sampler.extra_args(sp), **common)
+        return VSamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                               seed=None if sp.greedy else sp.seed,
+                               repetition_penalty=sp.repetition_penalty or 1.0, **common)
+
+    def generate(self, job: GenerateJob, priority: float = 0.0,
+                 deadline: float | None = None) -> AsyncIterator[TokenStep]:
+        params = self.sampling_params(job)
+        self._check_admissible(deadline)
+        return self._generate(job, params, priority, deadline)
+
+    async def _generate(self, job: GenerateJob, params: VSamplingParams, priority: float,
+                        deadline: float | None) -> AsyncIterator[TokenStep]:
+        self._check_admissible(deadline)
+        left = self._remaining(deadline)
+        self._take()
+        rid = self._request_id()
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid,
+                                    priority=_priority(priority))
+        self._active.add(rid)
+        finished = expired = False
+        eos = self._info.eos_token_id
+        self._stats["generations"] += 1
+
+        def expire() -> None:  # the deadline: vLLM ends the stream with an "abort" output
+            nonlocal expired
+            expired = True
+            task = asyncio.ensure_future(self._llm.abort(rid))
+            self._aborts.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._aborts.discard)
+
+        # One timer rather than a timeout around every step: no task per token.
+        timer = None if left is None else asyncio.get_running_loop().call_later(left, expire)
+        try:
+            while not finished:
+                try:
+                    out = await stream.__anext__()
+                except StopAsyncIteration:
+                    raise Unavailable("the engine stopped during generation") from None
+                except VLLMError as exc:
+                    raise _neuron_error(exc) from exc
+                if expired or out.outputs[0].finish_reason == "abort":
+                    if expired:
+                        self._stats["deadline_exceeded"] += 1
+                        raise DeadlineExceeded("the deadline passed during generation")
+                    raise Unavailable("the generation was aborted: the engine is shutting down")
+                finished = out.finished
+                comp = out.outputs[0]
+                n = len(comp.token_ids)
+                for j, token in enumerate(comp.token_ids):
+                    entries = comp.logprobs[j] if comp.logprobs is not None else {}
+                    top_ids, top_lp = _top(entries, job.logprobs_topn) if job.logprobs_topn else ([], [])
+                    lp = entries[token].logprob if token in entries else math.nan
+                    reason = None
+                    if finished and j == n - 1:
+                        reason = FinishReason.EOS if token == eos else FinishReason.LENGTH
+                    self._stats["generated_tokens"] += 1
+                    yield TokenStep(token_id=int(token), logprob=float(lp), top_ids=tuple(top_ids),
+                                    top_logprobs=tuple(float(x) for x in top_lp), finish_reason=reason)
+                if finished and n == 0:
+                    raise Unavailable("the generation ended without a token")
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not finished:
+                self._stats["aborted"] += 1
+            self._active.discard(rid)
+            await stream.aclose()  # vLLM aborts the request when its stream closes unfinished
+            self._release()

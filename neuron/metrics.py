@@ -1,0 +1,136 @@
+"""Prometheus metrics of the miner and the validator, each on its own registry, served at --metrics.port."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+# Engine stats that only grow are exported as counters (`_total`); everything else as gauges.
+CUMULATIVE = {"forward_batches", "forward_rows", "generated_tokens", "prompt_tokens", "joins", "finished", "aborted"}
+
+
+def reason_kind(text: str) -> str:
+    """A failure message as a label with few values: "forward: top-k overlap", "generate: deadline_exceeded"."""
+    call = re.match(r"^(\w+): ([a-z_]+): ", text)
+    if call and call.group(2).upper() in grpc.StatusCode.__members__:  # a failed call: its status, not its message
+        return f"{call.group(1)}: {call.group(2)}"
+    return re.split(r"\s-?\d", text)[0][:80].strip()
+
+
+def refusal_reason(status: str, message: str) -> str:
+    """Why admission refused a call, as a short label."""
+    m = message.lower()
+    for needle, label in (("not registered", "unregistered"), ("validator permit", "no_validator_permit"),
+                          ("deny list", "denied"), ("below the minimum", "low_stake"), ("rate limit", "rate_limit"),
+                          ("queue is full", "queue_full"), ("replayed", "replayed"), ("stale", "stale_nonce"),
+                          ("not signed", "unsigned"), ("signature", "bad_signature")):
+        if needle in m:
+            return label
+    return status.lower()
+
+
+class EngineCollector:
+    """Exports `stats()` (engine state: queue depth, running rows, batches, tokens) at scrape time.
+
+    Each key becomes `neuron_miner_engine_<key>`, and a generated-tokens count also yields
+    tokens per second since the previous scrape.
+    """
+
+    def __init__(self, stats: Callable[[], dict[str, float]]):
+        self.stats = stats
+        self._last: tuple[float, float] | None = None  # (time, generated_tokens) at the previous scrape
+        self._lock = threading.Lock()
+
+    def collect(self):
+        values = self.stats()
+        for key, value in sorted(values.items()):
+            name = "neuron_miner_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            if key in CUMULATIVE:
+                yield CounterMetricFamily(name, f"engine stat {key} (cumulative)", value=float(value))
+            else:
+                yield GaugeMetricFamily(name, f"engine stat {key}", value=float(value))
+        if "forward_batches" in values and "forward_rows" in values:
+            mean = values["forward_rows"] / values["forward_batches"] if values["forward_batches"] else 0.0
+            yield GaugeMetricFamily("neuron_miner_engine_forward_batch_rows_mean",
+                                    "mean rows per forward batch since start", value=mean)
+        if "generated_tokens" in values:
+            now, tokens = time.monotonic(), float(values["generated_tokens"])
+            with self._lock:
+                last, self._last = self._last, (now, tokens)
+            rate = (tokens - last[1]) / (now - last[0]) if last and now > last[0] else 0.0
+            yield GaugeMetricFamily("neuron_miner_engine_tokens_per_second",
+                                    "generated tokens per second since the previous scrape", value=rate)
+
+
+class MinerMetrics:
+    """Requests by RPC and status, latency, admission refusals, generated tokens, and engine state."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("neuron_miner_requests_total", "calls by RPC and gRPC status", ["rpc", "status"],
+                                registry=r)
+        self.latency = Histogram("neuron_miner_request_seconds", "time from admission to the answer, by RPC",
+                                 ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.refusals = Counter("neuron_miner_admission_refusals_total", "calls refused before any model work",
+                                ["reason"], registry=r)
+        self.tokens = Counter("neuron_miner_generated_tokens_total", "tokens sent back by Generate and GenerateStream",
+                              registry=r)
+        self.engine = None
+        if stats is not None:
+            self.engine = EngineCollector(stats)
+            r.register(self.engine)
+
+    def observe_request(self, rpc: str, status: str, seconds: float, message: str = "") -> None:
+        self.requests.labels(rpc, status).inc()
+        if status == "OK":
+            self.latency.labels(rpc).observe(seconds)
+        elif status in ("UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"):
+            self.refusals.labels(refusal_reason(status, message)).inc()
+
+    def observe_tokens(self, n: int) -> None:
+        self.tokens.inc(n)
+
+
+class ValidatorMetrics:
+    """Rounds, verifications by result and reason per uid, weights set."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rounds = Counter("neuron_validator_rounds_total", "rounds run by this process", registry=r)
+        self.round_seconds = Histogram("neuron_validator_round_seconds", "time of one round",
+                                       buckets=ROUND_BUCKETS, registry=r)
+        self.verifications = Counter("neuron_validator_verifications_total",
+                                     "answers judged, by uid, result (verified/failed) and reason",
+                                     ["uid", "result", "reason"], registry=r)
+        self.weight_sets = Counter("neuron_validator_weight_sets_total", "weight-setting attempts by result",
+                                   ["result"], registry=r)
+        self.weight = Gauge("neuron_validator_weight", "the weight last set on each uid", ["uid"], registry=r)
+        self.score = Gauge("neuron_validator_score", "moving-average score of each uid", ["uid"], registry=r)
+
+    def observe_judgement(self, uid: int, verified: bool, reason: str) -> None:
+        self.verifications.labels(str(uid), "verified" if verified else "failed",
+                                  "" if verified else reason_kind(reason)).inc()
+
+
+def serve(registry: CollectorRegistry, ip: str, port: int):
+    """Serve `registry` at http://ip:port/metrics in a daemon thread; returns the server (its port: .server_port).
+
+    A busy port is an OSError naming it and the flag to change.
+    """
+    try:
+        server, _thread = start_http_server(port, addr=ip, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {ip}:{port}: {exc.strerror or exc}; pick another with "
+                      f"--metrics.port") from None
+    return server

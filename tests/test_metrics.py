@@ -1,0 +1,113 @@
+"""Prometheus metrics: scraped from a real miner process, and the validator's and the engine's exporters."""
+
+import json
+import signal
+import socket
+import time
+import urllib.request
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuron.metrics import MinerMetrics, ValidatorMetrics, refusal_reason
+from test_cli import neuron, start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus exposition."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return samples(response.read().decode())
+
+
+def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
+    axon_port, metrics_port = free_port(), free_port()
+    log = tmp_path / "miner.log"
+    miner = start("miner", "--model.name", "tiny", "--subtensor.network", "none", "--auth.required", "false",
+                  "--axon.ip", "127.0.0.1", "--axon.port", str(axon_port), "--metrics.ip", "127.0.0.1",
+                  "--metrics.port", str(metrics_port), log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "axon serving" not in log.read_text():
+            assert miner.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        before = scrape(metrics_port)
+        assert ("neuron_miner_requests_total", (("rpc", "Generate"), ("status", "OK"))) not in before
+        assert before[("neuron_miner_engine_queued", ())] == 0.0
+
+        answer = neuron("query", "--axon", f"127.0.0.1:{axon_port}", "--prompt", "hi", "--max-new-tokens", "3", "--json")
+        assert answer.returncode == 0, answer.stderr
+        tokens = len(json.loads(answer.stdout)["token_ids"])
+        too_long = neuron("query", "--axon", f"127.0.0.1:{axon_port}", "--prompt", "hi", "--max-new-tokens", "100000")
+        assert too_long.returncode == 1 and "INVALID_ARGUMENT" in too_long.stderr
+
+        after = scrape(metrics_port)
+        assert after[("neuron_miner_requests_total", (("rpc", "Generate"), ("status", "OK")))] == 1.0
+        assert after[("neuron_miner_requests_total", (("rpc", "Generate"), ("status", "INVALID_ARGUMENT")))] == 1.0
+        assert after[("neuron_miner_request_seconds_count", (("rpc", "Generate"),))] == 1.0
+        assert after[("neuron_miner_request_seconds_sum", (("rpc", "Generate"),))] > 0
+        assert after[("neuron_miner_generated_tokens_total", ())] == tokens
+        assert {"neuron_miner_engine_running", "neuron_miner_engine_forward_batches_total"} <= {k[0] for k in after}
+        miner.send_signal(signal.SIGTERM)
+        assert miner.wait(timeout=10) == 0, log.read_text()
+    finally:
+        if miner.poll() is None:
+            miner.kill()
+            miner.wait()
+    assert "auth is off" not in log.read_text()  # loopback: only this machine can reach it
+
+
+def test_engine_stats_become_counters_gauges_and_a_token_rate():
+    stats = {"queued": 3.0, "running": 2.0, "forward_batches": 4.0, "forward_rows": 10.0, "generated_tokens": 0.0}
+    m = MinerMetrics(lambda: dict(stats))
+    first = samples(generate_latest(m.registry).decode())
+    assert first[("neuron_miner_engine_queued", ())] == 3.0
+    assert first[("neuron_miner_engine_forward_rows_total", ())] == 10.0
+    assert first[("neuron_miner_engine_forward_batch_rows_mean", ())] == 2.5
+    stats["generated_tokens"] = 50.0
+    second = samples(generate_latest(m.registry).decode())
+    assert second[("neuron_miner_engine_generated_tokens_total", ())] == 50.0
+    assert second[("neuron_miner_engine_tokens_per_second", ())] > 0
+
+
+def test_refusals_are_counted_by_reason():
+    m = MinerMetrics()
+    m.observe_request("Forward", "PERMISSION_DENIED", 0.001, "this hotkey has no validator permit; miners answer ...")
+    m.observe_request("Forward", "RESOURCE_EXHAUSTED", 0.001, "rate limit: at most 20 requests/s")
+    m.observe_request("Forward", "OK", 0.02)
+    got = samples(generate_latest(m.registry).decode())
+    assert got[("neuron_miner_admission_refusals_total", (("reason", "no_validator_permit"),))] == 1.0
+    assert got[("neuron_miner_admission_refusals_total", (("reason", "rate_limit"),))] == 1.0
+    assert refusal_reason("PERMISSION_DENIED", "something new") == "permission_denied"
+
+
+def test_validator_metrics_label_results_and_reasons_per_uid():
+    m = ValidatorMetrics()
+    m.observe_judgement(3, False, "forward: top-k overlap 0.62 < 0.75 at position 0")
+    m.observe_judgement(3, False, "forward: top-k overlap 0.50 < 0.75 at position 4")
+    m.observe_judgement(4, True, "")
+    got = samples(generate_latest(m.registry).decode())
+    failed = ("neuron_validator_verifications_total",
+              (("reason", "forward: top-k overlap"), ("result", "failed"), ("uid", "3")))
+    assert got[failed] == 2.0  # numbers stripped: one series per kind of failure
+    assert got[("neuron_validator_verifications_total", (("reason", ""), ("result", "verified"), ("uid", "4")))] == 1.0
+
+
+def test_failed_calls_are_labelled_by_status_not_by_message():
+    from neuron.metrics import reason_kind
+
+    message = "forward: unavailable: failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:8091"
+    assert reason_kind(message) == "forward: unavailable"
+    assert reason_kind("generate: deadline_exceeded: Deadline Exceeded") == "generate: deadline_exceeded"
+    assert reason_kind("generate: token 3 differs: margin 0.5 > 0.1") == "generate: token"
