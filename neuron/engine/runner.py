@@ -205,7 +205,8 @@ class Runner:
                          self.step_no[rows], any_sampled=any(p.temperature > 0 for p in params),
                          max_top_k=max((p.top_k for p in params if p.temperature > 0), default=0),
                          all_top_k=all(p.top_k > 0 for p in params if p.temperature > 0),
-                         any_top_p=any(p.top_p < 1 for p in params if p.temperature > 0))
+                         any_top_p=any(p.top_p < 1 for p in params if p.temperature > 0),
+                         any_unfiltered=any(p.top_k <= 0 and p.top_p >= 1 for p in params if p.temperature > 0))
         tokens = self.choose(chosen_from, rp)
         self.last[rows] = tokens
         self.step_no[rows] += 1

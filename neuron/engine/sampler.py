@@ -19,6 +19,7 @@ import torch
 
 MASK32 = 0xFFFFFFFF
 MAX_SEED = (1 << 63) - 1
+NUCLEUS_CANDIDATES = 1024  # ids sorted for top-p when they hold the nucleus (else the whole vocabulary)
 # Multipliers below 2**31: a 32-bit value times one stays below 2**63, so no int64 ever overflows.
 _M1, _M2 = 0x21F0AAAD, 0x735A2D97
 # Domain constants (hex digits of pi) so that seed 0, step 0, id 0 is no fixed point of the hash.
@@ -96,6 +97,7 @@ class RowParams:
     max_top_k: int  # largest top-k among sampled rows (0: none has one)
     all_top_k: bool  # every sampled row has a top-k: noise is needed at max_top_k candidates only
     any_top_p: bool
+    any_unfiltered: bool = False  # some sampled row has neither top-k nor top-p: noise over the whole vocabulary
 
     @classmethod
     def build(cls, rows: list[tuple[float, int, float, int, int]], device: torch.device | str = "cpu") -> "RowParams":
@@ -112,6 +114,7 @@ class RowParams:
             max_top_k=max((k[i] for i in sampled), default=0),
             all_top_k=bool(sampled) and all(k[i] > 0 for i in sampled),
             any_top_p=any(p[i] < 1.0 for i in sampled),
+            any_unfiltered=any(k[i] <= 0 and p[i] >= 1.0 for i in sampled),
         )
 
 
@@ -137,17 +140,29 @@ def _allowed(scaled: torch.Tensor, rp: RowParams) -> tuple[torch.Tensor, torch.T
         # Candidate ids in ascending order, then stably by value: the spec's (value desc, id asc) order.
         candidates = masked.topk(K, dim=1).indices.sort(dim=1).values
     if rp.any_top_p:
-        if candidates is not None:
-            vals = masked.gather(1, candidates)
+        nucleus_from = candidates
+        if candidates is None and V > NUCLEUS_CANDIDATES:
+            # A nucleus rarely holds more than a few hundred ids: sort only the most likely ones when, in every
+            # top-p row, they already hold the top-p mass (one host read decides), else the whole vocabulary.
+            likely = masked.topk(NUCLEUS_CANDIDATES, dim=1).indices.sort(dim=1).values
+            mass = (masked.gather(1, likely) - torch.logsumexp(masked, dim=1, keepdim=True)).exp().sum(1)
+            if bool(((mass >= rp.top_p) | (rp.top_p >= 1.0)).all()):
+                nucleus_from = likely
+        if nucleus_from is not None:
+            vals = masked.gather(1, nucleus_from)
             vals, order = vals.sort(dim=1, descending=True, stable=True)
-            idx = candidates.gather(1, order)
+            idx = nucleus_from.gather(1, order)
         else:
             vals, idx = masked.sort(dim=1, descending=True, stable=True)
-        probs = torch.softmax(vals, dim=1)
+        # Probabilities over the ids kept so far (the whole row's mass, of which these are the likely part).
+        probs = (vals - torch.logsumexp(masked, dim=1, keepdim=True)).exp()
         before = probs.cumsum(1) - probs
         keep = (before < rp.top_p.unsqueeze(1)) & torch.isfinite(vals)
         nucleus = torch.zeros_like(allowed).scatter(1, idx, keep)
         allowed = torch.where((rp.top_p < 1.0).unsqueeze(1), nucleus, allowed)
+        if candidates is None and nucleus_from is not None and not rp.any_unfiltered \
+                and rp.max_top_k <= NUCLEUS_CANDIDATES:
+            candidates = nucleus_from  # every sampled row is filtered to within these: noise is needed there only
     return allowed, candidates
 
 

@@ -106,3 +106,21 @@ def test_noise_differs_by_seed_step_and_id_and_is_stable():
     b = S.gumbel(S.step_keys(torch.tensor([1]), torch.tensor([0])), 1000)
     assert torch.equal(a[0], b[0])
     assert bool(torch.isfinite(a).all())
+
+
+def test_large_vocabularies_take_the_short_nucleus_path_and_still_match_the_reference():
+    """Above 1,024 ids a peaked row's nucleus is found among its likeliest ids; a flat row falls back to the
+    whole vocabulary. Both give the plain reference's choice and allowed set."""
+    V = 5000
+    gen = torch.Generator().manual_seed(7)
+    peaked = torch.randn(6, V, generator=gen) * 4
+    flat = torch.randn(6, V, generator=gen) * 0.01
+    rows = [(1.0, 0, 0.9, 11, 3), (0.7, 0, 0.5, 12, 0), (1.3, 40, 0.95, 13, 9), (0.8, 0, 0.99, 14, 2),
+            (1.0, 2000, 0.9, 15, 1), (0.5, 0, 0.3, 16, 5)]
+    for logits in (peaked, flat):
+        got = S.choose(logits, S.RowParams.build(rows))
+        _, allowed = S.perturbed_scores(logits, S.RowParams.build(rows))
+        for i, r in enumerate(rows):
+            token, want_allowed = reference_choice(logits[i].tolist(), *r)
+            assert int(got[i]) == token
+            assert allowed[i].nonzero().flatten().tolist() == want_allowed
