@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # No hub at test time: every model comes from the package or the local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +50,20 @@ def make_axon(lm, config: MinerConfig | None = None, **kwargs):
 
     config = config or miner_config()
     return Axon(HFEngine(lm, config.batching, config.limits.max_seq_len), config, **kwargs)
+
+
+class PoisonRows(torch.nn.Module):
+    """The real model, except that rows whose last input token is `poison` get NaN logits."""
+
+    def __init__(self, inner: torch.nn.Module, poison: int):
+        super().__init__()
+        self.inner, self.config, self.poison = inner, inner.config, poison
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        bad = input_ids[:, -1] == self.poison
+        out.logits = torch.where(bad[:, None, None], torch.full_like(out.logits, float("nan")), out.logits)
+        return out
 
 
 def make_wallet(path: Path, name: str, hotkey: str = "default"):

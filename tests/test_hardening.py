@@ -16,26 +16,12 @@ import pytest
 import torch
 from loguru import logger
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import PoisonRows, make_axon, make_wallet, miner_config
 from neuron import wire
 from neuron.auth import keypair_of
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 AXON = "/neuron.v1.Axon/"
-
-
-class PoisonRows(torch.nn.Module):
-    """The real model, except that rows whose last input token is `poison` get NaN logits."""
-
-    def __init__(self, inner: torch.nn.Module, poison: int):
-        super().__init__()
-        self.inner, self.config, self.poison = inner, inner.config, poison
-
-    def forward(self, input_ids, **kwargs):
-        out = self.inner(input_ids=input_ids, **kwargs)
-        bad = input_ids[:, -1] == self.poison
-        out.logits = torch.where(bad[:, None, None], torch.full_like(out.logits, float("nan")), out.logits)
-        return out
 
 
 @pytest.fixture

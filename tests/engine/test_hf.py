@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from conftest import PoisonRows
 from neuron.config import BatchingConfig
 from neuron.engine.hf import HFEngine
 from neuron.engine.types import FinishReason, ForwardJob, GenerateJob
@@ -80,20 +81,6 @@ async def test_free_slots_never_walk_off_the_position_table(tiny):
             assert len(short) == 2 and len(long) == 120 and long[-1].finish_reason == FinishReason.LENGTH
     finally:
         await engine.stop()
-
-
-class PoisonRows(torch.nn.Module):
-    """The real model, except that rows whose last input token is `poison` get NaN logits."""
-
-    def __init__(self, inner: torch.nn.Module, poison: int):
-        super().__init__()
-        self.inner, self.config, self.poison = inner, inner.config, poison
-
-    def forward(self, input_ids, **kwargs):
-        out = self.inner(input_ids=input_ids, **kwargs)
-        bad = input_ids[:, -1] == self.poison
-        out.logits = torch.where(bad[:, None, None], torch.full_like(out.logits, float("nan")), out.logits)
-        return out
 
 
 async def test_a_sequence_whose_logits_break_fails_alone(tiny):
