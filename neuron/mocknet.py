@@ -103,7 +103,8 @@ def _stop(miners: list[Node]) -> None:
     for m in miners:
         if m.process is not None and m.process.poll() is None:
             m.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    # Each process's interpreter exit (torch, transformers) takes CPU: two dozen of them share two cores.
+    deadline = time.monotonic() + max(10.0, 2.0 * len(miners))
     for m in miners:
         if m.process is None:
             continue
