@@ -27,6 +27,21 @@ def start(*args: str, log: Path) -> subprocess.Popen:
         return subprocess.Popen([*NEURON, *args], env=ENV, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until a started miner logs that its axon serves; fails with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while "axon serving" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM, and a clean exit within 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, log.read_text()
+
+
 def flags(tmp_path: Path, name: str = "") -> list[str]:
     """--subtensor.* for the local chain in tmp_path, and --wallet.* when a wallet name is given."""
     out = ["--subtensor.network", "local", "--subtensor.chain_path", str(tmp_path / "chain.db")]
@@ -149,8 +164,7 @@ def test_a_new_user_serves_a_miner_validates_it_queries_it_and_stops_it(tmp_path
         assert answer["signed"] is True and isinstance(answer["text"], str)
         assert 1 <= len(answer["token_ids"]) <= 4 and all(isinstance(t, int) for t in answer["token_ids"])
 
-        miner.send_signal(signal.SIGTERM)
-        assert miner.wait(timeout=10) == 0, log.read_text()
+        stop(miner, log)
     finally:
         if miner.poll() is None:
             miner.kill()
@@ -329,13 +343,8 @@ def test_a_dev_miner_without_auth_on_a_public_address_warns_and_logs_to_a_file(t
                   "--axon.ip", "0.0.0.0", "--axon.port", "0", "--logging.logging_dir", str(logs), "--logging.json",
                   log=log)
     try:
-        deadline = time.monotonic() + 60
-        while "axon serving" not in log.read_text():
-            assert miner.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        miner.send_signal(signal.SIGTERM)
-        assert miner.wait(timeout=10) == 0, log.read_text()
+        wait_serving(miner, log)
+        stop(miner, log)
     finally:
         if miner.poll() is None:
             miner.kill()

@@ -1,16 +1,14 @@
 """Prometheus metrics: scraped from a real miner process, and the validator's and the engine's exporters."""
 
 import json
-import signal
 import socket
-import time
 import urllib.request
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuron.metrics import MinerMetrics, ValidatorMetrics, refusal_reason
-from test_cli import neuron, start
+from test_cli import neuron, start, stop, wait_serving
 
 
 def free_port() -> int:
@@ -37,11 +35,7 @@ def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
                   "--axon.ip", "127.0.0.1", "--axon.port", str(axon_port), "--metrics.ip", "127.0.0.1",
                   "--metrics.port", str(metrics_port), log=log)
     try:
-        deadline = time.monotonic() + 60
-        while "axon serving" not in log.read_text():
-            assert miner.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_serving(miner, log)
         before = scrape(metrics_port)
         assert ("neuron_miner_requests_total", (("rpc", "Generate"), ("status", "OK"))) not in before
         assert before[("neuron_miner_engine_queued", ())] == 0.0
@@ -59,8 +53,7 @@ def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
         assert after[("neuron_miner_request_seconds_sum", (("rpc", "Generate"),))] > 0
         assert after[("neuron_miner_generated_tokens_total", ())] == tokens
         assert {"neuron_miner_engine_running", "neuron_miner_engine_forward_batches_total"} <= {k[0] for k in after}
-        miner.send_signal(signal.SIGTERM)
-        assert miner.wait(timeout=10) == 0, log.read_text()
+        stop(miner, log)
     finally:
         if miner.poll() is None:
             miner.kill()

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from loguru import logger
 
@@ -45,6 +45,13 @@ class _Delivery:
             self.steps.put_nowait(item)
 
 
+class _Payload(NamedTuple):
+    """What the engine keeps with a scheduled request: where its answers go, and the job itself."""
+
+    delivery: _Delivery
+    job: object  # ForwardJob or GenerateJob
+
+
 @dataclass
 class _Gen:
     """A running generation's host-side state."""
@@ -66,7 +73,7 @@ class Generation:
     async def __anext__(self) -> TokenStep:
         if self._done:
             raise StopAsyncIteration
-        item = await self._req.payload[0].steps.get()
+        item = await self._req.payload.delivery.steps.get()
         if item is _END:
             self._done = True
             raise StopAsyncIteration
@@ -84,7 +91,7 @@ class Generation:
 
     @property
     def queue_ms(self) -> float:
-        d = self._req.payload[0]
+        d = self._req.payload.delivery
         return 0.0 if d.started is None else (d.started - self._req.enqueued) * 1000
 
 
@@ -143,17 +150,17 @@ class HFEngine:
     async def forward(self, job: ForwardJob, priority: float = 0.0, deadline: float | None = None) -> ForwardResult:
         loop = asyncio.get_running_loop()
         req = Request(FORWARD, priority, deadline, rows=job.rows, seq_len=job.seq_len,
-                      payload=(_Delivery(loop, loop.create_future()), job))
+                      payload=_Payload(_Delivery(loop, loop.create_future()), job))
         self._submit(req)
         try:
-            return await req.payload[0].future
+            return await req.payload.delivery.future
         except asyncio.CancelledError:
             self._cancel(req)
             raise
 
     def generate(self, job: GenerateJob, priority: float = 0.0, deadline: float | None = None) -> Generation:
         req = Request(GENERATE, priority, deadline, seq_len=len(job.prompt_ids), max_new_tokens=job.max_new_tokens,
-                      payload=(_Delivery(asyncio.get_running_loop()), job))
+                      payload=_Payload(_Delivery(asyncio.get_running_loop()), job))
         self._submit(req)
         return Generation(self, req)
 
@@ -211,10 +218,10 @@ class HFEngine:
             self._leave(r, scheduled=False)
             out.append((r, DeadlineExceeded("the deadline passed during the generation; it was stopped")))
         for r in plan.joins:
-            r.payload[0].started = now
+            r.payload.delivery.started = now
         for batch in plan.forwards:
             for r in batch:
-                r.payload[0].started = now
+                r.payload.delivery.started = now
             out += self._forward(batch)
         if self._gens:
             out += self._finish(self.runner.decode())
@@ -223,7 +230,7 @@ class HFEngine:
 
     def _forward(self, batch: list[Request]) -> list[tuple[Request, object]]:
         try:
-            results = forward_batch(self.lm, [r.payload[1] for r in batch])
+            results = forward_batch(self.lm, [r.payload.job for r in batch])
         except Exception:  # a bug or an out-of-memory: fail these callers, keep serving
             logger.exception(f"forward batch of {len(batch)} failed")
             return [(r, NeuronError("the forward pass failed on the miner (logged there)")) for r in batch]
@@ -238,11 +245,11 @@ class HFEngine:
             self._counts["joins"] += len(joins)
         slots = []
         for r in joins:
-            g = _Gen(r.payload[1], slot=self.runner.free_slot())
+            g = _Gen(r.payload.job, slot=self.runner.free_slot())
             self.runner.params[g.slot] = g.job.sampling  # reserve the slot before the next free_slot
             self._gens[r.id], self._by_slot[g.slot] = g, r
             slots.append(g.slot)
-        jobs = [r.payload[1] for r in joins]
+        jobs = [r.payload.job for r in joins]
         seeds = [j.sampling.seed if j.sampling.seed is not None else secrets.randbits(63) for j in jobs]
         try:
             step = self.runner.prefill(slots, [list(j.prompt_ids) for j in jobs], [j.sampling for j in jobs],
@@ -290,7 +297,7 @@ class HFEngine:
         """One hand-off per event loop for the whole step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for req, item in out:
-            by_loop[req.payload[0].loop].append((req.payload[0], item))
+            by_loop[req.payload.delivery.loop].append((req.payload.delivery, item))
 
         def put_all(items):
             for delivery, item in items:
