@@ -297,18 +297,22 @@ def poisson_upper(count: int, n: int, alpha: float = 1e-3) -> float:
     return hi
 
 
-def evidence_limit(p: float, bound: float, drift: float, tokens_per_day: float, false_alarm: float) -> float:
+def evidence_limit(levels: list[tuple[float, float]], drift: float, tokens_per_day: float, false_alarm: float) -> float:
     """The CUSUM limit h with at most `false_alarm` honest alarms a day.
 
-    An honest token's margin is at most `bound` (the per-token threshold: larger ones fail the round),
-    and non-zero with probability at most p, so X <= bound * Bernoulli(p) in distribution. With theta > 0
-    solving (1 - p) exp(-theta drift) + p exp(theta (bound - drift)) = 1, the walk from any start reaches
-    h with probability at most exp(-theta h) (Lundberg), so over N tokens S >= h with probability at most
-    N exp(-theta h): h = ln(N / false_alarm) / theta. Needs drift > p * bound (the honest walk drifts down).
+    `levels` are (p, b) pairs: an honest token's margin lies in a band whose top is b with probability at
+    most p (the bands' upper confidence bounds, measured), and is 0 otherwise; no accepted margin exceeds
+    the per-token threshold (larger ones fail the round), which is the top band's b. So the honest
+    increment X is dominated by Y = b_i with probability p_i. With theta > 0 solving
+    E exp(theta (Y - drift)) = 1, the walk from any start reaches h with probability at most
+    exp(-theta h) (Lundberg), so over N tokens S >= h with probability at most N exp(-theta h):
+    h = ln(N / false_alarm) / theta. Needs drift > E Y (the honest walk drifts down).
     """
-    if drift <= p * bound:
-        raise ValueError(f"drift {drift} must exceed p * bound = {p * bound}")
-    f = lambda th: (1 - p) * math.exp(-th * drift) + p * math.exp(th * (bound - drift)) - 1  # noqa: E731
+    mean = sum(p * b for p, b in levels)
+    if drift <= mean:
+        raise ValueError(f"drift {drift} must exceed the honest mean margin bound {mean}")
+    rest = 1 - sum(p for p, _ in levels)
+    f = lambda th: rest * math.exp(-th * drift) + sum(p * math.exp(th * (b - drift)) for p, b in levels) - 1  # noqa: E731
     lo, hi = 1e-9, 1.0
     while f(hi) < 0:
         hi *= 2
@@ -316,6 +320,21 @@ def evidence_limit(p: float, bound: float, drift: float, tokens_per_day: float, 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
     return math.log(tokens_per_day / false_alarm) / hi
+
+
+def honest_levels(margins: list[float], bound: float) -> list[tuple[float, float]]:
+    """(p, b) bands of honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2], (bound/2, bound],
+    each band's rate its 99.9% upper bound over these tokens. Honest margins are float near-ties, nearly
+    all in the lowest band; a steady small deviation (int8 weights) puts most of its margins higher."""
+    n, out, low = max(len(margins), 1), [], 0.0
+    for top in (bound / 4, bound / 2, bound):
+        out.append((poisson_upper(sum(low < m <= top for m in margins), n), top))
+        low = top
+    return out
+
+
+ORDERS = 200  # random orders of a cheat's generations, for how soon its evidence crosses the limit
+WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
 
 def tokens_to_flag(margins: list[float], drift: float, limit: float) -> int | None:
@@ -378,29 +397,31 @@ def evidence_summary(honest: list[Check], cheats: dict[str, list[Check]], th: sc
     margins = [m for c in honest for m in c.margins]
     n, count = len(margins), sum(m > 0 for m in margins)
     p = poisson_upper(count, max(n, 1))
-    limit = evidence_limit(p, th.max_token_margin, th.evidence_drift, tokens_per_day, false_alarm)
+    levels = honest_levels(margins, th.max_token_margin)
+    limit = evidence_limit(levels, th.evidence_drift, tokens_per_day, false_alarm)
     s, worst = 0.0, 0.0
     for m in margins:
         s = max(0.0, s + m - th.evidence_drift)
         worst = max(worst, s)
-    out = {"honest_tokens": n, "honest_disagreements": count, "honest_rate_upper": p,
+    out = {"honest_tokens": n, "honest_disagreements": count, "honest_rate_upper": p, "honest_levels": levels,
            "honest_mean_margin": sum(margins) / max(n, 1), "honest_max_cusum": worst,
            "drift": th.evidence_drift, "limit_derived": limit, "limit_used": th.evidence_limit,
            "tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "cheats": {}}
     for kind, checks in cheats.items():
         stream = [m for c in checks for m in c.margins]
-        # Several orders of the same generations: how soon the evidence crosses, whatever comes first.
+        # Many orders of the same generations: how soon the evidence crosses, whatever comes first.
         rng = random.Random(0)
         needs = []
-        for _ in range(20):
+        for _ in range(ORDERS):
             order = checks[:]
             rng.shuffle(order)
             needs.append(tokens_to_flag([m for c in order for m in c.margins], th.evidence_drift, th.evidence_limit))
-        found = [x for x in needs if x is not None]
+        found = sorted(x for x in needs if x is not None)
         out["cheats"][kind] = {"tokens": len(stream), "disagreement_rate": sum(m > 0 for m in stream) / max(len(stream), 1),
                                "mean_margin": sum(stream) / max(len(stream), 1),
-                               "tokens_to_flag_worst": max(found) if len(found) == len(needs) else None,
-                               "tokens_to_flag_median": sorted(found)[len(found) // 2] if found else None}
+                               "flagged_within": sum(x <= WITHIN for x in found) / len(needs),
+                               "tokens_to_flag_worst": found[-1] if len(found) == len(needs) else None,
+                               "tokens_to_flag_median": found[len(found) // 2] if found else None}
     return out
 
 

@@ -49,26 +49,26 @@ class Thresholds:
     # Seeded generation (docs/sampling.md), in logit units (nats of raw logit): the most the
     # reference's perturbed score of its own choice may exceed that of the miner's token, times the
     # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
-    # logit noise near the top of the distribution: honest worst 0.016 (SmolLM2 float16, 11,609
-    # tokens) and 0.022 (tiny float16, 8,704 tokens); every cheat but int8 and steering goes far past it.
-    max_token_margin: float = 0.04
+    # logit noise near the top of the distribution; float16 logits near 20 are rounded to 1/64, so a
+    # few steps of that apart is honest: worst 0.058 (SmolLM2 float16, batch 16, a greedy token, in
+    # 48,680 tokens) and 0.022 (tiny float16, 8,704 tokens). docs/calibration.md has the cheats' side.
+    max_token_margin: float = 0.1
     # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
     # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
     # the top-p mass), so a miner's token there is not "outside", and the reference's own choice
-    # there is not held against the miner. The same twice-the-noise bound as max_token_margin; the
-    # furthest an honest token lay outside the reference's strict set was 1.1e-4.
+    # there is not held against the miner. The furthest an honest token lay outside the reference's
+    # strict set was 0.010 (SmolLM2 float16).
     boundary_tol: float = 0.04
-    # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.04;
-    # int8 weights give at least 0.075.
-    max_gen_logprob_error: float = 0.08
+    # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.057
+    # (SmolLM2 float16, 48,680 tokens).
+    max_gen_logprob_error: float = 0.1
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + margin - evidence_drift); a miner whose S reaches evidence_limit is flagged.
-    # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day: with an
-    # honest disagreement rate of at most 0.0036 a token (99.9% bound, tiny; SmolLM2 0.0025) and
-    # margins of at most max_token_margin, Lundberg's bound needs 0.348 (neuron/calibration.py
-    # `evidence_limit`). int8 weights on SmolLM2 cross it after 106 tokens (median; 96.5% within 300).
+    # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day, by
+    # Lundberg's bound over the measured rates of honest margins in three bands up to max_token_margin
+    # (neuron/calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
     evidence_drift: float = 0.001
-    evidence_limit: float = 0.35
+    evidence_limit: float = 0.51
 
 
 @dataclass(frozen=True)

@@ -104,16 +104,18 @@ def tables(summary: dict) -> str:
     if ev:
         out.append("### Evidence across rounds (CUSUM over token margins)\n")
         out.append(f"Honest: {ev['honest_tokens']} tokens, {ev['honest_disagreements']} not the reference's choice "
-                   f"(upper bound on the rate, 99.9%: {cal.fmt(ev['honest_rate_upper'])}); largest honest CUSUM "
+                   f"(upper bound on the rate, 99.9%: {cal.fmt(ev['honest_rate_upper'])}; bands (rate bound, top): "
+                   f"{', '.join(f'({cal.fmt(p)}, {cal.fmt(b)})' for p, b in ev['honest_levels'])}); largest honest CUSUM "
                    f"{cal.fmt(ev['honest_max_cusum'])}. Drift {cal.fmt(ev['drift'])}; limit for "
                    f"{cal.fmt(ev['false_alarm_per_day'])} false alarms per miner per day at "
                    f"{ev['tokens_per_day']:.0f} tokens a day: {cal.fmt(ev['limit_derived'])} "
                    f"(in use: {cal.fmt(ev['limit_used'])}).\n")
-        out.append("| cheat | tokens | disagreement rate | mean margin | tokens to flag (median / worst of 20 orders) |")
-        out.append("|---|---|---|---|---|")
+        out.append(f"| cheat | tokens | disagreement rate | mean margin | flagged within {cal.WITHIN} tokens "
+                   f"| tokens to flag (median / worst of {cal.ORDERS} orders) |")
+        out.append("|---|---|---|---|---|---|")
         for kind, c in ev["cheats"].items():
             out.append(f"| {kind} | {c['tokens']} | {cal.fmt(c['disagreement_rate'])} | {cal.fmt(c['mean_margin'])} | "
-                       f"{c['tokens_to_flag_median'] or 'never'} / {c['tokens_to_flag_worst'] or 'never'} |")
+                       f"{cal.fmt(c['flagged_within'])} | {c['tokens_to_flag_median'] or 'never'} / {c['tokens_to_flag_worst'] or 'never'} |")
         out.append("")
     return "\n".join(out)
 

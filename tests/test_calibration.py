@@ -91,19 +91,31 @@ def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
 
 
 def test_the_evidence_limit_bounds_honest_false_alarms():
-    # Lundberg: with X = bound * Bernoulli(p), theta solves E exp(theta (X - drift)) = 1, and the limit is
-    # ln(N / false_alarm) / theta.
-    p, bound, drift = 0.004, 0.05, 0.001
-    h = cal.evidence_limit(p, bound, drift, 1e6, 1e-6)
+    # Lundberg: with Y = b_i with probability p_i, theta solves E exp(theta (Y - drift)) = 1, and the limit
+    # is ln(N / false_alarm) / theta.
+    levels, drift = [(0.004, 0.025), (0.0005, 0.05)], 0.001
+    h = cal.evidence_limit(levels, drift, 1e6, 1e-6)
     theta = math.log(1e12) / h
-    assert (1 - p) * math.exp(-theta * drift) + p * math.exp(theta * (bound - drift)) == pytest.approx(1, abs=1e-9)
+    rest = 1 - sum(p for p, _ in levels)
+    assert rest * math.exp(-theta * drift) + sum(p * math.exp(theta * (b - drift)) for p, b in levels) == \
+        pytest.approx(1, abs=1e-9)
+    # One band at the top is the cruder bound: a higher limit than two bands with the same total rate.
+    assert cal.evidence_limit([(0.0045, 0.05)], drift, 1e6, 1e-6) > h
     # A walk of the worst honest kind, many times longer than the limit needs, stays below it.
     rng = random.Random(0)
     s, worst = 0.0, 0.0
     for _ in range(200_000):
-        s = max(0.0, s + (bound if rng.random() < p else 0.0) - drift)
+        u = rng.random()
+        s = max(0.0, s + (0.025 if u < 0.004 else 0.05 if u < 0.0045 else 0.0) - drift)
         worst = max(worst, s)
     assert worst < h
     with pytest.raises(ValueError):
-        cal.evidence_limit(p, bound, p * bound / 2, 1e6, 1e-6)
+        cal.evidence_limit([(0.04, 0.05)], drift, 1e6, 1e-6)
+
+
+def test_honest_levels_count_margins_in_bands():
+    margins = [0.0] * 9_990 + [0.001] * 6 + [0.015] * 3 + [0.03]
+    levels = cal.honest_levels(margins, 0.04)
+    assert [top for _, top in levels] == [0.01, 0.02, 0.04]
+    assert [p for p, _ in levels] == pytest.approx([cal.poisson_upper(k, 10_000) for k in (6, 3, 1)])
     assert cal.poisson_upper(0, 10_000) == pytest.approx(math.log(1000) / 10_000, rel=1e-3)

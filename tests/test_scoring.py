@@ -258,7 +258,7 @@ def test_generation_top_p_boundary_tolerance():
 def test_generation_eos_follows_the_sampler():
     # Step 1 of GEN_REF: greedy picks id 1; stopping there with EOS (logit gap log(0.6/0.05)) fails.
     v = gen([0, 3], finish_reason="stop")
-    assert v.reason == "EOS token margin 2.4849 > 0.0400 at step 1"
+    assert v.reason == "EOS token margin 2.4849 > 0.1000 at step 1"
     # Step 2: the greedy choice is EOS itself; going on with id 1 costs log(0.4 / 0.3).
     v = gen([0, 1, 1], th=Thresholds(max_token_margin=0.2))
     assert v.reason == "token margin 0.2877 > 0.2000 at step 2"
@@ -268,7 +268,7 @@ def test_generation_eos_follows_the_sampler():
 def test_generation_logprob_error():
     v = gen([0, 1, 2], reported=[math.log(0.7), math.log(0.6), math.log(0.2)], th=Thresholds(max_token_margin=10))
     assert v.metrics["gen_logprob_error"] == pytest.approx(math.log(2), abs=1e-6)
-    assert v.reason == "logprob error 0.6931 > 0.0800 at step 2"
+    assert v.reason == "logprob error 0.6931 > 0.1000 at step 2"
 
 
 @pytest.mark.parametrize(
