@@ -323,12 +323,13 @@ def evidence_limit(levels: list[tuple[float, float]], drift: float, tokens_per_d
 
 
 def honest_levels(margins: list[float], bound: float) -> list[tuple[float, float]]:
-    """(p, b) bands of honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2], (bound/2, bound],
-    each band's rate its 99.9% upper bound over these tokens. Honest margins are float near-ties, nearly
-    all in the lowest band; a steady small deviation (int8 weights) puts most of its margins higher."""
+    """(p, b) bands of honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2], above bound/2,
+    each band's rate its 99.9% upper bound over these tokens, its top the most it adds to the CUSUM (which
+    caps every margin at `bound`, scoring.cusum_step). Honest margins are float near-ties, nearly all in
+    the lowest band; a steady small deviation (int8 weights) puts most of its margins higher."""
     n, out, low = max(len(margins), 1), [], 0.0
-    for top in (bound / 4, bound / 2, bound):
-        out.append((poisson_upper(sum(low < m <= top for m in margins), n), top))
+    for top in (bound / 4, bound / 2, math.inf):
+        out.append((poisson_upper(sum(low < m <= top for m in margins), n), min(top, bound)))
         low = top
     return out
 
@@ -337,12 +338,12 @@ ORDERS = 200  # random orders of a cheat's generations, for how soon its evidenc
 WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
 
-def tokens_to_flag(margins: list[float], drift: float, limit: float) -> int | None:
-    """How many tokens of this stream the CUSUM needs to reach the limit (None: never)."""
+def tokens_to_flag(margins: list[float], th: scoring.Thresholds) -> int | None:
+    """How many tokens of this stream the validator's CUSUM needs to reach the limit (None: never)."""
     s = 0.0
     for i, m in enumerate(margins):
-        s = max(0.0, s + m - drift)
-        if s >= limit:
+        s = scoring.cusum_step(s, m, th)
+        if s >= th.evidence_limit:
             return i + 1
     return None
 
@@ -415,7 +416,7 @@ def evidence_summary(honest: list[Check], cheats: dict[str, list[Check]], th: sc
         for _ in range(ORDERS):
             order = checks[:]
             rng.shuffle(order)
-            needs.append(tokens_to_flag([m for c in order for m in c.margins], th.evidence_drift, th.evidence_limit))
+            needs.append(tokens_to_flag([m for c in order for m in c.margins], th))
         found = sorted(x for x in needs if x is not None)
         out["cheats"][kind] = {"tokens": len(stream), "disagreement_rate": sum(m > 0 for m in stream) / max(len(stream), 1),
                                "mean_margin": sum(stream) / max(len(stream), 1),
@@ -446,7 +447,7 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             changed = [c for c in gen if c.changed]
             # What a validator does with one challenge to a fresh miner: the check, and that challenge's
             # margins alone as evidence.
-            alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, th.evidence_drift, th.evidence_limit)]
+            alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, th)]
             cheats[label] = {
                 "generation_caught_with_evidence": len(alone) / len(gen) if gen else None,
                 "best": extreme(theirs, better),

@@ -113,6 +113,7 @@ class Validator:
             logger.info(f"resumed validator state after round {self.state.rounds} from {self.state_path}")
         self.rng = random.Random(secrets.randbits(64))
         self.last_round: dict[int, Judgement] = {}
+        self.last_judge_s = 0.0  # the validator's own work in the last round: reference and checks
 
     async def close(self) -> None:
         await self.dendrite.close()
@@ -164,7 +165,9 @@ class Validator:
         generates = [self.dendrite.call(t, "Generate", c.generate_request(), timeout) for t, c in zip(targets, challenges)]
         results = await asyncio.gather(*forwards, *generates)
         fwd, gen = results[: len(uids)], results[len(uids):]
+        judging = time.monotonic()
         judgements = await asyncio.to_thread(self._judge_all, challenges, fwd, gen)
+        self.last_judge_s = time.monotonic() - judging
         judgements = [self._weigh_evidence(uid, j) for uid, j in zip(uids, judgements)]
         rewards = torch.tensor([scoring.reward(j.verified, j.loss, j.latency_s, timeout, j.ref_loss) for j in judgements])
         s = self.state
@@ -177,7 +180,8 @@ class Validator:
         s.save(self.state_path)
         verified = sum(j.verified for j in judgements)
         elapsed = time.monotonic() - started
-        logger.info(f"round {s.rounds}: {verified}/{len(uids)} miners verified in {elapsed:.2f} s")
+        logger.info(f"round {s.rounds}: {verified}/{len(uids)} miners verified in {elapsed:.2f} s "
+                    f"(judging {self.last_judge_s:.2f} s)")
         for uid, j in zip(uids, judgements):
             if not j.verified:  # an operator sees why in the INFO log: dead, refused, or wrong
                 logger.info(f"round {s.rounds}: uid {uid} {mg.by_uid(uid).hotkey} {failure_kind(j.reason)}: {j.reason}")
@@ -198,8 +202,7 @@ class Validator:
         """Add the round's token margins to the uid's evidence; a uid whose evidence crossed the limit
         fails this round (and every later one, until its hotkey changes) and loses its score."""
         th, key = self.thresholds, str(uid)
-        ev = scoring.update_evidence(self.state.evidence.get(key, scoring.Evidence()), j.margins,
-                                     th.evidence_drift, th.evidence_limit)
+        ev = scoring.update_evidence(self.state.evidence.get(key, scoring.Evidence()), j.margins, th)
         self.state.evidence[key] = ev
         if not ev.flagged:
             return j

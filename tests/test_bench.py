@@ -15,7 +15,7 @@ def test_bench_quick_runs_and_writes_every_figure(tmp_path):
     assert report["model"] == "tiny" and report["command"][:2] == ["neuron", "bench"]
     figures = report["figures"]
     for key in ("forward_latency_axon_vs_direct", "forward_16_batched_vs_single_c8", "forward_16_axon_vs_direct_c8",
-                "generate_1_axon_vs_plain", "generate_4_vs_1", "validator_round_2_vs_1",
+                "generate_1_axon_vs_plain", "generate_4_vs_1", "validator_round_2_vs_1", "validator_judge_2_vs_1",
                 "sampler_validator_vs_decode_step", "sampler_full_vocab_vs_decode_step", "decode_1_vs_bound",
                 "decode_4_vs_bound", "miner_rss_loaded_vs_weights", "miner_peak_rss_vs_weights"):
         f = figures[key]

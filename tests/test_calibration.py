@@ -16,6 +16,7 @@ import pytest
 from conftest import SMOLLM2
 
 from neuron import calibration as cal
+from neuron import scoring
 from neuron.challenge import ChallengeConfig
 from neuron.dataset import PromptSource
 from neuron.harness.cheats import GENERATION_CHEATS
@@ -59,7 +60,7 @@ def test_honest_margins_stay_within_the_thresholds(honest_checks):
     # The honest evidence never comes near its limit.
     s = 0.0
     for m in (m for c in gen for m in c.margins):
-        s = max(0.0, s + m - TH.evidence_drift)
+        s = scoring.cusum_step(s, m, TH)
         assert s < TH.evidence_limit / 4
 
 
@@ -114,8 +115,9 @@ def test_the_evidence_limit_bounds_honest_false_alarms():
 
 
 def test_honest_levels_count_margins_in_bands():
-    margins = [0.0] * 9_990 + [0.001] * 6 + [0.015] * 3 + [0.03]
+    margins = [0.0] * 9_990 + [0.001] * 6 + [0.015] * 3 + [0.03] + [7.0]
     levels = cal.honest_levels(margins, 0.04)
+    # The top band holds every margin above half the threshold, each counted at the cap.
     assert [top for _, top in levels] == [0.01, 0.02, 0.04]
-    assert [p for p, _ in levels] == pytest.approx([cal.poisson_upper(k, 10_000) for k in (6, 3, 1)])
+    assert [p for p, _ in levels] == pytest.approx([cal.poisson_upper(k, 10_001) for k in (6, 3, 2)])
     assert cal.poisson_upper(0, 10_000) == pytest.approx(math.log(1000) / 10_000, rel=1e-3)
