@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import pytest
 import torch
 
 from conftest import PoisonRows
@@ -103,3 +104,45 @@ async def test_a_sequence_whose_logits_break_fails_alone(tiny):
         assert engine.stats()["running"] == 0
     finally:
         await engine.stop()
+
+
+def test_the_whole_buffer_step_a_cuda_graph_replays_equals_the_windowed_step(tiny):
+    """A CUDA graph captures `forward_step` over every column of the KV ring (its shapes never change);
+    eager decoding attends over the columns in use. On the CPU, the same code path as the graph's, run
+    eagerly beside the windowed one through joins, leaves and the ring wrapping round, picks the same
+    tokens with the same logprobs."""
+    from neuron.engine.runner import Runner
+    from neuron.engine.types import SamplingParams
+
+    class WholeBuffer:  # what DecodeGraphs.logits computes, without the capture
+        def __init__(self, runner):
+            self.runner = runner
+
+        def logits(self, b):
+            r = self.runner
+            return r.forward_step(b, r.attention_mask(b, 0, r.max_len), 0, r.max_len)
+
+    windowed, whole = Runner(tiny, 4, 24, cuda_graphs=False), Runner(tiny, 4, 24, cuda_graphs=False)
+    whole.graphs = WholeBuffer(whole)
+    sampled = SamplingParams(temperature=0.8, top_k=20)
+    steps = {"windowed": [], "whole": []}
+    for name, r in (("windowed", windowed), ("whole", whole)):
+        out, wrapped = steps[name], False
+        out.append(r.prefill([0, 1], [[5, 6, 7], [8, 9, 10, 11, 12]], [SamplingParams(), sampled], [0, 0], [1, 2]))
+        for plan in ("leave 1", "join 1", "leave 0", "join 0", "", ""):
+            for _ in range(6 if plan else 4):
+                out.append(r.decode())
+                wrapped = wrapped or min(r.first.values()) // r.max_len != r.tick // r.max_len
+            if plan == "leave 1":
+                r.release(1)
+            elif plan == "join 1":
+                out.append(r.prefill([1], [[13, 14, 15, 16]], [sampled], [0], [3]))  # joins slot 0's batch
+            elif plan == "leave 0":
+                r.release(0)
+            elif plan == "join 0":
+                out.append(r.prefill([0], [[17, 18]], [sampled], [0], [4]))
+        r.release_all()
+        assert wrapped  # sequences ran on while the ring wrapped round the buffer
+    for a, b in zip(steps["windowed"], steps["whole"], strict=True):
+        assert a.slots == b.slots and a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
