@@ -323,13 +323,14 @@ def evidence_limit(levels: list[tuple[float, float]], drift: float, tokens_per_d
 
 
 def honest_levels(margins: list[float], bound: float) -> list[tuple[float, float]]:
-    """(p, b) bands of honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2], above bound/2,
-    each band's rate its 99.9% upper bound over these tokens, its top the most it adds to the CUSUM (which
-    caps every margin at `bound`, scoring.cusum_step). Honest margins are float near-ties, nearly all in
-    the lowest band; a steady small deviation (int8 weights) puts most of its margins higher."""
+    """(p, b) bands of accepted honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2],
+    (bound/2, bound], each band's rate its 99.9% upper bound over these tokens. A margin above `bound`
+    fails its round and is no honest noise (none in the calibration). Honest margins are float
+    near-ties, nearly all in the lowest band; a steady small deviation (int8 weights) puts most of its
+    margins higher."""
     n, out, low = max(len(margins), 1), [], 0.0
-    for top in (bound / 4, bound / 2, math.inf):
-        out.append((poisson_upper(sum(low < m <= top for m in margins), n), min(top, bound)))
+    for top in (bound / 4, bound / 2, bound):
+        out.append((poisson_upper(sum(low < m <= top for m in margins), n), top))
         low = top
     return out
 

@@ -62,9 +62,9 @@ class Thresholds:
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.057
     # (SmolLM2 float16, 48,680 tokens).
     max_gen_logprob_error: float = 0.1
-    # Evidence across rounds: a one-sided CUSUM over every checked token's margin (capped at
-    # max_token_margin), S <- max(0, S + min(margin, max_token_margin) - evidence_drift); a miner whose
-    # S reaches evidence_limit is flagged.
+    # Evidence across rounds: a one-sided CUSUM over every checked token's margin, each adding at most
+    # half the limit (scoring.cusum_step), S <- max(0, S + margin - evidence_drift); a miner whose S
+    # reaches evidence_limit is flagged.
     # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day, by
     # Lundberg's bound over the measured rates of honest margins in three bands up to max_token_margin
     # (neuron/calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
@@ -353,7 +353,7 @@ def verify_generation(
 class Evidence:
     """One miner's accumulated generation evidence: a one-sided CUSUM over its token margins."""
 
-    cusum: float = 0.0  # S <- max(0, S + min(margin, cap) - drift), over every checked token in order
+    cusum: float = 0.0  # the CUSUM over every checked token in order (cusum_step)
     tokens: int = 0  # tokens checked
     disagreements: int = 0  # tokens that were not the reference's choice
     margin_sum: float = 0.0  # sum of margins, logit units
@@ -361,10 +361,10 @@ class Evidence:
 
 
 def cusum_step(s: float, margin: float, th: Thresholds) -> float:
-    """One token of the evidence CUSUM: S <- max(0, S + min(margin, max_token_margin) - drift). The cap keeps
-    the honest false-alarm bound honest: a margin past the per-token threshold fails its round already,
-    and counts once as much as the largest accepted one, so no single outlier flags a miner for good."""
-    return max(0.0, s + min(margin, th.max_token_margin) - th.evidence_drift)
+    """One token of the evidence CUSUM: S <- max(0, S + min(margin, evidence_limit / 2 + drift) - drift).
+    The cap means no single token, however far off, flags a miner for good; two do. (Honest margins stay
+    under max_token_margin, far below the cap: docs/calibration.md.)"""
+    return max(0.0, s + min(margin, th.evidence_limit / 2 + th.evidence_drift) - th.evidence_drift)
 
 
 def update_evidence(ev: Evidence, margins: list[float], th: Thresholds) -> Evidence:
@@ -376,7 +376,7 @@ def update_evidence(ev: Evidence, margins: list[float], th: Thresholds) -> Evide
     total, disagree = ev.margin_sum, ev.disagreements
     for m in margins:
         if not (math.isfinite(m) and m >= 0):
-            flagged, m = True, th.max_token_margin
+            flagged, m = True, th.evidence_limit
         s = cusum_step(s, m, th)
         total += m
         disagree += m > 0
