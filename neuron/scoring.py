@@ -62,14 +62,18 @@ class Thresholds:
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.057
     # (SmolLM2 float16, 48,680 tokens).
     max_gen_logprob_error: float = 0.1
-    # Evidence across rounds: a one-sided CUSUM over every checked token's margin, each adding at most
-    # half the limit (scoring.cusum_step), S <- max(0, S + margin - evidence_drift); a miner whose S
-    # reaches evidence_limit is flagged.
+    # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
+    # S <- max(0, S + min(margin, evidence_cap) - evidence_drift); a miner whose S reaches
+    # evidence_limit is flagged.
     # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day, by
     # Lundberg's bound over the measured rates of honest margins in three bands up to max_token_margin
     # (neuron/calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
     evidence_drift: float = 0.001
     evidence_limit: float = 0.51
+    # The most one token adds. Honest margins stay under max_token_margin (0.058 at worst); a token far
+    # past it (a steered one: several logits) fails its round, and adds this much: alone it never
+    # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
+    evidence_cap: float = 0.41
 
 
 @dataclass(frozen=True)
@@ -361,10 +365,8 @@ class Evidence:
 
 
 def cusum_step(s: float, margin: float, th: Thresholds) -> float:
-    """One token of the evidence CUSUM: S <- max(0, S + min(margin, evidence_limit / 2 + drift) - drift).
-    The cap means no single token, however far off, flags a miner for good; two do. (Honest margins stay
-    under max_token_margin, far below the cap: docs/calibration.md.)"""
-    return max(0.0, s + min(margin, th.evidence_limit / 2 + th.evidence_drift) - th.evidence_drift)
+    """One token of the evidence CUSUM: S <- max(0, S + min(margin, evidence_cap) - drift)."""
+    return max(0.0, s + min(margin, th.evidence_cap) - th.evidence_drift)
 
 
 def update_evidence(ev: Evidence, margins: list[float], th: Thresholds) -> Evidence:
@@ -372,6 +374,9 @@ def update_evidence(ev: Evidence, margins: list[float], th: Thresholds) -> Evide
     margin (which no check produces) flags the miner: a value that cannot be read is no honest noise."""
     if th.evidence_drift <= 0 or th.evidence_limit <= 0:
         raise ValueError(f"drift and limit must be > 0, got {th.evidence_drift}, {th.evidence_limit}")
+    if not th.max_token_margin <= th.evidence_cap < th.evidence_limit:
+        raise ValueError(f"the evidence cap {th.evidence_cap} must lie in [max_token_margin, limit) = "
+                         f"[{th.max_token_margin}, {th.evidence_limit})")
     s, flagged = ev.cusum, ev.flagged
     total, disagree = ev.margin_sum, ev.disagreements
     for m in margins:

@@ -316,22 +316,24 @@ def test_generation_reference_mismatch_is_a_bug():
 
 
 def test_evidence_cusum_exact():
-    th = Thresholds(evidence_drift=0.1, evidence_limit=1.0)
+    th = Thresholds(evidence_drift=0.1, evidence_limit=1.0, evidence_cap=0.6)
     ev = update_evidence(Evidence(), [0.0, 0.5, 0.0, 0.3], th)
     # 0 -> 0 -> 0.4 -> 0.3 -> 0.5
     assert ev.cusum == pytest.approx(0.5) and ev.tokens == 4 and ev.disagreements == 2
     assert ev.margin_sum == pytest.approx(0.8) and not ev.flagged
-    ev = update_evidence(ev, [0.65], th)  # adds 0.5 (half the limit) after the drift
-    assert ev.cusum == pytest.approx(1.0) and ev.flagged and ev.margin_sum == pytest.approx(1.45)
+    ev = update_evidence(ev, [0.75], th)  # adds the cap, 0.6, less the drift
+    assert ev.cusum == pytest.approx(1.0) and ev.flagged and ev.margin_sum == pytest.approx(1.55)
     # Once flagged, it stays flagged even as the sum drains.
     assert update_evidence(ev, [0.0] * 50, th).flagged
 
 
-def test_evidence_takes_two_outliers_to_flag():
-    th = Thresholds(evidence_drift=0.001, evidence_limit=0.51)
+def test_evidence_needs_two_far_off_tokens_within_the_window():
+    th = Thresholds()  # cap 0.41, limit 0.51, drift 0.001: two within 310 tokens
     assert not update_evidence(Evidence(), [50.0], th).flagged
-    assert update_evidence(Evidence(), [50.0, 50.0], th).flagged
-    assert not update_evidence(Evidence(), [50.0] + [0.0] * 10 + [50.0], th).flagged  # drift in between
+    assert update_evidence(Evidence(), [50.0] + [0.0] * 300 + [50.0], th).flagged
+    assert not update_evidence(Evidence(), [50.0] + [0.0] * 320 + [50.0], th).flagged
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], Thresholds(evidence_cap=0.6))  # one token could flag alone
 
 
 def test_evidence_treats_unreadable_margins_as_flagged():

@@ -111,7 +111,7 @@ def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_pat
     chain.register(1, vw)
     uid, _ = chain.register(1, make_wallet(tmp_path / "w", "m"))
     config = with_overrides(ValidatorConfig(), **{"subtensor.netuid": 1, "state_path": str(tmp_path / "s.json")})
-    th = Thresholds(evidence_drift=0.01, evidence_limit=1.0)
+    th = Thresholds(evidence_drift=0.01, evidence_limit=1.0, evidence_cap=0.5)
     v = Validator(config, chain, vw, tiny, thresholds=th)
     v._sync(chain.metagraph(1))
     v.state.scores[uid] = 0.7
