@@ -51,7 +51,7 @@ class Thresholds:
     # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
     # logit noise near the top of the distribution; float16 logits near 20 are rounded to 1/64, so a
     # few steps of that apart is honest: worst 0.058 (SmolLM2 float16, batch 16, a greedy token, in
-    # 48,680 tokens) and 0.022 (tiny float16, 8,704 tokens). docs/calibration.md has the cheats' side.
+    # 48,680 tokens) and 0.032 (tiny float16, 43,422 tokens). docs/calibration.md has the cheats' side.
     max_token_margin: float = 0.1
     # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
     # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
