@@ -403,7 +403,7 @@ def evidence_summary(honest: list[Check], cheats: dict[str, list[Check]], th: sc
     limit = evidence_limit(levels, th.evidence_drift, tokens_per_day, false_alarm)
     s, worst = 0.0, 0.0
     for m in margins:
-        s = max(0.0, s + m - th.evidence_drift)
+        s = scoring.cusum_step(s, m, th)
         worst = max(worst, s)
     out = {"honest_tokens": n, "honest_disagreements": count, "honest_rate_upper": p, "honest_levels": levels,
            "honest_mean_margin": sum(margins) / max(n, 1), "honest_max_cusum": worst,
