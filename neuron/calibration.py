@@ -69,6 +69,7 @@ class Check:
     reason: str  # "" when ok
     metrics: dict[str, float] = field(default_factory=dict)
     margins: list[float] = field(default_factory=list)  # generation: every token's margin, in order
+    errors: list[float] = field(default_factory=list)  # generation: every token's reported logprob error
     changed: bool = True  # generation cheat: its tokens differ from the honest sampler's
 
     @property
@@ -167,13 +168,13 @@ def generation_checks(ref: Reference, chs: list[Challenge], answers: list[Genera
     for i, (c, a, rows) in enumerate(zip(chs, answers, logits)):
         v = scoring.verify_generation(rows, torch.tensor(a.tokens), torch.tensor(a.logprobs, dtype=torch.float64),
                                       spec=c.spec, finish_reason=a.finish_reason, eos_token_id=eos, th=th)
-        metrics = {k: x for k, x in v.metrics.items() if k != "margins"}
+        metrics = {k: x for k, x in v.metrics.items() if k not in ("margins", "errors")}
         if metrics:
             metrics["boundary_excess"] = boundary_excess(rows, a.tokens, c.spec)
         changed = honest_answers is None or honest_answers[i].tokens != a.tokens
         kind = "greedy" if c.temperature == 0 else "sampled"
         checks.append(Check(model, label, honest, kind, batch, v.ok, v.reason, metrics,
-                            list(v.metrics.get("margins", [])), changed))
+                            list(v.metrics.get("margins", [])), list(v.metrics.get("errors", [])), changed))
     return checks
 
 
@@ -263,9 +264,9 @@ def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: Prompt
 def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
                          cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 48) -> list[Check]:
     """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
-    batches. Every cheat reports exact logprobs (one teacher-forced pass of the real model), so only its
-    tokens can show it. Sampled only: on a greedy request most of these cheats are the honest answer."""
-    from neuron.harness.cheats import generation_cheat
+    batches, reporting logprobs as the cheat does (exact ones for TEACHER_FORCED kinds: only the tokens
+    can show those). Sampled only: on a greedy request most of these cheats are the honest answer."""
+    from neuron.harness.cheats import TEACHER_FORCED, generation_cheat
 
     chs = challenges(ref.lm, source, rng, n, dataclasses.replace(cfg, sampled_fraction=1.0))
     groups = [chs[i:i + batch] for i in range(0, n, batch)]
@@ -277,14 +278,13 @@ def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptS
         for g in groups:
             prompts = [c.prompt_ids for c in g]
             mine = decode(chooser, prompts, specs_of(g), policy)
-            # Policy cheats run the real model: their logprobs are its own already.
-            answers += mine if chooser is ref.lm else reported_by(ref.batched, prompts, mine)
+            answers += reported_by(ref.batched, prompts, mine) if kind in TEACHER_FORCED else mine
         checks += generation_checks(ref, chs, answers, th, model=model, label=kind, honest=False, batch=batch,
                                     honest_answers=honest)
     return checks
 
 
-# Evidence across rounds: a one-sided CUSUM over token margins (scoring.update_evidence).
+# Evidence across rounds: one-sided CUSUMs over token margins and logprob errors (scoring.update_evidence).
 
 
 def poisson_upper(count: int, n: int, alpha: float = 1e-3) -> float:
@@ -300,17 +300,16 @@ def poisson_upper(count: int, n: int, alpha: float = 1e-3) -> float:
 def evidence_limit(levels: list[tuple[float, float]], drift: float, tokens_per_day: float, false_alarm: float) -> float:
     """The CUSUM limit h with at most `false_alarm` honest alarms a day.
 
-    `levels` are (p, b) pairs: an honest token's margin lies in a band whose top is b with probability at
-    most p (the bands' upper confidence bounds, measured), and is 0 otherwise; no accepted margin exceeds
-    the per-token threshold (larger ones fail the round), which is the top band's b. So the honest
-    increment X is dominated by Y = b_i with probability p_i. With theta > 0 solving
+    `levels` are (p, b) pairs: an honest token's increment is at most b with probability p (from
+    `honest_levels`), and 0 with the rest; no accepted value exceeds the top b (larger ones fail the
+    round). So the honest increment X is dominated by Y = b_i with probability p_i. With theta > 0 solving
     E exp(theta (Y - drift)) = 1, the walk from any start reaches h with probability at most
     exp(-theta h) (Lundberg), so over N tokens S >= h with probability at most N exp(-theta h):
     h = ln(N / false_alarm) / theta. Needs drift > E Y (the honest walk drifts down).
     """
     mean = sum(p * b for p, b in levels)
     if drift <= mean:
-        raise ValueError(f"drift {drift} must exceed the honest mean margin bound {mean}")
+        raise ValueError(f"drift {drift} must exceed the honest mean bound {mean}")
     rest = 1 - sum(p for p, _ in levels)
     f = lambda th: rest * math.exp(-th * drift) + sum(p * math.exp(th * (b - drift)) for p, b in levels) - 1  # noqa: E731
     lo, hi = 1e-9, 1.0
@@ -322,31 +321,95 @@ def evidence_limit(levels: list[tuple[float, float]], drift: float, tokens_per_d
     return math.log(tokens_per_day / false_alarm) / hi
 
 
-def honest_levels(margins: list[float], bound: float) -> list[tuple[float, float]]:
-    """(p, b) bands of accepted honest margins for `evidence_limit`: (0, bound/4], (bound/4, bound/2],
-    (bound/2, bound], each band's rate its 99.9% upper bound over these tokens. A margin above `bound`
-    fails its round and is no honest noise (none in the calibration). Honest margins are float
-    near-ties, nearly all in the lowest band; a steady small deviation (int8 weights) puts most of its
-    margins higher."""
-    n, out, low = max(len(margins), 1), [], 0.0
-    for top in (bound / 4, bound / 2, bound):
-        out.append((poisson_upper(sum(low < m <= top for m in margins), n), top))
-        low = top
-    return out
+def honest_levels(values: list[float], edges: tuple[float, ...]) -> list[tuple[float, float]]:
+    """(p, b) for `evidence_limit`: a distribution that dominates these honest values with 99.9% confidence
+    at every edge. P(Y > e) is the upper bound on P(X > e) for each edge e below the top one, so
+    Y = b_i (the band's top edge) with the difference of its two tails. Values above the top edge fail
+    their round and are no honest noise (none in the calibration)."""
+    n = max(len(values), 1)
+    tails = [min(1.0, poisson_upper(sum(v > e for v in values), n)) for e in (0.0,) + tuple(edges[:-1])] + [0.0]
+    return [(tails[i] - tails[i + 1], b) for i, b in enumerate(edges)]
 
 
+# The bands each statistic's honest values are counted in: margins up to max_token_margin, logprob errors
+# up to max_gen_logprob_error (fractions of it), finer where honest values lie.
+MARGIN_BANDS = (0.25, 0.5, 1.0)
+ERROR_BANDS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
 ORDERS = 200  # random orders of a cheat's generations, for how soon its evidence crosses the limit
 WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
 
-def tokens_to_flag(margins: list[float], th: scoring.Thresholds) -> int | None:
-    """How many tokens of this stream the validator's CUSUM needs to reach the limit (None: never)."""
-    s = 0.0
-    for i, m in enumerate(margins):
-        s = scoring.cusum_step(s, m, th)
-        if s >= th.evidence_limit:
-            return i + 1
-    return None
+def tokens_to_flag(margins: list[float], errors: list[float], th: scoring.Thresholds,
+                   statistics: tuple[str, ...] = ("token margins", "logprob errors")) -> int | None:
+    """How many tokens of this stream the validator's evidence needs to flag it (None: never), counting
+    only the named statistics. A stream without errors (an older calibration file) counts its margins."""
+    params = scoring.evidence_params(th)
+    streams = {"token margins": margins, "logprob errors": errors}
+    first = None
+    for name in statistics:
+        cap, drift, limit = params[name]
+        s = 0.0
+        for i, x in enumerate(streams[name]):
+            s = scoring.cusum_step(s, x, cap, drift)
+            if s >= limit:
+                first = i + 1 if first is None else min(first, i + 1)
+                break
+    return first
+
+
+def _flag_orders(checks: list["Check"], th: scoring.Thresholds, statistics: tuple[str, ...]) -> dict:
+    """Over many orders of the same generations, how soon the evidence crosses, whatever comes first."""
+    rng = random.Random(0)
+    needs = []
+    for _ in range(ORDERS):
+        order = checks[:]
+        rng.shuffle(order)
+        needs.append(tokens_to_flag([m for c in order for m in c.margins], [e for c in order for e in c.errors],
+                                    th, statistics))
+    found = sorted(x for x in needs if x is not None)
+    return {"flagged_within": sum(x <= WITHIN for x in found) / len(needs),
+            "tokens_to_flag_worst": found[-1] if len(found) == len(needs) else None,
+            "tokens_to_flag_median": found[len(found) // 2] if found else None}
+
+
+def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th: scoring.Thresholds,
+                     tokens_per_day: float, false_alarm: float) -> dict:
+    """Each statistic's honest bands and the limit they give (per honest precision, the largest used; the
+    two statistics share the false-alarm rate), the honest CUSUMs' largest values, and each cheat's tokens
+    to detection over its generations: by both statistics, and by margins alone (the same tokens with
+    exact logprobs)."""
+    params = scoring.evidence_params(th)
+    bands = {"token margins": tuple(b * th.max_token_margin for b in MARGIN_BANDS),
+             "logprob errors": tuple(b * th.max_gen_logprob_error for b in ERROR_BANDS)}
+    out: dict = {"tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "statistics": {}, "cheats": {}}
+    for name, (cap, drift, limit) in params.items():
+        field_ = "margins" if name == "token margins" else "errors"
+        by_dtype: dict = {}
+        for c in honest:
+            by_dtype.setdefault(c.miner, []).extend(getattr(c, field_))
+        per = {}
+        for dtype, values in by_dtype.items():
+            if not values:
+                continue
+            levels = honest_levels(values, bands[name])
+            s, worst = 0.0, 0.0
+            for x in values:
+                s = scoring.cusum_step(s, x, cap, drift)
+                worst = max(worst, s)
+            per[dtype] = {"tokens": len(values), "nonzero": sum(x > 0 for x in values), "mean": sum(values) / len(values),
+                          "levels": levels, "limit": evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)),
+                          "max_cusum": worst}
+        out["statistics"][name] = {"drift": drift, "cap": cap, "limit_used": limit, "by_dtype": per,
+                                   "limit_derived": max((d["limit"] for d in per.values()), default=None)}
+    for kind, checks in cheats.items():
+        margins = [m for c in checks for m in c.margins]
+        errors = [e for c in checks for e in c.errors]
+        out["cheats"][kind] = {"tokens": len(margins), "disagreement_rate": sum(m > 0 for m in margins) / max(len(margins), 1),
+                               "mean_margin": sum(margins) / max(len(margins), 1),
+                               "mean_error": sum(errors) / len(errors) if errors else None,
+                               "both": _flag_orders(checks, th, tuple(params)),
+                               "margins_alone": _flag_orders(checks, th, ("token margins",))}
+    return out
 
 
 def worse(metric: str, a: float, b: float) -> float:
@@ -392,41 +455,6 @@ def rescored(c: Check, th: scoring.Thresholds) -> Check:
     return dataclasses.replace(c, ok=True, reason="")
 
 
-def evidence_summary(honest: list[Check], cheats: dict[str, list[Check]], th: scoring.Thresholds,
-                     tokens_per_day: float, false_alarm: float) -> dict:
-    """The honest disagreement rate and its bound, the limit that drift and bound give, the honest
-    CUSUM's largest value, and each cheat's tokens to detection over its concatenated generations."""
-    margins = [m for c in honest for m in c.margins]
-    n, count = len(margins), sum(m > 0 for m in margins)
-    p = poisson_upper(count, max(n, 1))
-    levels = honest_levels(margins, th.max_token_margin)
-    limit = evidence_limit(levels, th.evidence_drift, tokens_per_day, false_alarm)
-    s, worst = 0.0, 0.0
-    for m in margins:
-        s = scoring.cusum_step(s, m, th)
-        worst = max(worst, s)
-    out = {"honest_tokens": n, "honest_disagreements": count, "honest_rate_upper": p, "honest_levels": levels,
-           "honest_mean_margin": sum(margins) / max(n, 1), "honest_max_cusum": worst,
-           "drift": th.evidence_drift, "limit_derived": limit, "limit_used": th.evidence_limit,
-           "tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "cheats": {}}
-    for kind, checks in cheats.items():
-        stream = [m for c in checks for m in c.margins]
-        # Many orders of the same generations: how soon the evidence crosses, whatever comes first.
-        rng = random.Random(0)
-        needs = []
-        for _ in range(ORDERS):
-            order = checks[:]
-            rng.shuffle(order)
-            needs.append(tokens_to_flag([m for c in order for m in c.margins], th))
-        found = sorted(x for x in needs if x is not None)
-        out["cheats"][kind] = {"tokens": len(stream), "disagreement_rate": sum(m > 0 for m in stream) / max(len(stream), 1),
-                               "mean_margin": sum(stream) / max(len(stream), 1),
-                               "flagged_within": sum(x <= WITHIN for x in found) / len(needs),
-                               "tokens_to_flag_worst": found[-1] if len(found) == len(needs) else None,
-                               "tokens_to_flag_median": found[len(found) // 2] if found else None}
-    return out
-
-
 def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
     """Worst honest values per (model, miner, batch) and overall, cheats' best values and catch rates."""
     models = sorted({c.model for c in checks})
@@ -448,7 +476,7 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             changed = [c for c in gen if c.changed]
             # What a validator does with one challenge to a fresh miner: the check, and that challenge's
             # margins alone as evidence.
-            alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, th)]
+            alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, c.errors, th)]
             cheats[label] = {
                 "generation_caught_with_evidence": len(alone) / len(gen) if gen else None,
                 "best": extreme(theirs, better),

@@ -100,6 +100,7 @@ class Judgement:
     latency_s: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     margins: list[float] = field(default_factory=list)  # every checked generated token's margin (evidence)
+    errors: list[float] = field(default_factory=list)  # and its reported logprob's error (evidence)
 
 
 def _failed(what: str, result: PeerResult) -> str:
@@ -172,13 +173,14 @@ def _judge_one(ch: Challenge, fa: protocol.ForwardAnswer, ga: protocol.GenerateA
     gv = scoring.verify_generation(gen_logits, torch.tensor(ga.token_ids), torch.tensor(ga.logprobs, dtype=torch.float64),
                                    spec=ch.spec, finish_reason=FINISH[ga.finish_reason], eos_token_id=lm.eos_token_id,
                                    th=th)
-    margins = list(gv.metrics.pop("margins", []))
+    margins, errors = list(gv.metrics.pop("margins", [])), list(gv.metrics.pop("errors", []))
     if not gv.ok:
-        return Judgement(False, f"generate: {gv.reason}", latency_s=latency, metrics=gv.metrics, margins=margins)
+        return Judgement(False, f"generate: {gv.reason}", latency_s=latency, metrics=gv.metrics, margins=margins,
+                         errors=errors)
     k = ch.topk
     targets = torch.tensor(ch.forward_ids)[torch.tensor(ch.positions) + 1]
     ref_lp, ref_ids = ref.topk(k, dim=-1)
     ref_rest = (1 - ref_lp.exp().sum(-1)).clamp(min=0)
     loss = scoring.quality_loss(ids, lp, rest, targets, lm.vocab_size)
     ref_loss = scoring.quality_loss(ref_ids, ref_lp, ref_rest, targets, lm.vocab_size)
-    return Judgement(True, "", loss, ref_loss, latency, {**verdict.metrics, **gv.metrics}, margins)
+    return Judgement(True, "", loss, ref_loss, latency, {**verdict.metrics, **gv.metrics}, margins, errors)

@@ -74,6 +74,13 @@ class Thresholds:
     # past it (a steered one: several logits) fails its round, and adds this much: alone it never
     # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
     evidence_cap: float = 0.41
+    # Evidence from the reported logprobs: a second one-sided CUSUM, over every token's |reported -
+    # reference| logprob error, L <- max(0, L + min(error, max_gen_logprob_error) - lp_evidence_drift);
+    # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0035 nats; a
+    # miner serving int8 weights reports what its weights give, 0.046 on average. The limit is set like
+    # evidence_limit's, over bands of honest errors (the two statistics share the false-alarm rate).
+    lp_evidence_drift: float = 0.02
+    lp_evidence_limit: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -289,7 +296,8 @@ def verify_generation(
     seeded sampler's choice within th.max_token_margin (`token_margins`), the EOS step included: a
     stop where the reference would not choose EOS, or going on where it would by more than the
     margin, fail the same way. Reported logprobs (raw log_softmax) must match the reference's. The
-    metrics carry every token's margin ("margins", for the evidence across rounds) as a list.
+    metrics carry every token's margin ("margins") and logprob error ("errors") as lists, for the
+    evidence across rounds.
     A "stop_sequence" finish is checked against the requested stop strings by the caller.
     """
     _check_ref(ref_logits)
@@ -337,6 +345,7 @@ def verify_generation(
         "disagreements": float((margins > 0).sum()),
         "gen_logprob_error": float(errors.max()),
         "margins": margins.tolist(),
+        "errors": errors.tolist(),
     }
     if bool(outside.any()):
         step = int(outside.int().argmax())
@@ -355,38 +364,64 @@ def verify_generation(
 
 @dataclass
 class Evidence:
-    """One miner's accumulated generation evidence: a one-sided CUSUM over its token margins."""
+    """One miner's accumulated generation evidence: one-sided CUSUMs over its tokens' margins and over
+    its reported logprobs' errors."""
 
-    cusum: float = 0.0  # the CUSUM over every checked token in order (cusum_step)
+    cusum: float = 0.0  # the CUSUM over every checked token's margin, in order (cusum_step)
     tokens: int = 0  # tokens checked
     disagreements: int = 0  # tokens that were not the reference's choice
     margin_sum: float = 0.0  # sum of margins, logit units
-    flagged: bool = False  # S reached the limit once: stays until the uid changes hotkey
+    flagged: bool = False  # a CUSUM reached its limit once: stays until the uid changes hotkey
+    lp_cusum: float = 0.0  # the CUSUM over every checked token's reported logprob error
+    error_sum: float = 0.0  # sum of logprob errors, nats
+    flagged_by: str = ""  # which statistic crossed first ("token margins", "logprob errors"; "" when not flagged)
 
 
-def cusum_step(s: float, margin: float, th: Thresholds) -> float:
-    """One token of the evidence CUSUM: S <- max(0, S + min(margin, evidence_cap) - drift)."""
-    return max(0.0, s + min(margin, th.evidence_cap) - th.evidence_drift)
+def cusum_step(s: float, x: float, cap: float, drift: float) -> float:
+    """One token of an evidence CUSUM: S <- max(0, S + min(x, cap) - drift)."""
+    return max(0.0, s + min(x, cap) - drift)
 
 
-def update_evidence(ev: Evidence, margins: list[float], th: Thresholds) -> Evidence:
-    """A new Evidence after more tokens' margins (in the order checked). A non-finite or negative
-    margin (which no check produces) flags the miner: a value that cannot be read is no honest noise."""
-    if th.evidence_drift <= 0 or th.evidence_limit <= 0:
-        raise ValueError(f"drift and limit must be > 0, got {th.evidence_drift}, {th.evidence_limit}")
-    if not th.max_token_margin <= th.evidence_cap < th.evidence_limit:
-        raise ValueError(f"the evidence cap {th.evidence_cap} must lie in [max_token_margin, limit) = "
-                         f"[{th.max_token_margin}, {th.evidence_limit})")
-    s, flagged = ev.cusum, ev.flagged
-    total, disagree = ev.margin_sum, ev.disagreements
-    for m in margins:
-        if not (math.isfinite(m) and m >= 0):
-            flagged, m = True, th.evidence_limit
-        s = cusum_step(s, m, th)
-        total += m
-        disagree += m > 0
-        flagged = flagged or s >= th.evidence_limit
-    return Evidence(s, ev.tokens + len(margins), disagree, total, flagged)
+def evidence_params(th: Thresholds) -> dict[str, tuple[float, float, float]]:
+    """(cap, drift, limit) of each evidence statistic, by name. A logprob error past
+    max_gen_logprob_error fails its round and adds that much."""
+    return {"token margins": (th.evidence_cap, th.evidence_drift, th.evidence_limit),
+            "logprob errors": (th.max_gen_logprob_error, th.lp_evidence_drift, th.lp_evidence_limit)}
+
+
+def _check_evidence_params(th: Thresholds) -> None:
+    params = evidence_params(th)
+    for name, (cap, drift, limit) in params.items():
+        if drift <= 0 or limit <= 0:
+            raise ValueError(f"{name}: drift and limit must be > 0, got {drift}, {limit}")
+        if not cap < limit:  # one token alone must never flag a miner for good
+            raise ValueError(f"{name}: the most one token adds ({cap}) must be below the limit {limit}")
+    if th.evidence_cap < th.max_token_margin:
+        raise ValueError(f"the evidence cap {th.evidence_cap} must be >= max_token_margin {th.max_token_margin}")
+
+
+def update_evidence(ev: Evidence, margins: list[float], errors: list[float], th: Thresholds) -> Evidence:
+    """A new Evidence after more tokens' margins and logprob errors (in the order checked, one of each
+    per token). A non-finite or negative value (which no check produces) flags the miner: a value that
+    cannot be read is no honest noise."""
+    _check_evidence_params(th)
+    if len(margins) != len(errors):
+        raise ValueError(f"{len(margins)} margins for {len(errors)} logprob errors")
+    (m_cap, m_drift, m_limit), (e_cap, e_drift, e_limit) = evidence_params(th).values()
+    s, lp, by = ev.cusum, ev.lp_cusum, ev.flagged_by
+    total, err_total, disagree = ev.margin_sum, ev.error_sum, ev.disagreements
+    for m, e in zip(margins, errors):
+        if not (math.isfinite(m) and m >= 0 and math.isfinite(e) and e >= 0):
+            by, m, e = by or "unreadable values", m_limit, e_limit
+        s, lp = cusum_step(s, m, m_cap, m_drift), cusum_step(lp, e, e_cap, e_drift)
+        total, err_total, disagree = total + m, err_total + e, disagree + (m > 0)
+        if not by and s >= m_limit:
+            by = "token margins"
+        elif not by and lp >= e_limit:
+            by = "logprob errors"
+    flagged = ev.flagged or bool(by)
+    return Evidence(s, ev.tokens + len(margins), disagree, total, flagged, lp, err_total,
+                    by or ("token margins" if flagged else ""))
 
 
 def quality_loss(

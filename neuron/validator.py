@@ -199,16 +199,17 @@ class Validator:
         return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
 
     def _weigh_evidence(self, uid: int, j: Judgement) -> Judgement:
-        """Add the round's token margins to the uid's evidence; a uid whose evidence crossed the limit
-        fails this round (and every later one, until its hotkey changes) and loses its score."""
+        """Add the round's token margins and logprob errors to the uid's evidence; a uid whose evidence
+        crossed a limit fails this round (and every later one, until its hotkey changes) and loses its score."""
         th, key = self.thresholds, str(uid)
-        ev = scoring.update_evidence(self.state.evidence.get(key, scoring.Evidence()), j.margins, th)
+        ev = scoring.update_evidence(self.state.evidence.get(key, scoring.Evidence()), j.margins, j.errors, th)
         self.state.evidence[key] = ev
         if not ev.flagged:
             return j
         self.state.scores[uid] = 0.0
-        reason = (f"evidence: token margins over {ev.tokens} tokens ({ev.disagreements} not the sampler's choice) "
-                  f"crossed the limit {th.evidence_limit:.3g}")
+        n = max(ev.tokens, 1)
+        reason = (f"evidence: {ev.flagged_by} crossed the limit over {ev.tokens} tokens ({ev.disagreements} not "
+                  f"the sampler's choice, mean logprob error {ev.error_sum / n:.4f})")
         return dataclasses.replace(j, verified=False, reason=j.reason or reason)
 
     def weights(self) -> torch.Tensor:

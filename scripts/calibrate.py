@@ -102,20 +102,31 @@ def tables(summary: dict) -> str:
         out.append("")
     ev = summary.get("evidence")
     if ev:
-        out.append("### Evidence across rounds (CUSUM over token margins)\n")
-        out.append(f"Honest: {ev['honest_tokens']} tokens, {ev['honest_disagreements']} not the reference's choice "
-                   f"(upper bound on the rate, 99.9%: {cal.fmt(ev['honest_rate_upper'])}; bands (rate bound, top): "
-                   f"{', '.join(f'({cal.fmt(p)}, {cal.fmt(b)})' for p, b in ev['honest_levels'])}); largest honest CUSUM "
-                   f"{cal.fmt(ev['honest_max_cusum'])}. Drift {cal.fmt(ev['drift'])}; limit for "
-                   f"{cal.fmt(ev['false_alarm_per_day'])} false alarms per miner per day at "
-                   f"{ev['tokens_per_day']:.0f} tokens a day: {cal.fmt(ev['limit_derived'])} "
-                   f"(in use: {cal.fmt(ev['limit_used'])}).\n")
-        out.append(f"| cheat | tokens | disagreement rate | mean margin | flagged within {cal.WITHIN} tokens "
-                   f"| tokens to flag (median / worst of {cal.ORDERS} orders) |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("### Evidence across rounds (CUSUMs over token margins and logprob errors)\n")
+        out.append(f"Limits for {cal.fmt(ev['false_alarm_per_day'])} honest alarms per miner per day in all, at "
+                   f"{ev['tokens_per_day']:.0f} tokens a day (half each), from each honest precision's bands "
+                   f"(rate bound, top), the largest used:\n")
+        out.append("| statistic | drift | honest miner | tokens | nonzero | mean | bands | largest honest CUSUM | limit |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for name, st in ev["statistics"].items():
+            for dtype, d in st["by_dtype"].items():
+                bands = ", ".join(f"({cal.fmt(p)}, {cal.fmt(b)})" for p, b in d["levels"])
+                out.append(f"| {name} | {cal.fmt(st['drift'])} | {dtype} | {d['tokens']} | {d['nonzero']} | "
+                           f"{cal.fmt(d['mean'])} | {bands} | {cal.fmt(d['max_cusum'])} | {cal.fmt(d['limit'])} |")
+            out.append(f"| {name} | | **derived / in use** | | | | | | **{cal.fmt(st['limit_derived'])} / "
+                       f"{cal.fmt(st['limit_used'])}** |")
+        out.append("")
+        out.append(f"| cheat | tokens | disagreement rate | mean margin | mean logprob error | flagged within "
+                   f"{cal.WITHIN} tokens | tokens to flag (median / worst of {cal.ORDERS} orders) | by margins alone: "
+                   f"within {cal.WITHIN} | median / worst |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for kind, c in ev["cheats"].items():
+            b, m = c["both"], c["margins_alone"]
             out.append(f"| {kind} | {c['tokens']} | {cal.fmt(c['disagreement_rate'])} | {cal.fmt(c['mean_margin'])} | "
-                       f"{cal.fmt(c['flagged_within'])} | {c['tokens_to_flag_median'] or 'never'} / {c['tokens_to_flag_worst'] or 'never'} |")
+                       f"{cal.fmt(c['mean_error'])} | {cal.fmt(b['flagged_within'])} | "
+                       f"{b['tokens_to_flag_median'] or 'never'} / {b['tokens_to_flag_worst'] or 'never'} | "
+                       f"{cal.fmt(m['flagged_within'])} | "
+                       f"{m['tokens_to_flag_median'] or 'never'} / {m['tokens_to_flag_worst'] or 'never'} |")
         out.append("")
     return "\n".join(out)
 

@@ -57,11 +57,12 @@ def test_honest_margins_stay_within_the_thresholds(honest_checks):
     assert sum(len(c.margins) for c in gen) >= 8000
     assert max(c.metrics["token_margin"] for c in gen) <= TH.max_token_margin
     assert max(c.metrics["boundary_excess"] for c in gen) <= TH.boundary_tol
-    # The honest evidence never comes near its limit.
-    s = 0.0
-    for m in (m for c in gen for m in c.margins):
-        s = scoring.cusum_step(s, m, TH)
-        assert s < TH.evidence_limit / 4
+    # The honest evidence never comes near its limits.
+    for name, (cap, drift, limit) in scoring.evidence_params(TH).items():
+        s = 0.0
+        for x in (x for c in gen for x in (c.margins if name == "token margins" else c.errors)):
+            s = scoring.cusum_step(s, x, cap, drift)
+            assert s < limit / 4, name
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,9 @@ def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
     mine = [c for c in cheat_checks if c.miner == kind and c.kind != "forward"]
     changed = [c for c in mine if c.changed]
     assert len(mine) == 6 and changed, kind
-    if kind == "int8":  # a small, steady deviation: it shows in more disagreements than honest noise makes
+    if kind == "int8":  # a small, steady deviation: it shows in its logprobs and in more disagreements
         assert sum(m > 0 for c in mine for m in c.margins) > 0
+        assert cal.tokens_to_flag([m for c in mine for m in c.margins], [e for c in mine for e in c.errors], TH)
     else:
         assert sum(not c.ok for c in changed) >= len(changed) - 1, (kind, [c.metrics for c in changed if c.ok])
 
@@ -114,9 +116,24 @@ def test_the_evidence_limit_bounds_honest_false_alarms():
         cal.evidence_limit([(0.04, 0.05)], drift, 1e6, 1e-6)
 
 
-def test_honest_levels_count_margins_in_bands():
+def test_honest_levels_dominate_the_values_at_every_edge():
     margins = [0.0] * 9_990 + [0.001] * 6 + [0.015] * 3 + [0.03]
-    levels = cal.honest_levels(margins, 0.04)
+    levels = cal.honest_levels(margins, (0.01, 0.02, 0.04))
     assert [top for _, top in levels] == [0.01, 0.02, 0.04]
-    assert [p for p, _ in levels] == pytest.approx([cal.poisson_upper(k, 10_000) for k in (6, 3, 1)])
+    tails = [cal.poisson_upper(k, 10_000) for k in (10, 4, 1)]  # above 0, 0.01, 0.02
+    assert [p for p, _ in levels] == pytest.approx([tails[0] - tails[1], tails[1] - tails[2], tails[2]])
     assert cal.poisson_upper(0, 10_000) == pytest.approx(math.log(1000) / 10_000, rel=1e-3)
+    # Values that are nearly all above 0 (logprob errors): the lowest band takes the rest, never below 0.
+    errors = [0.003] * 990 + [0.02] * 10
+    levels = cal.honest_levels(errors, (0.005, 0.05))
+    assert levels[0][0] >= 0 and sum(p for p, _ in levels) == pytest.approx(1.0)
+    assert levels[1][0] == pytest.approx(cal.poisson_upper(10, 1000))
+
+
+def test_tokens_to_flag_counts_either_statistic():
+    th = scoring.Thresholds()
+    assert cal.tokens_to_flag([0.0] * 100, [0.0] * 100, th) is None
+    n = cal.tokens_to_flag([0.0] * 100, [0.05] * 100, th)  # 0.03 a token past the drift 0.02
+    assert n == math.ceil(th.lp_evidence_limit / 0.03 - 1e-9)
+    assert cal.tokens_to_flag([0.0] * 100, [0.05] * 100, th, ("token margins",)) is None
+    assert cal.tokens_to_flag([0.41] * 3, [], th) == 2  # an older file without errors: margins alone

@@ -317,31 +317,63 @@ def test_generation_reference_mismatch_is_a_bug():
 
 def test_evidence_cusum_exact():
     th = Thresholds(evidence_drift=0.1, evidence_limit=1.0, evidence_cap=0.6)
-    ev = update_evidence(Evidence(), [0.0, 0.5, 0.0, 0.3], th)
+    ev = update_evidence(Evidence(), [0.0, 0.5, 0.0, 0.3], [0.0] * 4, th)
     # 0 -> 0 -> 0.4 -> 0.3 -> 0.5
     assert ev.cusum == pytest.approx(0.5) and ev.tokens == 4 and ev.disagreements == 2
-    assert ev.margin_sum == pytest.approx(0.8) and not ev.flagged
-    ev = update_evidence(ev, [0.75], th)  # adds the cap, 0.6, less the drift
+    assert ev.margin_sum == pytest.approx(0.8) and not ev.flagged and ev.flagged_by == ""
+    ev = update_evidence(ev, [0.75], [0.0], th)  # adds the cap, 0.6, less the drift
     assert ev.cusum == pytest.approx(1.0) and ev.flagged and ev.margin_sum == pytest.approx(1.55)
+    assert ev.flagged_by == "token margins"
     # Once flagged, it stays flagged even as the sum drains.
-    assert update_evidence(ev, [0.0] * 50, th).flagged
+    assert update_evidence(ev, [0.0] * 50, [0.0] * 50, th).flagged
+
+
+def test_logprob_error_evidence_exact():
+    th = Thresholds(lp_evidence_drift=0.02, lp_evidence_limit=0.15)  # cap: max_gen_logprob_error, 0.1
+    ev = update_evidence(Evidence(), [0.0] * 4, [0.05, 0.0, 0.5, 0.01], th)
+    # 0 -> 0.03 -> 0.01 -> 0.09 (0.5 capped at 0.1) -> 0.08
+    assert ev.lp_cusum == pytest.approx(0.08) and ev.error_sum == pytest.approx(0.56) and not ev.flagged
+    assert ev.cusum == 0.0 and ev.disagreements == 0
+    ev = update_evidence(ev, [0.0, 0.0], [0.06, 0.04], th)  # 0.08 -> 0.12 -> 0.14
+    assert not ev.flagged
+    ev = update_evidence(ev, [0.0], [0.03], th)  # 0.15: the limit
+    assert ev.flagged and ev.flagged_by == "logprob errors"
+    # Honest-sized errors (float16: 0.0035 on average) drain it; a steady 0.03 (int8-like) climbs.
+    assert update_evidence(Evidence(), [0.0] * 1000, [0.0035] * 1000, th).lp_cusum == 0.0
+    assert update_evidence(Evidence(), [0.0] * 15, [0.03] * 15, th).flagged
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], [], th)  # one error per margin
 
 
 def test_evidence_needs_two_far_off_tokens_within_the_window():
-    th = Thresholds()  # cap 0.41, limit 0.51, drift 0.001: two within 310 tokens
-    assert not update_evidence(Evidence(), [50.0], th).flagged
-    assert update_evidence(Evidence(), [50.0] + [0.0] * 300 + [50.0], th).flagged
-    assert not update_evidence(Evidence(), [50.0] + [0.0] * 320 + [50.0], th).flagged
+    th = Thresholds(evidence_drift=0.001, evidence_limit=0.51, evidence_cap=0.41)  # two within 310 tokens
+    z = [0.0] * 400
+    assert not update_evidence(Evidence(), [50.0], [0.0], th).flagged
+    assert update_evidence(Evidence(), [50.0] + z[:300] + [50.0], z[:302], th).flagged
+    assert not update_evidence(Evidence(), [50.0] + z[:320] + [50.0], z[:322], th).flagged
+    # One far-off logprob (a failed round) never flags alone either.
+    assert not update_evidence(Evidence(), [0.0], [50.0], Thresholds()).flagged
     with pytest.raises(ValueError):
-        update_evidence(Evidence(), [0.0], Thresholds(evidence_cap=0.6))  # one token could flag alone
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(evidence_cap=Thresholds().evidence_limit))
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(lp_evidence_limit=Thresholds().max_gen_logprob_error))
 
 
-def test_evidence_treats_unreadable_margins_as_flagged():
+def test_evidence_treats_unreadable_values_as_flagged():
     th = Thresholds(evidence_drift=0.1, evidence_limit=1.0)
-    assert update_evidence(Evidence(), [float("nan")], th).flagged
-    assert update_evidence(Evidence(), [-1.0], th).flagged
+    for margins, errors in (([float("nan")], [0.0]), ([-1.0], [0.0]), ([0.0], [float("inf")]), ([0.0], [-0.1])):
+        ev = update_evidence(Evidence(), margins, errors, th)
+        assert ev.flagged and ev.flagged_by == "unreadable values"
     with pytest.raises(ValueError):
-        update_evidence(Evidence(), [0.0], Thresholds(evidence_drift=0.0))
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(evidence_drift=0.0))
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(lp_evidence_drift=0.0))
+
+
+def test_evidence_from_an_older_state_file_keeps_its_flag():
+    # A state saved before the logprob statistic existed: its fields take their defaults.
+    ev = update_evidence(Evidence(cusum=0.2, tokens=9, flagged=True), [0.0], [0.0], Thresholds())
+    assert ev.flagged and ev.flagged_by == "token margins" and ev.lp_cusum == 0.0
 
 
 # quality_loss

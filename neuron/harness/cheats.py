@@ -2,7 +2,7 @@
 
 Model cheats change the weights or the logits and then serve "honestly"; protocol cheats override the
 servicer; generation cheats answer seeded requests with tokens the seeded sampler would not choose
-(sampler policies, a cheaper model) while reporting exact logprobs.
+(sampler policies on the real model, a cheaper model, quantized weights).
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead")
 GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
                      "int8", "int4")
 KINDS = MODEL_CHEATS + PROTOCOL_CHEATS + GENERATION_CHEATS
+# Generation cheats that report exact logprobs from one teacher-forced pass of the real model over their
+# tokens (the cheaper model drafts and the real one scores: only the tokens can show it). The others report
+# the logprobs of the model that chose: the real one (sampler policies), or their int8 / 4-bit weights, which
+# is all a miner that serves quantized weights has.
+TEACHER_FORCED = frozenset({"cheap"})
 
 
 class LogitsFilter(torch.nn.Module):
@@ -184,8 +189,8 @@ def servicer_for(kind: str):
 
 
 # Generation cheats: sampler policies with the sampler's signature, choose(logits [B, V], RowParams) -> [B].
-# Each answers a seeded request with tokens the seeded sampler would not choose, and reports exact
-# logprobs for them (the old checks could not tell: docs/calibration.md).
+# Each answers a seeded request with tokens the seeded sampler would not choose, and reports their exact
+# logprobs (the old checks could not tell: docs/calibration.md).
 
 
 def _rows(rp: RowParams) -> list[tuple[float, int, float, int, int]]:
@@ -304,20 +309,20 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
 
 
 class GenerationCheatServicer(AxonServicer):
-    """Forward is honest; Generate chooses its tokens with a cheating policy or a cheaper model (direct
-    decode), and reports exact logprobs from one teacher-forced pass of the real model."""
+    """Forward is honest; Generate chooses its tokens with a cheating policy, a cheaper model or quantized
+    weights (direct decode), and reports logprobs as the cheat's kind does (TEACHER_FORCED)."""
 
     def __init__(self, *args, kind: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.lm = self.engine.lm  # the harness runs the HF engine: its model is at hand
         self.policy, self.chooser = generation_cheat(kind, self.lm)
-        self.reference = Reference(self.lm)
+        self.reference = Reference(self.lm) if kind in TEACHER_FORCED else None
         self._lock = threading.Lock()  # one cheat decode at a time: the policies keep per-batch state
 
     def _generate(self, prompt: list[int], spec: GenSpec):
         with self._lock:
             answer = decode(self.chooser, [prompt], [spec], self.policy)
-            return reported_by(self.reference, [prompt], answer)[0]
+            return reported_by(self.reference, [prompt], answer)[0] if self.reference else answer[0]
 
     async def Generate(self, request, context):
         job, _ = protocol.generate_job(request, self.limits, self.info, self.tokenizer)
