@@ -261,11 +261,18 @@ def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: Prompt
     return checks
 
 
+# A calibration-only variant of a generation cheat ("int8_exact"): the same tokens, reported with exact
+# logprobs from one teacher-forced pass of the real model, so only its tokens can give it away. It costs
+# the cheat a full-precision copy of the model and a prefill pass per answer on top of its cheap decode.
+EXACT = "_exact"
+
+
 def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
                          cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 48) -> list[Check]:
     """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
-    batches, reporting logprobs as the cheat does (exact ones for TEACHER_FORCED kinds: only the tokens
-    can show those). Sampled only: on a greedy request most of these cheats are the honest answer."""
+    batches, reporting logprobs as the cheat does (exact ones for TEACHER_FORCED kinds and "<kind>_exact"
+    variants: only the tokens can show those). Sampled only: on a greedy request most of these cheats are
+    the honest answer."""
     from neuron.harness.cheats import TEACHER_FORCED, generation_cheat
 
     chs = challenges(ref.lm, source, rng, n, dataclasses.replace(cfg, sampled_fraction=1.0))
@@ -273,12 +280,14 @@ def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptS
     honest = [a for g in groups for a in decode(ref.lm, [c.prompt_ids for c in g], specs_of(g))]
     checks = []
     for kind in kinds:
-        policy, chooser = generation_cheat(kind, ref.lm)
+        base = kind.removesuffix(EXACT)
+        policy, chooser = generation_cheat(base, ref.lm)
+        exact = base in TEACHER_FORCED or kind != base
         answers = []
         for g in groups:
             prompts = [c.prompt_ids for c in g]
             mine = decode(chooser, prompts, specs_of(g), policy)
-            answers += reported_by(ref.batched, prompts, mine) if kind in TEACHER_FORCED else mine
+            answers += reported_by(ref.batched, prompts, mine) if exact else mine
         checks += generation_checks(ref, chs, answers, th, model=model, label=kind, honest=False, batch=batch,
                                     honest_answers=honest)
     return checks

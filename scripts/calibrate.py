@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dishonest", type=int, default=16, help="Forward challenges to each model cheat (0: none)")
     p.add_argument("--generation-cheats", type=int, default=64,
                    help="seeded Generate challenges to each generation cheat (0: none)")
-    p.add_argument("--cheats", default=",".join(GENERATION_CHEATS), help="generation cheats to run")
+    p.add_argument("--cheats", default=",".join(GENERATION_CHEATS + ("int8" + cal.EXACT, "int4" + cal.EXACT)),
+                   help="generation cheats to run; KIND_exact reports exact logprobs from a teacher-forced pass")
     p.add_argument("--tokens-per-day", type=float, default=1e6,
                    help="generated tokens a validator checks per miner a day (the evidence limit's horizon)")
     p.add_argument("--false-alarm", type=float, default=1e-6, help="honest evidence alarms per miner per day")

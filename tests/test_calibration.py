@@ -71,8 +71,8 @@ def cheat_checks(smollm2):
     source = PromptSource.default()
     checks = cal.dishonest_run(ref, cal.dishonest_models(smollm2, seed=3), source, random.Random(3), 2, SMALL, TH,
                                model="smollm2")
-    return checks + cal.generation_cheat_run(ref, GENERATION_CHEATS, source, random.Random(4), 6, SMALL, TH,
-                                             model="smollm2")
+    return checks + cal.generation_cheat_run(ref, GENERATION_CHEATS + ("int8" + cal.EXACT,), source,
+                                             random.Random(4), 6, SMALL, TH, model="smollm2")
 
 
 def test_every_forward_cheat_is_caught_on_smollm2(cheat_checks):
@@ -91,6 +91,14 @@ def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
         assert cal.tokens_to_flag([m for c in mine for m in c.margins], [e for c in mine for e in c.errors], TH)
     else:
         assert sum(not c.ok for c in changed) >= len(changed) - 1, (kind, [c.metrics for c in changed if c.ok])
+
+
+def test_an_exact_variant_reports_the_real_models_logprobs_for_the_same_tokens(cheat_checks):
+    own = [c for c in cheat_checks if c.miner == "int8" and c.kind != "forward"]
+    exact = [c for c in cheat_checks if c.miner == "int8_exact"]
+    assert len(exact) == len(own) == 6
+    assert [c.margins for c in exact] == [c.margins for c in own]  # the same tokens
+    assert max(e for c in exact for e in c.errors) < 1e-4 < max(e for c in own for e in c.errors)
 
 
 def test_the_evidence_limit_bounds_honest_false_alarms():
