@@ -405,11 +405,14 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
             for x in values:
                 s = scoring.cusum_step(s, x, cap, drift)
                 worst = max(worst, s)
+            # Too few honest tokens bound the bands' rates so loosely that the drift cannot beat them: no limit.
+            bounded = sum(p * b for p, b in levels) < drift
+            limit = evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)) if bounded else None
             per[dtype] = {"tokens": len(values), "nonzero": sum(x > 0 for x in values), "mean": sum(values) / len(values),
-                          "levels": levels, "limit": evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)),
-                          "max_cusum": worst}
+                          "levels": levels, "limit": limit, "max_cusum": worst}
         out["statistics"][name] = {"drift": drift, "cap": cap, "limit_used": limit, "by_dtype": per,
-                                   "limit_derived": max((d["limit"] for d in per.values()), default=None)}
+                                   "limit_derived": None if any(d["limit"] is None for d in per.values())
+                                   else max((d["limit"] for d in per.values()), default=None)}
     for kind, checks in cheats.items():
         margins = [m for c in checks for m in c.margins]
         errors = [e for c in checks for e in c.errors]
@@ -482,7 +485,10 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             gen = [c for c in theirs if c.kind != "forward"]
             if label in SAMPLING_ONLY:
                 gen = [c for c in gen if c.kind == "sampled"]
-            changed = [c for c in gen if c.changed]
+            # Changed: its tokens differ from the honest sampler's and are not, at every step, the reference
+            # sampler's own choice (an answer with every margin 0 is what the validator itself would give:
+            # the honest float32 decode and the teacher-forced reference can part at a near-tie).
+            changed = [c for c in gen if c.changed and (not c.ok or any(m > 0 for m in c.margins))]
             # What a validator does with one challenge to a fresh miner: the check, and that challenge's
             # margins alone as evidence.
             alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, c.errors, th)]

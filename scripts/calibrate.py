@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -63,6 +64,25 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     return checks
 
 
+def read_json(path: Path) -> dict:
+    """A --json file, gzipped when its name ends in .gz."""
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a --json file, gzipped when its name ends in .gz (docs/calibration/ keeps them so)."""
+    text = json.dumps(data, indent=None if path.suffix == ".gz" else 1).encode()
+    path.write_bytes(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
+
+
+def rounded(check: cal.Check) -> cal.Check:
+    """The check with its per-token values to 6 significant digits, as a --json file stores them (they
+    compress), so that a run's tables and a rescore of its file agree exactly."""
+    return dataclasses.replace(check, margins=[float(f"{x:.6g}") for x in check.margins],
+                               errors=[float(f"{x:.6g}") for x in check.errors])
+
+
 def tables(summary: dict) -> str:
     """The summary as markdown tables."""
     out = []
@@ -105,7 +125,7 @@ def tables(summary: dict) -> str:
         out.append("### Evidence across rounds (CUSUMs over token margins and logprob errors)\n")
         out.append(f"Limits for {cal.fmt(ev['false_alarm_per_day'])} honest alarms per miner per day in all, at "
                    f"{ev['tokens_per_day']:.0f} tokens a day (half each), from each honest precision's bands "
-                   f"(rate bound, top), the largest used:\n")
+                   f"(rate bound, top), the largest used (-: too few honest tokens to bound one):\n")
         out.append("| statistic | drift | honest miner | tokens | nonzero | mean | bands | largest honest CUSUM | limit |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for name, st in ev["statistics"].items():
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rescore", type=Path, action="append",
                    help="judge the checks of an earlier --json run under the current Thresholds instead of "
                         "measuring (repeatable)")
-    p.add_argument("--json", type=Path, help="write the summary here")
+    p.add_argument("--json", type=Path, help="write the summary and every check here (gzipped: NAME.json.gz)")
     p.add_argument("--markdown", type=Path, help="write the tables here")
     args = p.parse_args(argv)
     args.model = args.model or ["tiny"]
@@ -178,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     if args.rescore:
         for path in args.rescore:
-            earlier = json.loads(path.read_text())
+            earlier = read_json(path)
             checks += [cal.rescored(cal.Check(**c), th) for c in earlier["checks"]]
     else:
         for name in args.model:
-            checks += run_model(name, args, th, cfg)
+            checks += [rounded(c) for c in run_model(name, args, th, cfg)]
     summary = cal.summarize(checks, th)
     # The evidence limit is set on the real model's honest margins (all models' when it is absent).
     models = {c.model for c in checks}
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         summary["checks"] = [dataclasses.asdict(c) for c in checks]
-        args.json.write_text(json.dumps(summary, indent=1))
+        write_json(args.json, summary)
     if args.markdown:
         args.markdown.write_text(text)
     bad = sum(len(s["honest_false_rejections"]) for s in summary["models"].values())

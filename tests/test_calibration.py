@@ -9,8 +9,13 @@ scripts/calibrate.py (docs/calibration.md).
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import SMOLLM2
@@ -145,3 +150,23 @@ def test_tokens_to_flag_counts_either_statistic():
     assert n == math.ceil(th.lp_evidence_limit / 0.03 - 1e-9)
     assert cal.tokens_to_flag([0.0] * 100, [0.05] * 100, th, ("token margins",)) is None
     assert cal.tokens_to_flag([0.41] * 3, [], th) == 2  # an older file without errors: margins alone
+
+
+def test_the_script_rescoring_its_own_gzipped_file_gives_the_same_figures(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "calibrate.py"
+    measured, again = tmp_path / "run.json.gz", tmp_path / "again.json"
+    run = [sys.executable, str(script), "--model", "tiny", "--batch-sizes", "1,3", "--dishonest", "2",
+           "--generation-cheats", "3", "--cheats", "greedy,int8,int8_exact", "--seed", "5", "--threads", "1"]
+    subprocess.run(run + ["--json", str(measured)], capture_output=True, check=True)
+    subprocess.run([sys.executable, str(script), "--rescore", str(measured), "--json", str(again)],
+                   capture_output=True, check=True)
+    first, second = json.loads(gzip.decompress(measured.read_bytes())), json.loads(again.read_text())
+    assert {c["miner"] for c in first["checks"]} >= {"float32", "float16", "greedy", "int8", "int8_exact"}
+
+    def figures(summary):  # the reasons' wording is the checks' own when measured, the metric's when rescored
+        for s in summary["models"].values():
+            for cheat in s["dishonest"].values():
+                cheat.pop("reasons")
+        return summary["models"], summary["evidence"]
+
+    assert figures(first) == figures(second)
