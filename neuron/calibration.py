@@ -407,9 +407,9 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
                 worst = max(worst, s)
             # Too few honest tokens bound the bands' rates so loosely that the drift cannot beat them: no limit.
             bounded = sum(p * b for p, b in levels) < drift
-            limit = evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)) if bounded else None
+            derived = evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)) if bounded else None
             per[dtype] = {"tokens": len(values), "nonzero": sum(x > 0 for x in values), "mean": sum(values) / len(values),
-                          "levels": levels, "limit": limit, "max_cusum": worst}
+                          "levels": levels, "limit": derived, "max_cusum": worst}
         out["statistics"][name] = {"drift": drift, "cap": cap, "limit_used": limit, "by_dtype": per,
                                    "limit_derived": None if any(d["limit"] is None for d in per.values())
                                    else max((d["limit"] for d in per.values()), default=None)}

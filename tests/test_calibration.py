@@ -170,3 +170,5 @@ def test_the_script_rescoring_its_own_gzipped_file_gives_the_same_figures(tmp_pa
         return summary["models"], summary["evidence"]
 
     assert figures(first) == figures(second)
+    used = {name: st["limit_used"] for name, st in second["evidence"]["statistics"].items()}
+    assert used == {"token margins": TH.evidence_limit, "logprob errors": TH.lp_evidence_limit}
