@@ -50,8 +50,8 @@ class Thresholds:
     # reference's perturbed score of its own choice may exceed that of the miner's token, times the
     # temperature (the raw logit gap for greedy). An honest miner's margin is at most twice its
     # logit noise near the top of the distribution; float16 logits near 20 are rounded to 1/64, so a
-    # few steps of that apart is honest: worst 0.058 (SmolLM2 float16, batch 16, a greedy token, in
-    # 48,680 tokens) and 0.032 (tiny float16, 43,422 tokens). docs/calibration.md has the cheats' side.
+    # few steps of that apart is honest: worst 0.075 (SmolLM2 float16, batch 16, in 59,181 float16
+    # tokens; 0.058 in an earlier 48,680) and 0.031 (tiny float16). docs/calibration.md has the cheats' side.
     max_token_margin: float = 0.1
     # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
     # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
@@ -59,26 +59,29 @@ class Thresholds:
     # there is not held against the miner. The furthest an honest token lay outside the reference's
     # strict set was 0.010 (SmolLM2 float16).
     boundary_tol: float = 0.04
-    # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.057
-    # (SmolLM2 float16, 48,680 tokens).
+    # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.051
+    # (SmolLM2 float16, 59,181 tokens; 0.057 in an earlier 48,680).
     max_gen_logprob_error: float = 0.1
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + min(margin, evidence_cap) - evidence_drift); a miner whose S reaches
     # evidence_limit is flagged.
-    # The limit keeps honest alarms under 1e-6 per miner per day at 1e6 checked tokens a day, by
-    # Lundberg's bound over the measured rates of honest margins in three bands up to max_token_margin
-    # (neuron/calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
+    # The limit keeps honest alarms under 5e-7 per miner per day (half of 1e-6: the logprob evidence
+    # has the other half) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
+    # honest margins in three bands up to max_token_margin, for each accepted precision (neuron/
+    # calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
     evidence_drift: float = 0.001
     evidence_limit: float = 0.51
-    # The most one token adds. Honest margins stay under max_token_margin (0.058 at worst); a token far
+    # The most one token adds. Honest margins stay under max_token_margin (0.075 at worst); a token far
     # past it (a steered one: several logits) fails its round, and adds this much: alone it never
     # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
     evidence_cap: float = 0.41
     # Evidence from the reported logprobs: a second one-sided CUSUM, over every token's |reported -
     # reference| logprob error, L <- max(0, L + min(error, max_gen_logprob_error) - lp_evidence_drift);
-    # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0035 nats; a
-    # miner serving int8 weights reports what its weights give, 0.046 on average. The limit is set like
-    # evidence_limit's, over bands of honest errors (the two statistics share the false-alarm rate).
+    # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0036 nats
+    # (SmolLM2); a miner serving int8 weights reports what its weights give, 0.063 on average. The
+    # limit is set like evidence_limit's, over nine bands of honest errors up to max_gen_logprob_error
+    # (the two statistics share the false-alarm rate): 0.28 derived, 0.4 in use, headroom for a GPU's
+    # float16 kernels, which no calibration has measured yet.
     lp_evidence_drift: float = 0.02
     lp_evidence_limit: float = 0.4
 
