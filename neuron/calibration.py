@@ -340,10 +340,16 @@ def honest_levels(values: list[float], edges: tuple[float, ...]) -> list[tuple[f
     return [(tails[i] - tails[i + 1], b) for i, b in enumerate(edges)]
 
 
-# The bands each statistic's honest values are counted in: margins up to max_token_margin, logprob errors
-# up to max_gen_logprob_error (fractions of it), finer where honest values lie.
-MARGIN_BANDS = (0.25, 0.5, 1.0)
+# The bands honest logprob errors are counted in, up to max_gen_logprob_error (fractions of it), finer where
+# honest values lie. Margins use the validator's own bands (Thresholds.evidence_bands).
 ERROR_BANDS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def bands_of(name: str, th: scoring.Thresholds) -> tuple[float, ...]:
+    """The top edges of the bands an evidence statistic's honest values are counted in."""
+    if name == "token margins":
+        return tuple(th.evidence_bands) + (th.max_token_margin,)
+    return tuple(b * th.max_gen_logprob_error for b in ERROR_BANDS)
 ORDERS = 200  # random orders of a cheat's generations, for how soon its evidence crosses the limit
 WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
@@ -359,7 +365,7 @@ def tokens_to_flag(margins: list[float], errors: list[float], th: scoring.Thresh
         cap, drift, limit = params[name]
         s = 0.0
         for i, x in enumerate(streams[name]):
-            s = scoring.cusum_step(s, x, cap, drift)
+            s = scoring.cusum_step(s, scoring.counted(name, x, th), cap, drift)
             if s >= limit:
                 first = i + 1 if first is None else min(first, i + 1)
                 break
@@ -388,8 +394,6 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
     to detection over its generations: by both statistics, and by margins alone (the same tokens with
     exact logprobs)."""
     params = scoring.evidence_params(th)
-    bands = {"token margins": tuple(b * th.max_token_margin for b in MARGIN_BANDS),
-             "logprob errors": tuple(b * th.max_gen_logprob_error for b in ERROR_BANDS)}
     out: dict = {"tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "statistics": {}, "cheats": {}}
     for name, (cap, drift, limit) in params.items():
         field_ = "margins" if name == "token margins" else "errors"
@@ -400,10 +404,10 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
         for dtype, values in by_dtype.items():
             if not values:
                 continue
-            levels = honest_levels(values, bands[name])
+            levels = honest_levels(values, bands_of(name, th))
             s, worst = 0.0, 0.0
             for x in values:
-                s = scoring.cusum_step(s, x, cap, drift)
+                s = scoring.cusum_step(s, scoring.counted(name, x, th), cap, drift)
                 worst = max(worst, s)
             # Too few honest tokens bound the bands' rates so loosely that the drift cannot beat them: no limit.
             bounded = sum(p * b for p, b in levels) < drift

@@ -75,6 +75,13 @@ class Thresholds:
     # past it (a steered one: several logits) fails its round, and adds this much: alone it never
     # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
     evidence_cap: float = 0.41
+    # The honest margins' bands below max_token_margin: (0, 0.025], (0.025, 0.05], (0.05, 0.1]. The
+    # false-alarm bound counts every honest margin at the top of its band; the CUSUM counts a margin
+    # of the first band as it is and one of a higher band at that band's top, which costs the bound
+    # nothing (honest float16: 2 of 59,181 tokens above 0.025) and weighs a steady cheat's mid-sized
+    # margins more (int8 weights with exact logprobs: flagged after a median of 162 tokens instead of
+    # 175, within 300 in 85% of orders instead of 80.5%; docs/calibration.md).
+    evidence_bands: tuple[float, ...] = (0.025, 0.05)
     # Evidence from the reported logprobs: a second one-sided CUSUM, over every token's |reported -
     # reference| logprob error, L <- max(0, L + min(error, max_gen_logprob_error) - lp_evidence_drift);
     # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0036 nats
@@ -385,6 +392,15 @@ def cusum_step(s: float, x: float, cap: float, drift: float) -> float:
     return max(0.0, s + min(x, cap) - drift)
 
 
+def counted(name: str, x: float, th: Thresholds) -> float:
+    """What one token adds to the named evidence statistic before the cap and the drift: a logprob
+    error as it is; a margin as it is in the first band (th.evidence_bands), at its band's top in a
+    higher one up to max_token_margin, and as it is past that (a failed token; the cap bounds it)."""
+    if name != "token margins" or x <= th.evidence_bands[0] or x > th.max_token_margin:
+        return x
+    return next(top for top in tuple(th.evidence_bands[1:]) + (th.max_token_margin,) if x <= top)
+
+
 def evidence_params(th: Thresholds) -> dict[str, tuple[float, float, float]]:
     """(cap, drift, limit) of each evidence statistic, by name. A logprob error past
     max_gen_logprob_error fails its round and adds that much."""
@@ -401,6 +417,10 @@ def _check_evidence_params(th: Thresholds) -> None:
             raise ValueError(f"{name}: the most one token adds ({cap}) must be below the limit {limit}")
     if th.evidence_cap < th.max_token_margin:
         raise ValueError(f"the evidence cap {th.evidence_cap} must be >= max_token_margin {th.max_token_margin}")
+    edges = tuple(th.evidence_bands) + (th.max_token_margin,)
+    if not (edges[0] > 0 and all(a < b for a, b in zip(edges, edges[1:]))):
+        raise ValueError(f"evidence_bands {th.evidence_bands} must rise from above 0 to below max_token_margin "
+                         f"{th.max_token_margin}")
 
 
 def update_evidence(ev: Evidence, margins: list[float], errors: list[float], th: Thresholds) -> Evidence:
@@ -416,7 +436,8 @@ def update_evidence(ev: Evidence, margins: list[float], errors: list[float], th:
     for m, e in zip(margins, errors):
         if not (math.isfinite(m) and m >= 0 and math.isfinite(e) and e >= 0):
             by, m, e = by or "unreadable values", m_limit, e_limit
-        s, lp = cusum_step(s, m, m_cap, m_drift), cusum_step(lp, e, e_cap, e_drift)
+        s = cusum_step(s, counted("token margins", m, th), m_cap, m_drift)
+        lp = cusum_step(lp, counted("logprob errors", e, th), e_cap, e_drift)
         total, err_total, disagree = total + m, err_total + e, disagree + (m > 0)
         if not by and s >= m_limit:
             by = "token margins"

@@ -66,7 +66,7 @@ def test_honest_margins_stay_within_the_thresholds(honest_checks):
     for name, (cap, drift, limit) in scoring.evidence_params(TH).items():
         s = 0.0
         for x in (x for c in gen for x in (c.margins if name == "token margins" else c.errors)):
-            s = scoring.cusum_step(s, x, cap, drift)
+            s = scoring.cusum_step(s, scoring.counted(name, x, TH), cap, drift)
             assert s < limit / 4, name
 
 

@@ -11,6 +11,7 @@ from neuron.scoring import (
     Evidence,
     GenSpec,
     Thresholds,
+    counted,
     ema_update,
     quality_loss,
     reset_uids,
@@ -357,6 +358,21 @@ def test_evidence_needs_two_far_off_tokens_within_the_window():
         update_evidence(Evidence(), [0.0], [0.0], Thresholds(evidence_cap=Thresholds().evidence_limit))
     with pytest.raises(ValueError):
         update_evidence(Evidence(), [0.0], [0.0], Thresholds(lp_evidence_limit=Thresholds().max_gen_logprob_error))
+
+
+def test_a_margin_above_the_first_band_counts_at_its_bands_top():
+    th = Thresholds()  # bands (0, 0.025], (0.025, 0.05], (0.05, 0.1]; past 0.1 a failed token, capped later
+    margins = (0.0, 0.01, 0.025, 0.03, 0.05, 0.07, 0.1, 0.3, 5.0)
+    assert [counted("token margins", m, th) for m in margins] == [0.0, 0.01, 0.025, 0.05, 0.05, 0.1, 0.1, 0.3, 5.0]
+    assert counted("logprob errors", 0.03, th) == 0.03
+    # Each 0.03 adds 0.05 - 0.001: ten stay below the limit 0.51, the eleventh crosses it.
+    ev = update_evidence(Evidence(), [0.03] * 10, [0.0] * 10, th)
+    assert ev.cusum == pytest.approx(0.49) and not ev.flagged and ev.margin_sum == pytest.approx(0.3)
+    assert update_evidence(ev, [0.03], [0.0], th).flagged
+    assert update_evidence(Evidence(), [0.02] * 400, [0.0] * 400, th).cusum == pytest.approx(400 * 0.019)
+    for bands in ((0.05, 0.025), (0.0, 0.05), (0.025, 0.1)):
+        with pytest.raises(ValueError):
+            update_evidence(Evidence(), [0.0], [0.0], Thresholds(evidence_bands=bands))
 
 
 def test_evidence_treats_unreadable_values_as_flagged():
