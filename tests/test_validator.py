@@ -104,23 +104,29 @@ def test_a_uid_that_changes_hotkey_starts_from_zero(tmp_path, tiny):
     assert str(uid) not in v.state.evidence  # the new hotkey's evidence starts afresh
 
 
-def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_path, tiny):
+def one_miner(tmp_path, tiny, th: Thresholds | None = None):
+    """A validator on a local chain with one registered miner whose score is 0.7: (validator, uid)."""
     chain = LocalChain(tmp_path / "chain.sqlite")
     chain.create_subnet(1)
     vw = make_wallet(tmp_path / "w", "v")
     chain.register(1, vw)
     uid, _ = chain.register(1, make_wallet(tmp_path / "w", "m"))
     config = with_overrides(ValidatorConfig(), **{"subtensor.netuid": 1, "state_path": str(tmp_path / "s.json")})
-    th = Thresholds(evidence_drift=0.01, evidence_limit=1.0, evidence_cap=0.5)
     v = Validator(config, chain, vw, tiny, thresholds=th)
     v._sync(chain.metagraph(1))
     v.state.scores[uid] = 0.7
+    return v, uid
+
+
+def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_path, tiny):
+    th = Thresholds(evidence_drift=0.01, evidence_limit=1.0, evidence_cap=0.5)
+    v, uid = one_miner(tmp_path, tiny, th)
     passed = Judgement(True, "", margins=[0.0, 0.3, 0.3], errors=[0.001, 0.05, 0.002])
     assert v._weigh_evidence(uid, passed).verified  # 0.29 + 0.29 = 0.58 < 1
     assert v.state.evidence[str(uid)].cusum == pytest.approx(0.58)
     assert v.state.evidence[str(uid)].lp_cusum == pytest.approx(0.012)  # 0 -> 0.03 -> 0.012 (drift 0.02)
     v.state.save(v.state_path)
-    again = Validator(config, chain, vw, tiny, thresholds=th)
+    again = Validator(v.config, v.chain, v.wallet, tiny, thresholds=th)
     assert again.state.evidence[str(uid)] == v.state.evidence[str(uid)]
     j = again._weigh_evidence(uid, Judgement(True, "", margins=[0.1] * 6, errors=[0.0] * 6))  # each round passed
     assert not j.verified and j.reason.startswith("evidence: token margins crossed the limit over 9 tokens")
@@ -129,15 +135,7 @@ def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_pat
 
 
 def test_steady_logprob_errors_flag_a_miner_whose_every_token_is_the_samplers(tmp_path, tiny):
-    chain = LocalChain(tmp_path / "chain.sqlite")
-    chain.create_subnet(1)
-    vw = make_wallet(tmp_path / "w", "v")
-    chain.register(1, vw)
-    uid, _ = chain.register(1, make_wallet(tmp_path / "w", "m"))
-    config = with_overrides(ValidatorConfig(), **{"subtensor.netuid": 1, "state_path": str(tmp_path / "s.json")})
-    v = Validator(config, chain, vw, tiny)
-    v._sync(chain.metagraph(1))
-    v.state.scores[uid] = 0.7
+    v, uid = one_miner(tmp_path, tiny)
     # int8-like: every token the sampler's choice, every logprob 0.06 off (each round passes on its own).
     rounds = [v._weigh_evidence(uid, Judgement(True, "", margins=[0.0] * 16, errors=[0.06] * 16)) for _ in range(3)]
     assert not rounds[-1].verified and "logprob errors crossed the limit" in rounds[-1].reason
