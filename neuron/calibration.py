@@ -341,17 +341,17 @@ def honest_levels(values: list[float], edges: tuple[float, ...]) -> list[tuple[f
 
 
 # The bands honest logprob errors are counted in, up to max_gen_logprob_error (fractions of it), finer where
-# honest values lie. Margins use the validator's own bands (Thresholds.evidence_bands).
+# honest values lie. Margins use the validator's own bands (scoring.margin_bands).
 ERROR_BANDS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
+ORDERS = 200  # random orders of a cheat's generations, for how soon its evidence crosses the limit
+WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
 
 def bands_of(name: str, th: scoring.Thresholds) -> tuple[float, ...]:
     """The top edges of the bands an evidence statistic's honest values are counted in."""
     if name == "token margins":
-        return tuple(th.evidence_bands) + (th.max_token_margin,)
+        return scoring.margin_bands(th)
     return tuple(b * th.max_gen_logprob_error for b in ERROR_BANDS)
-ORDERS = 200  # random orders of a cheat's generations, for how soon its evidence crosses the limit
-WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many generated tokens
 
 
 def tokens_to_flag(margins: list[float], errors: list[float], th: scoring.Thresholds,
@@ -409,9 +409,10 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
             for x in values:
                 s = scoring.cusum_step(s, scoring.counted(name, x, th), cap, drift)
                 worst = max(worst, s)
-            # Too few honest tokens bound the bands' rates so loosely that the drift cannot beat them: no limit.
-            bounded = sum(p * b for p, b in levels) < drift
-            derived = evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params)) if bounded else None
+            try:
+                derived = evidence_limit(levels, drift, tokens_per_day, false_alarm / len(params))
+            except ValueError:  # too few honest tokens bound the bands' rates above the drift: no limit
+                derived = None
             per[dtype] = {"tokens": len(values), "nonzero": sum(x > 0 for x in values), "mean": sum(values) / len(values),
                           "levels": levels, "limit": derived, "max_cusum": worst}
         out["statistics"][name] = {"drift": drift, "cap": cap, "limit_used": limit, "by_dtype": per,

@@ -63,8 +63,8 @@ class Thresholds:
     # (SmolLM2 float16, 59,181 tokens; 0.057 in an earlier 48,680).
     max_gen_logprob_error: float = 0.1
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
-    # S <- max(0, S + min(margin, evidence_cap) - evidence_drift); a miner whose S reaches
-    # evidence_limit is flagged.
+    # S <- max(0, S + min(counted(margin), evidence_cap) - evidence_drift) (`counted`: evidence_bands
+    # below); a miner whose S reaches evidence_limit is flagged.
     # The limit keeps honest alarms under 5e-7 per miner per day (half of 1e-6: the logprob evidence
     # has the other half) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
     # honest margins in three bands up to max_token_margin, for each accepted precision (neuron/
@@ -392,13 +392,19 @@ def cusum_step(s: float, x: float, cap: float, drift: float) -> float:
     return max(0.0, s + min(x, cap) - drift)
 
 
+def margin_bands(th: Thresholds) -> tuple[float, ...]:
+    """The top edges of the honest margins' bands: th.evidence_bands, then max_token_margin."""
+    return tuple(th.evidence_bands) + (th.max_token_margin,)
+
+
 def counted(name: str, x: float, th: Thresholds) -> float:
     """What one token adds to the named evidence statistic before the cap and the drift: a logprob
-    error as it is; a margin as it is in the first band (th.evidence_bands), at its band's top in a
+    error as it is; a margin as it is in the first band (margin_bands), at its band's top in a
     higher one up to max_token_margin, and as it is past that (a failed token; the cap bounds it)."""
-    if name != "token margins" or x <= th.evidence_bands[0] or x > th.max_token_margin:
+    edges = margin_bands(th)
+    if name != "token margins" or x <= edges[0] or x > edges[-1]:
         return x
-    return next(top for top in tuple(th.evidence_bands[1:]) + (th.max_token_margin,) if x <= top)
+    return next(top for top in edges if x <= top)
 
 
 def evidence_params(th: Thresholds) -> dict[str, tuple[float, float, float]]:
@@ -417,7 +423,7 @@ def _check_evidence_params(th: Thresholds) -> None:
             raise ValueError(f"{name}: the most one token adds ({cap}) must be below the limit {limit}")
     if th.evidence_cap < th.max_token_margin:
         raise ValueError(f"the evidence cap {th.evidence_cap} must be >= max_token_margin {th.max_token_margin}")
-    edges = tuple(th.evidence_bands) + (th.max_token_margin,)
+    edges = margin_bands(th)
     if not (edges[0] > 0 and all(a < b for a, b in zip(edges, edges[1:]))):
         raise ValueError(f"evidence_bands {th.evidence_bands} must rise from above 0 to below max_token_margin "
                          f"{th.max_token_margin}")
