@@ -172,3 +172,16 @@ def test_the_script_rescoring_its_own_gzipped_file_gives_the_same_figures(tmp_pa
     assert figures(first) == figures(second)
     used = {name: st["limit_used"] for name, st in second["evidence"]["statistics"].items()}
     assert used == {"token margins": TH.evidence_limit, "logprob errors": TH.lp_evidence_limit}
+
+
+def test_a_nudge_stays_within_its_margin_and_inside_the_first_band_is_never_flagged(tiny):
+    # The cheapest cheat against the margin checks (docs/calibration.md): the least likely token within delta
+    # of the sampler's choice. Inside the first honest band it is what honest float16 noise looks like.
+    checks = cal.generation_cheat_run(cal.Reference(tiny), ("nudge0.025", "nudge0.1"), PromptSource.default(),
+                                      random.Random(6), 32, TINY, TH, model="tiny")
+    for kind, delta in (("nudge0.025", 0.025), ("nudge0.1", 0.1)):
+        mine = [c for c in checks if c.miner == kind]
+        margins = [m for c in mine for m in c.margins]
+        assert all(c.ok for c in mine) and 0 < max(margins) <= delta + 1e-6, kind
+    small = [m for c in checks if c.miner == "nudge0.025" for m in c.margins]
+    assert cal.tokens_to_flag(small, [0.0] * len(small), TH) is None

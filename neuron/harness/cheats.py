@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import math
 import threading
 
 import torch
@@ -224,6 +225,22 @@ class LeastLikely:
         return torch.where(rp.temperature > 0, low, sampler.choose(logits, rp))
 
 
+class Nudge:
+    """Steers within honest noise: at every step, of the allowed tokens whose margin to the sampler's choice
+    is at most `delta` (logit units, as the validator measures it), the least likely. Calibration-only (a
+    "nudgeDELTA" kind): the cheapest cheat against the margin checks, since it never fails a round."""
+
+    def __init__(self, delta: float):
+        self.delta = delta
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        scores, allowed = sampler.perturbed_scores(logits, rp)
+        scores = scores.masked_fill(~allowed, -math.inf)
+        scale = torch.where(rp.temperature > 0, rp.temperature.double(), 1.0).unsqueeze(1)
+        near = (scores.max(dim=1, keepdim=True).values - scores) * scale <= self.delta
+        return logits.double().masked_fill(~near, math.inf).argmin(dim=1)
+
+
 class Bias:
     """Steers the text toward chosen tokens: their logits raised by `bias` before the seeded sampler."""
 
@@ -305,6 +322,8 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
         return sampler, truncated(lm)
     if kind in ("int8", "int4"):
         return sampler, quantized(lm, 8 if kind == "int8" else 4)
+    if kind.startswith("nudge"):
+        return Nudge(float(kind.removeprefix("nudge"))), lm
     raise ValueError(f"unknown generation cheat {kind!r}: expected one of {', '.join(GENERATION_CHEATS)}")
 
 
