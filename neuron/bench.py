@@ -458,7 +458,7 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     from neuron.chain.local import LocalChain
     from neuron.config import BatchingConfig
     from neuron.engine.hf import HFEngine
-    from neuron.validator import Validator
+    from neuron.validator.loop import Validator
 
     chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
     most = max(sizes.miners)

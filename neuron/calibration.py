@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron import scoring
-from neuron.challenge import Challenge, ChallengeConfig, make_challenge
+from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
 from neuron.harness.cheats import LogitsFilter, cheat_model, quantize_
 from neuron.harness.decode import Generated, decode, engine_decode, reported_by
 from neuron.model import ForwardJob, LoadedModel, forward_batch, forward_logprobs
-from neuron.reference import Reference as BatchedReference
+from neuron.validator.reference import Reference as BatchedReference
 
 FORWARD_METRICS = ("topk_overlap", "prob_distance", "ref_argmax_rank", "logprob_error", "median_logprob_error",
                    "rest_mass_error")

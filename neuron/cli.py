@@ -124,7 +124,7 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
 
 
 def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
-    from neuron.validator import run_validator
+    from neuron.validator.loop import run_validator
     from neuron.wallets import open_wallet
 
     c = _load(cfg.ValidatorConfig, "validator", argv, yaml_path)

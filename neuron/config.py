@@ -147,6 +147,23 @@ class MinerConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The validator's OpenAI-compatible HTTP API for users, served in the validator's process."""
+
+    port: int = 0  # serve the gateway on this port (e.g. 8000); 0: no gateway
+    ip: str = "0.0.0.0"  # address to bind
+    auth: bool = True  # require an API key (neuron gateway keys add); false only for development, on loopback
+    keys_path: str = "~/.neuron/gateway_keys.json"  # API keys, hashed (neuron gateway keys add|list|revoke)
+    verify_fraction: float = 0.1  # share of delivered user answers judged afterwards, drawn after delivery
+    verify_queue: int = 256  # user answers waiting to be judged; beyond it they are skipped (and counted)
+    max_tokens: int = 256  # most tokens a user may ask per request (miners' own limit applies too)
+    timeout_s: float = 60.0  # deadline of one user request at the miner
+    first_token_timeout_s: float = 10.0  # a miner silent this long is replaced by another (before the first token)
+    max_retries: int = 2  # other miners tried when one fails before its first token
+    max_body_bytes: int = 1 << 20  # largest request body
+
+
+@dataclass(frozen=True)
 class ValidatorConfig:
     """Query miners, verify their answers against a local copy of the model, score them, set weights."""
 
@@ -155,10 +172,11 @@ class ValidatorConfig:
     subtensor: SubtensorConfig = field(default_factory=SubtensorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     dataset: str = ""  # a .txt or .jsonl prompt file; empty: the corpus shipped in the package
     sample_size: int = 16  # miners queried per round
     forward_seq_len: int = 64  # tokens in a Forward prompt
-    forward_positions: int = 8  # random positions checked per Forward
+    forward_positions: int = 0  # positions checked per Forward; 0: every position, as a user's prompt logprobs ask
     topk: int = 16  # top-k asked for
     max_new_tokens: int = 16  # tokens per Generate
     timeout_s: float = 10.0  # deadline per query

@@ -123,6 +123,24 @@ class ValidatorMetrics:
                                   "" if verified else reason_kind(reason)).inc()
 
 
+class GatewayMetrics:
+    """The gateway's user traffic, in the validator's registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.requests = Counter("neuron_gateway_requests_total", "HTTP requests by path and status",
+                                ["path", "status"], registry=r)
+        self.first_token = Histogram("neuron_gateway_time_to_first_token_seconds",
+                                     "from choosing a miner to its first token", registry=r)
+        self.tokens = Counter("neuron_gateway_tokens_total", "completion tokens delivered to users", registry=r)
+        self.key_tokens = Counter("neuron_gateway_key_tokens_total", "completion tokens delivered per API key id",
+                                  ["key"], registry=r)
+        self.verifications = Counter("neuron_gateway_verifications_total",
+                                     "user answers judged after delivery, by result (verified/failed/skipped)",
+                                     ["result"], registry=r)
+        self.queue = Gauge("neuron_gateway_judging_queue", "user answers waiting to be judged", registry=r)
+
+
 def serve(registry: CollectorRegistry, ip: str, port: int):
     """Serve `registry` at http://ip:port/metrics in a daemon thread; returns the server (its port: .server_port).
 

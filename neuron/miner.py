@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
-import signal
 import socket
 
 from loguru import logger
@@ -14,6 +13,7 @@ from neuron.axon import Axon, AxonServicer
 from neuron.chain.base import Chain, Metagraph, NotRegistered
 from neuron.config import MinerConfig, WalletConfig
 from neuron.engine import open_engine
+from neuron.signals import until_signalled
 from neuron.model import load_model
 
 
@@ -86,70 +86,66 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
     """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully. servicer_factory and
     model_transform (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     axon = refresher = metrics_server = None
-    try:
-        netuid = config.subtensor.netuid
-        check_port_free(config.axon.ip, config.axon.port)
-        if config.metrics.port:
-            check_port_free(config.metrics.ip, config.metrics.port, "--metrics.port")
-        if not config.auth.required and is_public(config.axon.ip):
-            logger.warning(f"auth is off (--auth.required false) and the axon binds {config.axon.ip}, reachable "
-                           "from other machines: anyone can use this model; bind 127.0.0.1 for development")
-        keypair = wallet.hotkey if wallet is not None else None
-        metagraph = MetagraphCache(chain, netuid)
-        if chain is not None:
-            await metagraph.refresh()
-            hotkey = keypair.ss58_address
-            me = metagraph.current.by_hotkey(hotkey)
-            if me is None:
-                raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
-                                    f"on netuid {netuid}; register it with: {register_command(config)}")
-            logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
-        if model_transform is not None:  # a harness: its model behind the same engine
-            from neuron.engine.hf import HFEngine
-
-            lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-            engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
-        else:
-            engine = await asyncio.to_thread(open_engine, config)
-        await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
-        if engine.info().dtype == "bfloat16":
-            logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
-                           "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
-        server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
-        if config.metrics.port:
-            from neuron import metrics
-
-            server.guard.metrics = metrics.MinerMetrics(engine.stats)
-            metrics_server = metrics.serve(server.guard.metrics.registry, config.metrics.ip, config.metrics.port)
-            logger.info(f"metrics at http://{config.metrics.ip}:{metrics_server.server_port}/metrics")
+    # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
+    with until_signalled(stop):
         try:
-            port = await server.start()
-        except RuntimeError as exc:  # gRPC's "Failed to bind": taken between the check and now
-            raise PortInUse(f"port {config.axon.port} on {config.axon.ip} could not be bound ({exc}); pick a free "
-                            "port with --axon.port N") from None
-        axon = server  # stopped on the way out only once it started
-        if chain is not None:
-            ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
-            await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
-            logger.info(f"served axon address {ip}:{public_port} on the chain")
-            refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
-        await stop.wait()
-        logger.info("stopping: finishing in-flight requests")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        if refresher is not None:
-            refresher.cancel()
-        if axon is not None:
-            await axon.stop()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+            netuid = config.subtensor.netuid
+            check_port_free(config.axon.ip, config.axon.port)
+            if config.metrics.port:
+                check_port_free(config.metrics.ip, config.metrics.port, "--metrics.port")
+            if not config.auth.required and is_public(config.axon.ip):
+                logger.warning(f"auth is off (--auth.required false) and the axon binds {config.axon.ip}, reachable "
+                               "from other machines: anyone can use this model; bind 127.0.0.1 for development")
+            keypair = wallet.hotkey if wallet is not None else None
+            metagraph = MetagraphCache(chain, netuid)
+            if chain is not None:
+                await metagraph.refresh()
+                hotkey = keypair.ss58_address
+                me = metagraph.current.by_hotkey(hotkey)
+                if me is None:
+                    raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
+                                        f"on netuid {netuid}; register it with: {register_command(config)}")
+                logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
+            if model_transform is not None:  # a harness: its model behind the same engine
+                from neuron.engine.hf import HFEngine
+
+                lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+                engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
+            else:
+                engine = await asyncio.to_thread(open_engine, config)
+            await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
+            if engine.info().dtype == "bfloat16":
+                logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
+                               "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
+            server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
+            if config.metrics.port:
+                from neuron import metrics
+
+                server.guard.metrics = metrics.MinerMetrics(engine.stats)
+                metrics_server = metrics.serve(server.guard.metrics.registry, config.metrics.ip, config.metrics.port)
+                logger.info(f"metrics at http://{config.metrics.ip}:{metrics_server.server_port}/metrics")
+            try:
+                port = await server.start()
+            except RuntimeError as exc:  # gRPC's "Failed to bind": taken between the check and now
+                raise PortInUse(f"port {config.axon.port} on {config.axon.ip} could not be bound ({exc}); pick a free "
+                                "port with --axon.port N") from None
+            axon = server  # stopped on the way out only once it started
+            if chain is not None:
+                ip, public_port = external_ip(config.axon.external_ip), config.axon.external_port or port
+                await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
+                logger.info(f"served axon address {ip}:{public_port} on the chain")
+                refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
+            await stop.wait()
+            logger.info("stopping: finishing in-flight requests")
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+            if axon is not None:
+                await axon.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
 
 def register_command(config: MinerConfig) -> str:

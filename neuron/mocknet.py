@@ -119,7 +119,7 @@ def _stop(miners: list[Node]) -> None:
 async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Node, workdir: Path, result: Result,
                     miners: list[Node], holder: list):
     from neuron.model import load_model
-    from neuron.validator import Validator
+    from neuron.validator.loop import Validator
 
     vc = cfg.with_overrides(cfg.ValidatorConfig(), **{
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from neuron import calibration as cal  # noqa: E402
-from neuron.challenge import ChallengeConfig  # noqa: E402
+from neuron.validator.challenge import ChallengeConfig  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
 from neuron.harness.cheats import GENERATION_CHEATS  # noqa: E402
 from neuron.model import load_model  # noqa: E402

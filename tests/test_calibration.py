@@ -22,7 +22,7 @@ from conftest import SMOLLM2
 
 from neuron import calibration as cal
 from neuron import scoring
-from neuron.challenge import ChallengeConfig
+from neuron.validator.challenge import ChallengeConfig
 from neuron.dataset import PromptSource
 from neuron.harness.cheats import GENERATION_CHEATS
 from neuron.model import load_model

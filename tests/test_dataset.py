@@ -7,7 +7,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from neuron.dataset import PromptSource, salted_prompt_ids
+from neuron.dataset import PromptSource
 
 
 @pytest.fixture(scope="module")
@@ -64,45 +64,6 @@ def test_sample_span_short_paragraphs_whole():
         src.sample_span(random.Random(0), 0, 10)
     with pytest.raises(ValueError):
         src.sample_span(random.Random(0), 20, 10)
-
-
-def test_salted_prompt_ids(tokenizer, source):
-    text = source.paragraphs[0]
-    body = tokenizer.encode(text)
-    assert body[0] == tokenizer.bos_token_id
-    ids = salted_prompt_ids(
-        tokenizer, text, random.Random(1), n_salt_tokens=4, seq_len=64, vocab_size=50272
-    )
-    assert len(ids) == 64
-    assert ids[0] == tokenizer.bos_token_id
-    assert all(3 <= t < len(tokenizer) for t in ids[1:5])
-    assert ids[5:] == body[1:60]
-    assert ids == salted_prompt_ids(tokenizer, text, random.Random(1), 4, 64, 50272)
-    assert ids != salted_prompt_ids(tokenizer, text, random.Random(2), 4, 64, 50272)
-
-
-def test_salted_prompt_ids_short_text_and_salt_range(tokenizer):
-    ids = salted_prompt_ids(
-        tokenizer, "Hi", random.Random(3), n_salt_tokens=200, seq_len=512, vocab_size=10
-    )
-    assert ids[-len(tokenizer.encode("Hi")) + 1:] == tokenizer.encode("Hi")[1:]
-    assert all(3 <= t < 10 for t in ids[1:201])
-    with pytest.raises(ValueError):
-        salted_prompt_ids(tokenizer, "Hi", random.Random(3), n_salt_tokens=8, seq_len=9, vocab_size=400)
-    with pytest.raises(ValueError):
-        salted_prompt_ids(tokenizer, "Hi", random.Random(3), n_salt_tokens=1, seq_len=9, vocab_size=3)
-
-
-def test_salted_prompt_text(source):
-    text = "The river rose overnight."
-    a = source.salted_prompt_text(text, random.Random(5))
-    assert a == source.salted_prompt_text(text, random.Random(5))
-    assert a != source.salted_prompt_text(text, random.Random(6))
-    head, rest = a.split("\n\n", 1)
-    assert rest == text
-    words = head.rstrip(".").split()
-    assert 3 <= len(words) <= 5 and words[-1].isdigit()
-    assert all(w.lower() in source.words for w in words[:-1])
 
 
 def test_from_txt(tmp_path):

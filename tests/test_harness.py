@@ -7,7 +7,7 @@ import random
 import pytest
 
 from neuron import calibration as cal
-from neuron.challenge import ChallengeConfig
+from neuron.validator.challenge import ChallengeConfig
 from neuron.config import ConfigError, MinerConfig
 from neuron.dataset import PromptSource
 from neuron.harness import cheat_miner

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neuron.model import forward_logprobs
-from neuron.reference import Reference
+from neuron.validator.reference import Reference
 
 
 def test_a_padded_batch_gives_each_sequence_its_own_logits(lm):

@@ -8,9 +8,10 @@ from conftest import make_axon, make_wallet, miner_config
 from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
-from neuron.challenge import Judgement
+from neuron.validator.judge import Judgement
 from neuron.scoring import Evidence, Thresholds
-from neuron.validator import State, Validator
+from neuron.validator.loop import Validator
+from neuron.validator.state import State
 
 
 class Hanging(AxonServicer):
@@ -152,7 +153,7 @@ def test_unreadable_state_is_a_clear_error(tmp_path):
 
 
 async def test_run_validator_stops_after_its_rounds_and_saves_state(network, tmp_path):
-    from neuron.validator import run_validator
+    from neuron.validator.loop import run_validator
 
     chain, vwallet, axons, config = network
     await axons[2][1].stop(grace=0)
@@ -164,7 +165,7 @@ async def test_run_validator_stops_after_its_rounds_and_saves_state(network, tmp
 
 async def test_an_unregistered_validator_is_told_how_to_register(network, tmp_path):
     from neuron.chain.base import ChainError
-    from neuron.validator import run_validator
+    from neuron.validator.loop import run_validator
 
     chain, _, _, config = network
     stranger = make_wallet(tmp_path / "w", "stranger")

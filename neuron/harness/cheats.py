@@ -21,7 +21,7 @@ from neuron.engine import sampler
 from neuron.engine.sampler import RowParams
 from neuron.harness.decode import decode, reported_by
 from neuron.model import LoadedModel
-from neuron.reference import Reference
+from neuron.validator.reference import Reference
 from neuron.scoring import GenSpec
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 

@@ -26,7 +26,8 @@ with warnings.catch_warnings():  # torch's own deprecations, raised while vLLM i
     import vllm  # noqa: E402,F401  (asked for and absent: fail, do not skip)
     from neuron.engine.vllm import VllmEngine  # noqa: E402
 
-from neuron import challenge, scoring, wire  # noqa: E402
+from neuron import scoring, wire
+from neuron.validator import challenge  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
 from neuron.dendrite import PeerResult, Target  # noqa: E402
 from neuron.engine import sampler as S  # noqa: E402
@@ -192,7 +193,7 @@ def _responses(ch: challenge.Challenge, fwd, steps, tokenizer) -> tuple[PeerResu
 async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
     """A small network: challenges as the validator builds them (seeded gumbel-v1 generations), answered by
     the vLLM engine, judged in one round by the validator's HF reference: no false rejection."""
-    from neuron.reference import Reference
+    from neuron.validator.reference import Reference
 
     rng = random.Random(11)
     source = PromptSource.default()
@@ -206,7 +207,7 @@ async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
         f, g = _responses(ch, fwd, steps, smollm2.tokenizer)
         fwds.append(f)
         gens.append(g)
-    verdicts = await asyncio.to_thread(challenge.judge_round, Reference(smollm2), chs, fwds, gens,
+    verdicts = await asyncio.to_thread(judge.judge_round, Reference(smollm2), chs, fwds, gens,
                                        scoring.Thresholds(), False)
     assert [v.reason for v in verdicts if not v.verified] == []
 

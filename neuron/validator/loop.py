@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import random
-import re
 import secrets
-import signal
+import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,78 +16,18 @@ from loguru import logger
 
 from neuron import scoring
 from neuron.chain.base import Chain, ChainError, Metagraph
-from neuron.challenge import Challenge, ChallengeConfig, Judgement, judge_round, make_challenge
 from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel, load_model
-from neuron.reference import Reference
-
-
-def failure_kind(reason: str) -> str:
-    """What an operator does about a failure: a miner that refused us, one we could not reach, or a wrong answer."""
-    call = reason.split(": ")[1] if reason.count(": ") >= 1 else ""
-    if call in ("permission_denied", "unauthenticated", "resource_exhausted"):
-        return "refused"
-    if call in ("unavailable", "deadline_exceeded", "cancelled"):
-        return "unreachable"
-    return "wrong answer"
-
-
-@dataclass
-class UidStats:
-    """What the validator saw of one uid, for operators and the mock network's report."""
-
-    hotkey: str = ""
-    queried: int = 0
-    verified: int = 0
-    last_reason: str = ""
-    reasons: dict[str, int] = field(default_factory=dict)  # failure kind -> count
-
-    def record(self, j: Judgement) -> None:
-        self.queried += 1
-        self.verified += j.verified
-        self.last_reason = j.reason
-        if not j.verified:
-            kind = re.split(r"\s-?\d", j.reason)[0][:100]  # numbers vary; the kind of failure does not
-            self.reasons[kind] = self.reasons.get(kind, 0) + 1
-
-
-@dataclass
-class State:
-    """Everything that must survive a restart; saved atomically as JSON (never pickle)."""
-
-    scores: list[float] = field(default_factory=list)
-    hotkeys: list[str] = field(default_factory=list)  # hotkey each score belongs to
-    rounds: int = 0
-    queue: list[int] = field(default_factory=list)  # uids still to query in this permutation
-    stats: dict[str, UidStats] = field(default_factory=dict)
-    evidence: dict[str, scoring.Evidence] = field(default_factory=dict)  # uid -> generation evidence (CUSUM)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        data = {"scores": self.scores, "hotkeys": self.hotkeys, "rounds": self.rounds, "queue": self.queue,
-                "stats": {k: v.__dict__ for k, v in self.stats.items()},
-                "evidence": {k: dataclasses.asdict(v) for k, v in self.evidence.items()}}
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> "State":
-        if not path.exists():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-            return cls(scores=[float(x) for x in data["scores"]], hotkeys=[str(h) for h in data["hotkeys"]],
-                       rounds=int(data["rounds"]), queue=[int(u) for u in data["queue"]],
-                       stats={k: UidStats(**v) for k, v in data.get("stats", {}).items()},
-                       evidence={k: scoring.Evidence(**v) for k, v in data.get("evidence", {}).items()})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"validator state {path} is unreadable ({exc}); move it away to start afresh") from None
+from neuron.protocol import GenerateAnswer
+from neuron.signals import until_signalled
+from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
+from neuron.validator.judge import GenCheck, Judgement, Outcome, judge_generations, judge_round
+from neuron.validator.mix import TrafficMix
+from neuron.validator.pool import MinerPool
+from neuron.validator.reference import Reference
+from neuron.validator.state import State, UidStats
 
 
 class Validator:
@@ -106,7 +43,11 @@ class Validator:
         self.challenge_config = ChallengeConfig(seq_len=config.forward_seq_len, positions=config.forward_positions,
                                                 topk=config.topk, max_new_tokens=config.max_new_tokens)
         self.reference = Reference(lm)
+        self.mix = TrafficMix.default(config.max_new_tokens)
         self.dendrite = Dendrite(self.keypair)
+        self.pool = MinerPool(chain, config.subtensor.netuid, self.dendrite, self.keypair.ss58_address)
+        # The reference model is used by the rounds and by user verification, each on a worker thread.
+        self._model_lock = threading.Lock()
         self.state_path = Path(os.path.expanduser(config.state_path))
         self.state = State.load(self.state_path)
         if self.state.rounds:
@@ -151,7 +92,7 @@ class Validator:
     async def run_round(self) -> dict[int, Judgement]:
         """Query, judge, score and (every epoch) set weights; returns each queried uid's judgement."""
         started = time.monotonic()
-        mg = await asyncio.to_thread(self.chain.metagraph, self.config.subtensor.netuid)
+        mg = await self.pool.metagraph(fresh=True)
         self._sync(mg)
         uids = self._pick(mg)
         if not uids:
@@ -159,7 +100,9 @@ class Validator:
                            "this round")
             return {}
         targets = [Target(str(mg.by_uid(u).axon), mg.by_uid(u).hotkey) for u in uids]
-        challenges = [make_challenge(self.lm, self.source, self.rng, self.challenge_config) for _ in uids]
+        taken: set[str] = set()  # no two miners get the same prompt in a round
+        challenges = [make_challenge(self.lm, self.source, self.rng, self.challenge_config, self.mix, taken)
+                      for _ in uids]
         timeout = self.config.timeout_s
         forwards = [self.dendrite.call(t, "Forward", c.forward_request(), timeout) for t, c in zip(targets, challenges)]
         generates = [self.dendrite.call(t, "Generate", c.generate_request(), timeout) for t, c in zip(targets, challenges)]
@@ -169,12 +112,20 @@ class Validator:
         judgements = await asyncio.to_thread(self._judge_all, challenges, fwd, gen)
         self.last_judge_s = time.monotonic() - judging
         judgements = [self._weigh_evidence(uid, j) for uid, j in zip(uids, judgements)]
-        rewards = torch.tensor([scoring.reward(j.verified, j.loss, j.latency_s, timeout, j.ref_loss) for j in judgements])
         s = self.state
+        stats = [s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid])) for uid in uids]
+        for st, j, g in zip(stats, judgements, gen):
+            if j.verified:
+                st.add_speed("challenge", g.latency_s / max(1.0, j.metrics.get("n_tokens", 1.0)))
+        # Speed counts the worse of the challenge and user medians: a miner slower per token for users than
+        # for challenges has its challenge latency stretched by that much.
+        rewards = torch.tensor([scoring.reward(j.verified, j.loss, j.latency_s * st.slowdown(), timeout, j.ref_loss)
+                                for j, st in zip(judgements, stats)])
         s.scores = scoring.ema_update(torch.tensor(s.scores), torch.tensor(uids), rewards, self.config.alpha).tolist()
-        for uid, j in zip(uids, judgements):
-            s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid])).record(j)
+        for st, j in zip(stats, judgements):
+            st.record(j)
         s.rounds += 1
+        self.pool.set_standing(self.standing())
         if s.rounds % self.config.epoch_rounds == 0:
             await self.set_weights(mg)
         s.save(self.state_path)
@@ -184,7 +135,7 @@ class Validator:
                     f"(judging {self.last_judge_s:.2f} s)")
         for uid, j in zip(uids, judgements):
             if not j.verified:  # an operator sees why in the INFO log: dead, refused, or wrong
-                logger.info(f"round {s.rounds}: uid {uid} {mg.by_uid(uid).hotkey} {failure_kind(j.reason)}: {j.reason}")
+                logger.info(f"round {s.rounds}: uid {uid} {mg.by_uid(uid).hotkey} {j.outcome.value}: {j.reason}")
         if self.metrics is not None:
             self.metrics.rounds.inc()
             self.metrics.round_seconds.observe(elapsed)
@@ -196,7 +147,50 @@ class Validator:
         return self.last_round
 
     def _judge_all(self, challenges: list[Challenge], fwd, gen) -> list[Judgement]:
-        return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
+        with self._model_lock:
+            return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
+
+    def standing(self) -> dict[int, float]:
+        """The miners that may serve users: scored, unflagged, and whose last challenge verified."""
+        s, out = self.state, {}
+        for uid, score in enumerate(s.scores):
+            st, ev = s.stats.get(str(uid)), s.evidence.get(str(uid))
+            if score > 0 and st is not None and st.queried and not st.last_reason and not (ev and ev.flagged):
+                out[uid] = score
+        return out
+
+    async def verify_users(self, items: list[tuple[int, str, GenCheck, GenerateAnswer, float]]) -> list[Judgement]:
+        """Judge user answers (uid, hotkey, what was asked, the answer, seconds) by the challenges' checks and
+        evidence; a failure costs the miner what a failed challenge costs, and takes it out of user traffic.
+        Answers from a uid whose hotkey changed since are dropped (their verdict belongs to another miner)."""
+        s = self.state
+        items = [it for it in items if it[0] < len(s.hotkeys) and s.hotkeys[it[0]] == it[1]]
+        if not items:
+            return []
+
+        def judge():
+            with self._model_lock:
+                return judge_generations(self.reference, [c for _, _, c, _, _ in items], [a for _, _, _, a, _ in items],
+                                         [t for *_, t in items], self.thresholds)
+
+        judgements = await asyncio.to_thread(judge)
+        out = []
+        for (uid, _, _, answer, seconds), j in zip(items, judgements):
+            j = self._weigh_evidence(uid, j)
+            st = s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid]))
+            st.record(j, user=True)
+            if j.verified:
+                st.add_speed("user", seconds / max(1, len(answer.token_ids)))
+            else:
+                s.scores = scoring.ema_update(torch.tensor(s.scores), torch.tensor([uid]), torch.tensor([0.0]),
+                                              self.config.alpha).tolist()
+                st.last_reason = j.reason
+                self.pool.revoke(uid)
+                logger.info(f"user answer of uid {uid} {s.hotkeys[uid]} failed verification: {j.reason}")
+            if self.metrics is not None:
+                self.metrics.observe_judgement(uid, j.verified, j.reason)
+            out.append(j)
+        return out
 
     def _weigh_evidence(self, uid: int, j: Judgement) -> Judgement:
         """Add the round's token margins and logprob errors to the uid's evidence; a uid whose evidence
@@ -210,7 +204,7 @@ class Validator:
         n = max(ev.tokens, 1)
         reason = (f"evidence: {ev.flagged_by} crossed the limit over {ev.tokens} tokens ({ev.disagreements} not "
                   f"the sampler's choice, mean logprob error {ev.error_sum / n:.4f})")
-        return dataclasses.replace(j, verified=False, reason=j.reason or reason)
+        return dataclasses.replace(j, verified=False, reason=j.reason or reason, outcome=j.outcome if not j.verified else Outcome.WRONG)
 
     def weights(self) -> torch.Tensor:
         return scoring.weights_from_scores(torch.tensor(self.state.scores), self.config.max_weight)
@@ -280,23 +274,58 @@ async def probe_miners(dendrite: Dendrite, mg: Metagraph, me: str, timeout_s: fl
 
 async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asyncio.Event | None = None,
                         metrics=None) -> int:
-    """Run rounds until SIGTERM/SIGINT, `stop`, or config.rounds rounds of this process.
-
-    Returns how many rounds queried at least one miner.
+    """Run rounds (and the gateway, with --gateway.port) until SIGTERM/SIGINT, `stop`, or config.rounds rounds
+    of this process. Returns how many rounds queried at least one miner.
     """
-    me = wallet.hotkey.ss58_address
-    mg = await asyncio.to_thread(chain.metagraph, config.subtensor.netuid)
-    if mg.by_hotkey(me) is None:
-        raise ChainError(f"validator hotkey {me} is not registered on netuid {config.subtensor.netuid}; "
-                         f"register it with: neuron register --netuid {config.subtensor.netuid} ...")
-    startup_report(config, mg, me)
-    lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-    validator = Validator(config, chain, wallet, lm, metrics=metrics)
-    await probe_miners(validator.dendrite, mg, me, min(config.timeout_s, 5.0))
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    with until_signalled(stop):
+        me = wallet.hotkey.ss58_address
+        mg = await asyncio.to_thread(chain.metagraph, config.subtensor.netuid)
+        if mg.by_hotkey(me) is None:
+            raise ChainError(f"validator hotkey {me} is not registered on netuid {config.subtensor.netuid}; "
+                             f"register it with: neuron register --netuid {config.subtensor.netuid} ...")
+        startup_report(config, mg, me)
+        lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
+        validator = Validator(config, chain, wallet, lm, metrics=metrics)
+        gateway = None
+        try:
+            await probe_miners(validator.dendrite, mg, me, min(config.timeout_s, 5.0))
+            if config.gateway.port:
+                gateway = await start_gateway(validator, metrics)
+            return await _rounds(validator, config, stop)
+        finally:
+            if gateway is not None:
+                server, task, gw = gateway
+                server.should_exit = True
+                await task
+                await gw.stop()
+            await validator.close()
+
+
+async def start_gateway(validator: Validator, metrics=None):
+    """The gateway over the validator's pool, on --gateway.ip/port; returns (uvicorn server, task, Gateway)."""
+    from neuron.gateway.app import Gateway, serve_gateway
+    from neuron.miner import is_public
+
+    gc = validator.config.gateway
+    if not gc.auth:
+        where = "reachable from other machines: anyone can use it" if is_public(gc.ip) else "loopback only"
+        (logger.warning if is_public(gc.ip) else logger.info)(
+            f"gateway auth is off (--gateway.auth false) on {gc.ip} ({where}); development only")
+    gm = None
+    if metrics is not None:
+        from neuron.metrics import GatewayMetrics
+
+        gm = GatewayMetrics(metrics.registry)
+    gw = Gateway(gc, validator.pool, validator.lm, validator.config.model.name, validator.verify_users,
+                 mix=validator.mix, metrics=gm)
+    server, task, port = await serve_gateway(gw, gc.ip, gc.port)
+    logger.info(f"gateway: OpenAI-compatible API at http://{gc.ip}:{port}/v1 (model {gw.model_name!r}), "
+                f"{gc.verify_fraction:.0%} of user answers verified; users are served once a round verified a miner")
+    return server, task, gw
+
+
+async def _rounds(validator: Validator, config: ValidatorConfig, stop: asyncio.Event) -> int:
     ran = queried = 0  # rounds of this process: --rounds counts these, not the saved total
     try:
         while not stop.is_set() and not (config.rounds and ran >= config.rounds):
@@ -312,9 +341,6 @@ async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asy
             except asyncio.TimeoutError:
                 pass
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await validator.close()
         logger.info(f"validator stopped after {ran} rounds of this process ({queried} with miners to query); "
                     "state saved")
     return queried
