@@ -90,7 +90,8 @@ class KeyStore:
         with self._lock:
             self._refresh()
             if any(k.name == name for k, _ in self._keys):
-                raise KeyStoreError(f"a key named {name!r} already exists in {self.path}; revoke it or pick another name")
+                raise KeyStoreError(f"a key named {name!r} already exists in {self.path}; "
+                                    "revoke it or pick another name")
             taken = {k.key_id for k, _ in self._keys}
             while True:
                 key = PREFIX + secrets.token_urlsafe(32)

@@ -4,12 +4,14 @@ import hashlib
 import json
 import os
 import stat
+import typing
 
 import pytest
 
 from neuron import cli
-from neuron.config import GatewayKeysConfig
+from neuron.config import GatewayKeysConfig, flag_names
 from neuron.gateway.keys import ApiKey, KeyLimits, KeyStore, KeyStoreError, Limit, Limiter, RateLimited
+from neuron.help import field_comments
 
 
 class Clock:
@@ -259,3 +261,7 @@ def test_gateway_help_and_defaults_match_the_store(capsys):
     c = GatewayKeysConfig()
     assert KeyLimits(c.requests_per_minute, c.tokens_per_minute, c.max_concurrent) == KeyLimits()
     assert c.gateway.keys_path == "~/.neuron/gateway_keys.json"
+    for name in flag_names(GatewayKeysConfig):
+        *section, leaf = name.split(".")
+        owner = typing.get_type_hints(GatewayKeysConfig)[section[0]] if section else GatewayKeysConfig
+        assert field_comments(owner).get(leaf) and f"--{name} " in shown, name
