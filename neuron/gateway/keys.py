@@ -146,7 +146,12 @@ class KeyStore:
             data = json.loads(self.path.read_bytes())
             if data.get("version") != FORMAT:
                 raise ValueError(f"unknown version {data.get('version')!r}")
-            return [_entry(r) for r in data["keys"]]
+            keys = [_entry(r) for r in data["keys"]]
+            for field in ("name", "key_id"):
+                values = [getattr(k, field) for k, _ in keys]
+                if len(set(values)) != len(values):
+                    raise ValueError(f"a {field} appears twice")
+            return keys
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -250,10 +255,10 @@ class Limiter:
             refusals = []
             if lim.max_concurrent and s.in_flight >= lim.max_concurrent:
                 refusals.append((CONCURRENCY_RETRY_S, Limit.CONCURRENT, lim.max_concurrent))
-            if lim.requests_per_minute and s.requests.wait_s(lim.requests_per_minute):
-                refusals.append((s.requests.wait_s(lim.requests_per_minute), Limit.REQUESTS, lim.requests_per_minute))
-            if lim.tokens_per_minute and s.tokens.wait_s(lim.tokens_per_minute):
-                refusals.append((s.tokens.wait_s(lim.tokens_per_minute), Limit.TOKENS, lim.tokens_per_minute))
+            for limit, bucket, per_minute in ((Limit.REQUESTS, s.requests, lim.requests_per_minute),
+                                              (Limit.TOKENS, s.tokens, lim.tokens_per_minute)):
+                if per_minute and (wait := bucket.wait_s(per_minute)):
+                    refusals.append((wait, limit, per_minute))
             if refusals:
                 s.limited += 1
                 wait, limit, allowed = max(refusals, key=lambda r: r[0])  # the client must wait for the slowest

@@ -98,6 +98,10 @@ def test_a_corrupt_file_is_an_error_naming_it_and_a_running_store_fails_closed(t
                                                         "limits": {}, "created": 0}]}))
     with pytest.raises(KeyStoreError, match="is corrupt"):
         KeyStore(path)
+    record = {"name": "x", "key_id": "nk-1", "sha256": "00" * 32, "limits": {}, "created": 0}
+    path.write_text(json.dumps({"version": 1, "keys": [record, {**record, "key_id": "nk-2"}]}))
+    with pytest.raises(KeyStoreError, match="a name appears twice"):
+        KeyStore(path)
     path.write_text(json.dumps({"version": 2, "keys": []}))
     with pytest.raises(KeyStoreError, match="unknown version 2"):
         KeyStore(path)
