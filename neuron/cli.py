@@ -328,6 +328,49 @@ def cmd_query(argv: list[str], yaml_path: str | None) -> int:
     return 0
 
 
+def cmd_gateway(argv: list[str], yaml_path: str | None) -> int:
+    import dataclasses
+    import time
+
+    from neuron.gateway.keys import KeyLimits, KeyStore, KeyStoreError
+
+    _, argv = _positional(argv, ("keys",), "gateway")
+    action, argv = _positional(argv, ("add", "list", "revoke"), "gateway keys")
+    c = _load(cfg.GatewayKeysConfig, "gateway", argv, yaml_path)
+    if action in ("add", "revoke") and not c.name:
+        raise cfg.ConfigError(f"neuron gateway keys {action} needs --name "
+                              f"{'NAME' if action == 'add' else 'NAME_OR_ID'}")
+
+    def limits(k: KeyLimits) -> str:
+        per = [(k.requests_per_minute, "requests/min"), (k.tokens_per_minute, "tokens/min"),
+               (k.max_concurrent, "concurrent")]
+        return ", ".join(f"{n or 'unlimited'} {what}" for n, what in per)
+
+    try:
+        store = KeyStore(c.gateway.keys_path)
+        if action == "add":
+            key = store.add(c.name, KeyLimits(c.requests_per_minute, c.tokens_per_minute, c.max_concurrent))
+            entry = store.lookup(key)
+            print(f"added key {entry.name} ({entry.key_id}) to {store.path}: {limits(entry.limits)}")
+            print(f"\nAPI key (shown once; only its hash is stored, it cannot be shown again):\n    {key}\n")
+        elif action == "revoke":
+            entry = store.revoke(c.name)
+            print(f"revoked key {entry.name} ({entry.key_id}); a running gateway refuses it from its next request")
+        elif c.json:
+            print(json.dumps([{"name": k.name, "key_id": k.key_id, "limits": dataclasses.asdict(k.limits),
+                               "created": k.created} for k in store.list()], indent=2))
+        elif not (keys := store.list()):
+            print(f"no API keys in {store.path}; add one with: neuron gateway keys add --name NAME")
+        else:
+            print(f"{'name':<20} {'id':<12} {'created (UTC)':<17} limits")
+            for k in keys:
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created))
+                print(f"{k.name:<20} {k.key_id:<12} {created:<17} {limits(k.limits)}")
+    except KeyStoreError as exc:
+        raise cfg.ConfigError(str(exc)) from None
+    return 0
+
+
 def cmd_mocknet(argv: list[str], yaml_path: str | None) -> int:
     from neuron.mocknet import main as mocknet_main
 
@@ -356,6 +399,8 @@ COMMANDS: dict[str, Command] = {
                      positional="add|remove"),
     "metagraph": Command(cmd_metagraph, cfg.MetagraphConfig, "print a subnet as a table"),
     "query": Command(cmd_query, cfg.QueryConfig, "ask a miner to generate text"),
+    "gateway": Command(cmd_gateway, cfg.GatewayKeysConfig, "add, list or revoke the gateway's API keys",
+                       positional="keys add|list|revoke"),
     "bench": Command(cmd_bench, None, "measure batching, overhead and generation speed side by side"),
 }
 

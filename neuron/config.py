@@ -243,6 +243,26 @@ class QueryConfig:
     json: bool = False  # print a JSON object (text, token_ids, logprobs, finish_reason, latency)
 
 
+@dataclass(frozen=True)
+class GatewayKeyFileConfig:
+    """Where the gateway keeps its API keys."""
+
+    keys_path: str = "~/.neuron/gateway_keys.json"  # hashes of the keys (never the keys), mode 0600; re-read on change
+
+
+@dataclass(frozen=True)
+class GatewayKeysConfig:
+    """Add, list or revoke the gateway's API keys: `neuron gateway keys add|list|revoke` (a key is shown once)."""
+
+    gateway: GatewayKeyFileConfig = field(default_factory=GatewayKeyFileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    name: str = ""  # add: the key's label (unique); revoke: its name or its id (nk-...)
+    requests_per_minute: int = 60  # add: requests the key may start per minute; 0: unlimited
+    tokens_per_minute: int = 20000  # add: tokens generated for the key per minute; 0: unlimited
+    max_concurrent: int = 4  # add: requests in flight at once, streams included; 0: unlimited
+    json: bool = False  # list: print JSON instead of a table
+
+
 def _convert(value: Any, typ: Any, name: str) -> Any:
     """Turn a YAML or CLI value into the field's type, or raise ConfigError naming the field."""
     origin = typing.get_origin(typ)
