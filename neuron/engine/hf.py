@@ -116,7 +116,7 @@ class HFEngine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._counts: Counter[str] = Counter(dict.fromkeys(
-            ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins"), 0))
+            ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins", "cancelled"), 0))
         self.batch_rows: Counter[int] = Counter()  # forward batch size in rows -> batches of that size
 
     # ---- the contract -------------------------------------------------------------------------------
@@ -211,6 +211,7 @@ class HFEngine:
         for r in plan.expired:
             out.append((r, DeadlineExceeded("the deadline passed while the request was queued; it was not run")))
         for r in plan.cancelled:
+            self._counts["cancelled"] += 1
             if r.id in self._gens:
                 self._leave(r, scheduled=False)
             out.append((r, _END if r.kind == GENERATE else asyncio.CancelledError()))

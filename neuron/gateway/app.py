@@ -30,7 +30,7 @@ from neuron.dendrite import Dendrite
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.errors import BadResponse
 from neuron.gateway import openai_api as oa
-from neuron.gateway.keys import ApiKey, KeyLimits, KeyStore, Limiter, RateLimited
+from neuron.gateway.keys import ApiKey, KeyLimits, KeyStore, KeyStoreError, Limiter, RateLimited
 from neuron.gateway.openai_api import OpenAIError
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
@@ -116,7 +116,11 @@ class Gateway:
         if scheme.lower() != "bearer" or not token.strip():
             raise OpenAIError(401, "no API key: send 'Authorization: Bearer <key>' (neuron gateway keys add)",
                               code="invalid_api_key")
-        key = self.keys.lookup(token.strip())
+        try:
+            key = self.keys.lookup(token.strip())
+        except KeyStoreError as exc:  # a corrupt key file admits no one, loudly
+            logger.error(f"gateway: {exc}")
+            raise OpenAIError(503, "the gateway's key file is unreadable; the operator must fix it") from None
         if key is None:
             raise OpenAIError(401, "unknown or revoked API key", code="invalid_api_key")
         return key
@@ -161,7 +165,7 @@ class Gateway:
 
     def _ask(self, prompt_ids: list[int], prompt_text: str, max_tokens: int, sampling: SamplingParams,
              stops: tuple[str, ...], logprobs_topn: int) -> Asked:
-        seq_limit = min(self.limits.max_seq_len, self.lm.max_seq_len)
+        seq_limit = min(self.limits.max_seq_len, self.lm.max_positions)
         if not prompt_ids:
             raise OpenAIError(400, "the prompt is empty", "prompt")
         if len(prompt_ids) + max_tokens > seq_limit:
@@ -216,7 +220,7 @@ class Gateway:
         topn = (body.top_logprobs or 0) if body.logprobs else 0
         sampling, stops = self._sampling(body, topn, max_tokens)
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # a BatchEncoding in some transformers versions
+        if not isinstance(ids, list):  # a BatchEncoding in transformers 5
             ids = ids["input_ids"]
         return self._ask(list(ids), "", max_tokens, sampling, stops, topn)
 
@@ -265,13 +269,16 @@ class Gateway:
             self.pool.revoke(miner.uid)
         return STATUS_OF.get(code, 502), f"the miner failed: {what}"
 
-    def delivered(self, session: Session, asked: Asked) -> None:
-        """An answer reached the user whole: count it and, for a share drawn now, queue it for judging."""
+    def finished(self, session: Session, asked: Asked, key: ApiKey, whole: bool) -> None:
+        """A stream ended: count the tokens the user got and, for a whole answer and a share drawn only now,
+        queue it for judging."""
         tokens = len(session.chunks)
+        self.limiter.release(key, tokens)
         self.served[session.miner.uid] = self.served.get(session.miner.uid, 0) + tokens
         if self.metrics is not None:
             self.metrics.tokens.inc(tokens)
-        if self.rng.random() >= self.config.verify_fraction:
+            self.metrics.key_tokens.labels(key.key_id).inc(tokens)
+        if not whole or self.rng.random() >= self.config.verify_fraction:
             return
         try:
             answer = protocol.decode_stream(session.chunks, asked.check.spec.max_new_tokens)
@@ -395,7 +402,6 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def serve(key: ApiKey, body, asked: Asked, chat: bool):
         gw.admit(key)
-        tokens = 0
         try:
             session = await gw.open(asked)
         except BaseException:
@@ -408,24 +414,18 @@ def create_app(gw: Gateway) -> FastAPI:
         tok = gw.lm.tokenizer
         prompt_tokens = len(asked.check.prompt_ids)
 
-        def done() -> None:
-            nonlocal tokens
-            tokens = len(session.chunks)
-            if gw.metrics is not None:
-                gw.metrics.key_tokens.labels(key.key_id).inc(tokens)
-
         if not body.stream:
+            whole = False
             try:
                 async for _ in session.rest():
                     pass
+                whole = True
             except (grpc.aio.AioRpcError, BadResponse) as exc:
                 gw.pool.revoke(session.miner.uid)
                 raise OpenAIError(502, f"the miner failed mid-answer: {exc}", code="miner_failed") from None
             finally:
                 await session.close()
-                gw.limiter.release(key, len(session.chunks))
-            done()
-            gw.delivered(session, asked)
+                gw.finished(session, asked, key, whole)
             chunks = session.chunks
             text = "".join(c.text for c in chunks)
             finish = oa.finish_reason(protocol.FINISH_OF.get(chunks[-1].finish_reason))
@@ -484,10 +484,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 ok = True
             finally:  # also when the client went away: the miner's stream is cancelled here
                 await session.close()
-                gw.limiter.release(key, len(session.chunks))
-                done()
-                if ok:
-                    gw.delivered(session, asked)
+                gw.finished(session, asked, key, ok)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 

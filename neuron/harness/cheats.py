@@ -11,6 +11,7 @@ import asyncio
 import copy
 import functools
 import math
+import re
 import threading
 
 import torch
@@ -26,7 +27,7 @@ from neuron.scoring import GenSpec
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 MODEL_CHEATS = ("random", "different", "truncated", "quantized", "noise")
-PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead")
+PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead", "selective")
 # Generation cheats answer Forward honestly and choose generated tokens another way (below).
 GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
                      "int8", "int4")
@@ -90,7 +91,25 @@ def cheat_model(kind: str, lm: LoadedModel) -> LoadedModel:
     return LoadedModel(**{**lm.__dict__, "model": model})
 
 
-class ReplayServicer(AxonServicer):
+class StreamsItsAnswer(AxonServicer):
+    """A cheat's GenerateStream is its Generate answer, one chunk per token: it cheats on every RPC that
+    generates (the validator streams its challenges, as the gateway streams users' requests)."""
+
+    async def GenerateStream(self, request, context):
+        resp = await self.Generate(request, context)
+        ids, done = list(resp.token_ids), ""
+        for i, token in enumerate(ids):
+            text = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+            last = i == len(ids) - 1
+            c = pb.GenerateChunk(token_id=token, text=text[len(done):], logprob=resp.logprobs[i],
+                                 finish_reason=resp.finish_reason if last else pb.FINISH_REASON_UNSPECIFIED)
+            if len(resp.top) == len(ids):
+                c.top.CopyFrom(resp.top[i])
+            done = text
+            yield c
+
+
+class ReplayServicer(StreamsItsAnswer):
     """Answers from a cache: an honest answer to an old prompt, replayed for any request of the same shape."""
 
     CACHED_TEXT = "The answer was computed once, long ago, and has been sent to everyone who asked since then."
@@ -124,7 +143,7 @@ class ReplayServicer(AxonServicer):
         return self._cache[key]
 
 
-class EchoServicer(AxonServicer):
+class EchoServicer(StreamsItsAnswer):
     """Generation returns the prompt instead of new tokens."""
 
     async def Generate(self, request, context):
@@ -136,7 +155,7 @@ class EchoServicer(AxonServicer):
                                    logprobs=logprobs, finish_reason=pb.FINISH_REASON_LENGTH)
 
 
-class EarlyStopServicer(AxonServicer):
+class EarlyStopServicer(StreamsItsAnswer):
     """Generation stops after two tokens and claims the model ended the text (saves compute)."""
 
     async def Generate(self, request, context):
@@ -150,7 +169,7 @@ class EarlyStopServicer(AxonServicer):
         return resp
 
 
-class SlowServicer(AxonServicer):
+class SlowServicer(StreamsItsAnswer):
     """Answers honestly, but only after the caller's deadline has passed."""
 
     async def _late(self, context) -> None:
@@ -166,7 +185,7 @@ class SlowServicer(AxonServicer):
         return await super().Generate(request, context)
 
 
-class DeadServicer(AxonServicer):
+class DeadServicer(StreamsItsAnswer):
     """Accepts the connection and never answers."""
 
     async def Forward(self, request, context):
@@ -177,7 +196,7 @@ class DeadServicer(AxonServicer):
 
 
 SERVICERS = {"replay": ReplayServicer, "echo": EchoServicer, "early_stop": EarlyStopServicer,
-             "slow": SlowServicer, "dead": DeadServicer}
+             "slow": SlowServicer, "dead": DeadServicer}  # and "selective" (below the generation cheats)
 
 
 def servicer_for(kind: str):
@@ -186,6 +205,8 @@ def servicer_for(kind: str):
         raise ValueError(f"unknown dishonest kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind in GENERATION_CHEATS:
         return functools.partial(GenerationCheatServicer, kind=kind)
+    if kind == "selective":
+        return SelectiveServicer
     return SERVICERS.get(kind, AxonServicer)
 
 
@@ -327,7 +348,7 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
     raise ValueError(f"unknown generation cheat {kind!r}: expected one of {', '.join(GENERATION_CHEATS)}")
 
 
-class GenerationCheatServicer(AxonServicer):
+class GenerationCheatServicer(StreamsItsAnswer):
     """Forward is honest; Generate chooses its tokens with a cheating policy, a cheaper model or quantized
     weights (direct decode), and reports logprobs as the cheat's kind does (TEACHER_FORCED)."""
 
@@ -351,3 +372,25 @@ class GenerationCheatServicer(AxonServicer):
         finish = pb.FINISH_REASON_EOS if a.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
         return pb.GenerateResponse(token_ids=a.tokens, logprobs=a.logprobs, finish_reason=finish,
                                    text=self.tokenizer.decode(a.tokens, skip_special_tokens=True))
+
+
+class SelectiveServicer(GenerationCheatServicer):
+    """Honest on whatever looks like a validator's challenge by the old tells (a salt line of 2-4 capitalised
+    words and a number; a prompt sent as ids asking 16 seeded tokens), the truncated model's tokens with exact
+    logprobs (the `cheap` cheat) on everything else: what a miner would do once user traffic pays."""
+
+    SALT_LINE = re.compile(r"^[A-Z][a-z]+( [a-z]+){1,3} \d+\.\n\n")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "kind": "cheap"})
+
+    @classmethod
+    def looks_like_a_challenge(cls, request) -> bool:
+        if request.prompt_text:
+            return bool(cls.SALT_LINE.match(request.prompt_text))
+        return request.max_new_tokens == 16 and request.sampler == pb.SAMPLER_GUMBEL_V1
+
+    async def Generate(self, request, context):
+        if self.looks_like_a_challenge(request):
+            return await AxonServicer.Generate(self, request, context)
+        return await super().Generate(request, context)

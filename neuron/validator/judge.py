@@ -135,7 +135,8 @@ def judge_round(ref: Reference, chs: list[Challenge], fwds: list[PeerResult], ge
             out[i] = Judgement(False, f"forward: malformed answer: {exc}", latency_s=latency)
             continue
         try:
-            ga[i] = protocol.decode_generate(g.response, ch.max_new_tokens)
+            ga[i] = (protocol.decode_stream(g.response, ch.max_new_tokens) if isinstance(g.response, list)
+                     else protocol.decode_generate(g.response, ch.max_new_tokens))
         except NeuronError as exc:
             out[i] = Judgement(False, f"generate: malformed answer: {exc}", latency_s=latency)
             continue

@@ -105,7 +105,8 @@ class Validator:
                       for _ in uids]
         timeout = self.config.timeout_s
         forwards = [self.dendrite.call(t, "Forward", c.forward_request(), timeout) for t, c in zip(targets, challenges)]
-        generates = [self.dendrite.call(t, "Generate", c.generate_request(), timeout) for t, c in zip(targets, challenges)]
+        # Streamed, as the gateway asks users' generations: the RPC is no tell either.
+        generates = [self.dendrite.stream_all(t, c.generate_request(), timeout) for t, c in zip(targets, challenges)]
         results = await asyncio.gather(*forwards, *generates)
         fwd, gen = results[: len(uids)], results[len(uids):]
         judging = time.monotonic()

@@ -1,0 +1,226 @@
+"""The gateway end to end: the official `openai` client, a real HTTP server, real miners on a real local chain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from conftest import make_axon, make_wallet, miner_config
+from neuron.chain.local import LocalChain
+from neuron.config import ValidatorConfig, with_overrides
+from neuron.gateway.app import Gateway, serve_gateway
+from neuron.gateway.keys import KeyLimits, KeyStore
+from neuron.harness.cheats import servicer_for
+from neuron.validator.loop import Validator
+
+
+async def _net(tmp_path, lm, kinds: list[str], model_name: str, **gateway):
+    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
+    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
+    vwallet = make_wallet(tmp_path / "w", "validator")
+    chain.register(1, vwallet)
+    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
+    miners = {}
+    for i, kind in enumerate(kinds):
+        w = make_wallet(tmp_path / "w", f"miner{i}")
+        uid, _ = chain.register(1, w)
+        factory = servicer_for(kind) if kind != "honest" else None
+        extra = {"servicer_factory": factory} if factory else {}
+        axon = make_axon(lm, miner_config(**{"auth.required": True}), keypair=w.hotkey,
+                         metagraph=lambda: chain.metagraph(1), **extra)
+        chain.serve_axon(1, w, "127.0.0.1", await axon.start())
+        miners[uid] = axon
+    keys = tmp_path / "keys.json"
+    config = with_overrides(ValidatorConfig(), **{
+        "model.name": model_name, "subtensor.netuid": 1, "timeout_s": 20.0, "epoch_rounds": 1,
+        "state_path": str(tmp_path / "state.json"), "max_new_tokens": 8, "gateway.keys_path": str(keys),
+        **{f"gateway.{k}": v for k, v in gateway.items()}})
+    v = Validator(config, chain, vwallet, lm)
+    await v.run_round()
+    gw = Gateway(config.gateway, v.pool, lm, model_name, v.verify_users, mix=v.mix)
+    server, task, port = await serve_gateway(gw, "127.0.0.1", 0)
+    key = KeyStore(keys).add("tests", KeyLimits(requests_per_minute=1000, tokens_per_minute=0, max_concurrent=16))
+    return v, gw, miners, port, key, (server, task)
+
+
+async def _down(v, miners, server_task):
+    server, task = server_task
+    server.should_exit = True
+    await task
+    await v.close()
+    for axon in miners.values():
+        await axon.stop(grace=0)
+
+
+@pytest.fixture
+async def net(tmp_path, tiny):
+    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["honest", "honest"], "tiny", verify_fraction=1.0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    yield v, gw, miners, port, key, client
+    await client.close()
+    await _down(v, miners, st)
+
+
+async def _judged(gw: Gateway, n: int) -> None:
+    for _ in range(400):
+        if gw.verified["verified"] + gw.verified["failed"] >= n and gw.queue.empty():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{n} answers were not judged: {gw.verified}")
+
+
+async def test_completion_stream_and_seed_give_the_same_text_from_two_miners(net):
+    v, gw, miners, _, _, client = net
+    assert set(gw.pool.standing) == set(miners)  # both verified by the round
+    texts = []
+    for uid in miners:  # each miner alone in the pool in turn
+        gw.pool.set_standing({uid: 1.0})
+        r = await client.completions.with_raw_response.create(model="tiny", prompt="The river", max_tokens=12,
+                                                              temperature=0.8, top_p=0.9, seed=1234)
+        assert r.headers["x-neuron-miner-uid"] == str(uid)
+        c = r.parse()
+        assert c.object == "text_completion" and c.usage.completion_tokens == len(c.choices[0].text and
+                                                                                 c.usage.completion_tokens * [0])
+        texts.append(c.choices[0].text)
+    assert texts[0] == texts[1] and texts[0]
+    stream = await client.completions.create(model="tiny", prompt="The river", max_tokens=12, temperature=0.8,
+                                             top_p=0.9, seed=1234, stream=True)
+    parts = [c async for c in stream]
+    assert "".join(p.choices[0].text for p in parts) == texts[0]
+    assert parts[-1].choices[0].finish_reason in ("length", "stop")
+    await _judged(gw, 3)
+    assert gw.verified == {"verified": 3, "failed": 0, "skipped": 0}
+
+
+async def test_logprobs_and_stop_strings_are_served_and_verified(net):
+    v, gw, miners, _, _, client = net
+    c = await client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=10, temperature=0.0,
+                                        logprobs=3)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(t) == 3 for t in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    full = c.choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 1] or "e"
+    s = await client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=10, temperature=0.0, stop=[stop])
+    assert stop not in s.choices[0].text and s.choices[0].finish_reason == "stop"
+    await _judged(gw, 2)
+    assert gw.verified["failed"] == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"prompt": [1, 999999]}, "prompt"),
+    ({"max_tokens": 100000}, "max_tokens"), ({"stop": ["x" * 100]}, "stop"), ({"logprobs": 99}, "logprobs"),
+    ({"seed": -1}, "seed"), ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"prompt": ""}, "prompt"),
+])
+async def test_bad_fields_get_400_naming_the_field(net, body, field):
+    *_, client = net
+    args = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, **body}
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.completions.create(**args)
+    assert e.value.status_code == 400 and field in (e.value.body or {}).get("param", "") + e.value.message
+
+
+async def test_keys_limits_and_no_miner(net, tmp_path):
+    v, gw, miners, port, key, client = net
+    base = f"http://127.0.0.1:{port}/v1"
+    c = openai.AsyncOpenAI(base_url=base, api_key="nk-unknown", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await c.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    await c.close()
+    async with httpx.AsyncClient() as h:  # no key at all (the openai client insists on one)
+        r = await h.post(f"{base}/completions", json={"model": "tiny", "prompt": "Hi"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    slow = KeyStore(tmp_path / "keys.json").add("slow", KeyLimits(requests_per_minute=1))
+    c = openai.AsyncOpenAI(base_url=base, api_key=slow, max_retries=0)
+    await c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        await c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    await c.close()
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    gw.pool.set_standing({})
+    with pytest.raises(openai.InternalServerError) as e:
+        await client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    assert e.value.status_code == 503
+    async with httpx.AsyncClient() as h:
+        assert (await h.get(f"http://127.0.0.1:{port}/health")).status_code == 503
+
+
+async def test_a_dead_miner_fails_over_before_the_first_token(net):
+    v, gw, miners, _, _, client = net
+    dead, alive = list(miners)
+    await miners[dead].stop(grace=0)
+    gw.pool.set_standing({dead: 1000.0, alive: 0.001})  # the dead one is nearly always drawn first
+    for _ in range(3):
+        r = await client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=4)
+        assert r.headers["x-neuron-miner-uid"] == str(alive)
+    assert dead not in gw.pool.standing  # out of user traffic until a round verifies it again
+
+
+async def test_a_client_that_disconnects_cancels_the_miners_stream(net):
+    v, gw, miners, port, key, _ = net
+    before = {u: a.engine.stats()["cancelled"] for u, a in miners.items()}
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "temperature": 0.7, "stream": True}
+    async with httpx.AsyncClient(timeout=30) as h:
+        async with h.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # one token, then the client goes away
+    for _ in range(200):
+        if any(a.engine.stats()["cancelled"] > before[u] for u, a in miners.items()):
+            break
+        await asyncio.sleep(0.05)
+    assert any(a.engine.stats()["cancelled"] > before[u] for u, a in miners.items())
+    assert gw.served and not gw.pool.in_flight
+
+
+async def test_a_cheat_on_user_traffic_is_caught_and_loses_its_users(tmp_path, tiny):
+    # 'greedy' answers sampled requests with greedy tokens; the round may not see it (a greedy challenge),
+    # user traffic at temperature 1 does.
+    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["honest", "greedy"], "tiny", verify_fraction=1.0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    try:
+        cheat = next(u for u in miners if u != min(miners))
+        gw.pool.set_standing({u: 1.0 for u in miners})
+        for i in range(6):
+            await client.completions.create(model="tiny", prompt=f"Story {i}:", max_tokens=12, temperature=1.0)
+        await _judged(gw, 6)
+        assert gw.verified["failed"] >= 1
+        assert cheat not in gw.pool.standing and v.state.stats[str(cheat)].users_failed >= 1
+        assert v.state.stats[str(min(miners))].users_failed == 0
+        for _ in range(3):  # only the honest miner serves now
+            r = await client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=4)
+            assert r.headers["x-neuron-miner-uid"] == str(min(miners))
+    finally:
+        await client.close()
+        await _down(v, miners, st)
+
+
+async def test_chat_on_smollm2(tmp_path, smollm2):
+    v, gw, miners, port, key, st = await _net(tmp_path, smollm2, ["honest"], "smollm2", verify_fraction=1.0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    try:
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        c = await client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, seed=7, logprobs=True,
+                                                 top_logprobs=2)
+        assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+        assert c.choices[0].message.content and len(c.choices[0].logprobs.content) == c.usage.completion_tokens
+        stream = await client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, seed=7,
+                                                      stream=True)
+        text = "".join([p.choices[0].delta.content or "" async for p in stream if p.choices])
+        assert text == c.choices[0].message.content
+        await _judged(gw, 2)
+        assert gw.verified["failed"] == 0
+    finally:
+        await client.close()
+        await _down(v, miners, st)
