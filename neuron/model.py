@@ -13,6 +13,7 @@ import torch
 from loguru import logger
 
 from neuron.engine.types import ForwardJob, ForwardResult
+from neuron.errors import InvalidArgument
 
 TINY_PATH = Path(__file__).resolve().parent / "assets" / "tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -225,7 +226,11 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardResult
     """Run several jobs as one left-padded batch and split the answers back, one per job.
 
     Only the requested positions go through the log-softmax (and, where the model allows, the LM head).
+    InvalidArgument, before any work, for a job asking token log-probabilities where there is no next token.
     """
+    for job in jobs:
+        if problem := job.token_logprobs_problem():
+            raise InvalidArgument(problem)
     width = max(j.seq_len for j in jobs)
     pad = lm.tokenizer.pad_token_id
     ids = torch.cat([torch.nn.functional.pad(j.input_ids, (width - j.seq_len, 0), value=pad) for j in jobs])
@@ -252,12 +257,21 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardResult
                        output_hidden_states=want_hidden, use_cache=False)
         hidden = out.hidden_states[-1][rows_at, cols_at] if want_hidden else None
         logits_of = lambda i: out.logits[rows_at[i:i + HEAD_CHUNK], cols_at[i:i + HEAD_CHUNK]]  # noqa: E731
+    # The next input token of every answer, for the jobs that ask its log-probability (clamped at the last
+    # column, which only jobs that do not ask can reach).
+    want_tokens = any(j.want_token_logprobs for j in jobs)
+    next_ids = ids[rows_at, (cols_at + 1).clamp(max=width - 1)] if want_tokens else None
     # A chunk of positions at a time: full-vocabulary float32 rows are 200 KB each for OPT.
     k = max(j.topk for j in jobs)
-    chunks = [torch.log_softmax(logits_of(i).float(), dim=-1).topk(k, dim=-1)
-              for i in range(0, len(rows_at), HEAD_CHUNK)]
+    chunks, tokens = [], []
+    for i in range(0, len(rows_at), HEAD_CHUNK):
+        logprobs = torch.log_softmax(logits_of(i).float(), dim=-1)
+        chunks.append(logprobs.topk(k, dim=-1))
+        if want_tokens:
+            tokens.append(logprobs.gather(-1, next_ids[i:i + HEAD_CHUNK, None]).squeeze(-1))
     values = torch.cat([c.values for c in chunks]).cpu()
     top_ids = torch.cat([c.indices for c in chunks]).cpu()
+    token_lp = torch.cat(tokens).cpu() if want_tokens else None
     hidden = hidden.float().cpu() if want_hidden else None
     outputs, at = [], 0
     for job, count in zip(jobs, counts):
@@ -268,12 +282,14 @@ def forward_batch(lm: LoadedModel, jobs: list[ForwardJob]) -> list[ForwardResult
             topk_logprobs=v,
             rest_mass=(1.0 - v.exp().sum(-1)).clamp(min=0.0),
             hidden=hidden[at:at + n].reshape(*shape, -1) if job.want_hidden else None,
+            token_logprobs=token_lp[at:at + n].reshape(shape) if job.want_token_logprobs else None,
         ))
         at += n
     return outputs
 
 
 def forward_topk(lm: LoadedModel, input_ids: torch.Tensor, positions: list[int] | None, topk: int,
-                 want_hidden: bool = False) -> ForwardResult:
+                 want_hidden: bool = False, want_token_logprobs: bool = False) -> ForwardResult:
     """Next-token top-k at `positions` (None: all) of each row, unbatched: the direct call."""
-    return forward_batch(lm, [ForwardJob(input_ids, None if positions is None else tuple(positions), topk, want_hidden)])[0]
+    job = ForwardJob(input_ids, None if positions is None else tuple(positions), topk, want_hidden, want_token_logprobs)
+    return forward_batch(lm, [job])[0]

@@ -99,7 +99,10 @@ def forward_job(req: pb.ForwardRequest, limits: LimitsConfig, e: EngineInfo) -> 
         check(e.supports_hidden, f"this miner's engine ({e.backend}) cannot return hidden states")
         size = batch * n_pos * e.hidden_size * 4
         check(size <= MAX_RESPONSE_BYTES, f"hidden states would take {size} bytes (limit {MAX_RESPONSE_BYTES}); ask fewer positions")
-    return ForwardJob(ids, positions, int(req.topk), bool(req.want_hidden))
+    job = ForwardJob(ids, positions, int(req.topk), bool(req.want_hidden), bool(req.want_token_logprobs))
+    if problem := job.token_logprobs_problem():
+        raise InvalidArgument(problem)
+    return job
 
 
 def forward_response(job: ForwardJob, out: ForwardResult) -> pb.ForwardResponse:
@@ -108,6 +111,8 @@ def forward_response(job: ForwardJob, out: ForwardResult) -> pb.ForwardResponse:
                               topk_logprobs=wire.to_pb(out.topk_logprobs.float()), rest_mass=wire.to_pb(out.rest_mass.float()))
     if out.hidden is not None:
         resp.hidden.CopyFrom(wire.to_pb(out.hidden.float()))
+    if job.want_token_logprobs:
+        resp.token_logprobs.CopyFrom(wire.to_pb(out.token_logprobs.float()))
     return resp
 
 
@@ -186,6 +191,23 @@ def response(chunks: list[pb.GenerateChunk]) -> pb.GenerateResponse:
     return resp
 
 
+def forward_request(ids: list[int] | list[list[int]] | torch.Tensor, topk: int, positions: list[int] | None = None,
+                    want_token_logprobs: bool = False, want_hidden: bool = False) -> pb.ForwardRequest:
+    """Client side: the request for a Forward over `ids` (one row, or rows of equal length).
+
+    `positions` None asks every position; with `want_token_logprobs` it asks every position but the last
+    (which has no next token), as the miner requires. ValueError for a single token with want_token_logprobs.
+    """
+    t = torch.as_tensor(ids, dtype=torch.int64)
+    t = t[None] if t.dim() == 1 else t
+    if positions is None and want_token_logprobs:
+        if t.shape[1] < 2:
+            raise ValueError("want_token_logprobs needs at least two tokens: the only one has no next token")
+        positions = list(range(t.shape[1] - 1))
+    return pb.ForwardRequest(input_ids=wire.to_pb(t), positions=positions or [], topk=topk, want_hidden=want_hidden,
+                             want_token_logprobs=want_token_logprobs)
+
+
 def generate_request(prompt_ids: list[int] | None = None, prompt_text: str = "", *, max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), stop: tuple[str, ...] = (),
                      logprobs_topn: int = 0) -> pb.GenerateRequest:
@@ -209,6 +231,7 @@ class ForwardAnswer:
     topk_ids: torch.Tensor  # int64 [B, P, k]
     topk_logprobs: torch.Tensor  # float32 [B, P, k]
     rest_mass: torch.Tensor  # float32 [B, P]
+    token_logprobs: torch.Tensor | None = None  # float32 [B, P]: of the next input token; None unless asked
 
 
 @dataclass(frozen=True)
@@ -230,17 +253,25 @@ def tensor_from(resp_field: pb.Tensor, name: str, dtype: str, shape: list[int]) 
     return t
 
 
-def decode_forward(resp: pb.ForwardResponse, batch: int, positions: list[int], topk: int) -> ForwardAnswer:
-    """The answer to a Forward of `batch` rows asked at `positions` with `topk`; BadResponse if malformed."""
+def decode_forward(resp: pb.ForwardResponse, batch: int, positions: list[int], topk: int, *,
+                   want_token_logprobs: bool = False) -> ForwardAnswer:
+    """The answer to a Forward of `batch` rows asked at `positions` with `topk` (and token log-probabilities
+    when `want_token_logprobs`); BadResponse if malformed, or if asked token log-probabilities are missing."""
     P = len(positions)
     try:
         if len(resp.positions) != P or list(resp.positions) != list(positions):
             raise InvalidArgument("answered other positions than asked")
+        token_logprobs = None
+        if want_token_logprobs:
+            # A miner that predates the field ignores the flag: an empty answer, not a malformed one, but unusable.
+            check(resp.HasField("token_logprobs"), "token_logprobs missing (the miner may predate the field)")
+            token_logprobs = tensor_from(resp.token_logprobs, "token_logprobs", "float32", [batch, P])
         return ForwardAnswer(
             positions=tuple(positions),
             topk_ids=tensor_from(resp.topk_ids, "topk_ids", "int64", [batch, P, topk]),
             topk_logprobs=tensor_from(resp.topk_logprobs, "topk_logprobs", "float32", [batch, P, topk]),
             rest_mass=tensor_from(resp.rest_mass, "rest_mass", "float32", [batch, P]),
+            token_logprobs=token_logprobs,
         )
     except InvalidArgument as exc:
         raise BadResponse(str(exc)) from None

@@ -9,8 +9,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_axon, miner_config
-from neuron import wire
+from neuron import protocol, wire
 from neuron.dendrite import Dendrite, Target
+from neuron.errors import BadResponse
 from neuron.model import forward_logprobs, forward_topk
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -60,6 +61,40 @@ async def test_forward_defaults_to_every_position(served):
     r = await d.call(t, "Forward", pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=3), 10)
     assert r.ok, r.message
     assert list(r.response.topk_ids.shape) == [2, ids.shape[1], 3] and not r.response.HasField("hidden")
+
+
+async def test_token_logprobs_through_the_axon_and_decode_forward(served):
+    """echo + logprobs: every prompt token's log-probability given its prefix, decoded by the validator's codec."""
+    lm, _, d, t = served
+    rows = [ids_of(lm, "The quick brown fox jumps over"), ids_of(lm, "the lazy dog, said the cat.")]
+    S = min(map(len, rows))
+    ids = torch.tensor([r[:S] for r in rows])
+    req = protocol.forward_request(ids, topk=4, want_token_logprobs=True)
+    assert list(req.positions) == list(range(S - 1)) and req.want_token_logprobs
+    r = await d.call(t, "Forward", req, 10)
+    assert r.ok, r.message
+    answer = protocol.decode_forward(r.response, 2, list(req.positions), 4, want_token_logprobs=True)
+    full, _ = forward_logprobs(lm, ids)
+    want = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert answer.token_logprobs.shape == (2, S - 1) and torch.allclose(answer.token_logprobs, want, atol=1e-5)
+    assert protocol.decode_forward(r.response, 2, list(req.positions), 4).token_logprobs is None  # not asked: ignored
+    # Without the flag the field stays empty, as from a miner that predates it: unusable to a caller that wants it.
+    plain = await d.call(t, "Forward", protocol.forward_request(ids[0].tolist(), topk=4, positions=[0, 1]), 10)
+    assert plain.ok and not plain.response.HasField("token_logprobs")
+    with pytest.raises(BadResponse, match="token_logprobs missing"):
+        protocol.decode_forward(plain.response, 1, [0, 1], 4, want_token_logprobs=True)
+    wrong = pb.ForwardResponse()
+    wrong.CopyFrom(r.response)
+    wrong.token_logprobs.CopyFrom(wire.to_pb(answer.token_logprobs[:1]))
+    with pytest.raises(BadResponse, match="token_logprobs"):
+        protocol.decode_forward(wrong, 2, list(req.positions), 4, want_token_logprobs=True)
+
+
+def test_forward_request_needs_two_tokens_for_token_logprobs():
+    with pytest.raises(ValueError, match="two tokens"):
+        protocol.forward_request([5], topk=1, want_token_logprobs=True)
+    req = protocol.forward_request([5, 6, 7], topk=2)
+    assert list(req.input_ids.shape) == [1, 3] and list(req.positions) == [] and not req.want_token_logprobs
 
 
 async def test_greedy_generate_equals_model_generate_and_reports_raw_logprobs(served):
@@ -142,6 +177,11 @@ def bad_forward(lm):
         "1-D ids": pb.ForwardRequest(input_ids=wire.to_pb(ok[0]), topk=3),
         "bytes do not match the shape": pb.ForwardRequest(input_ids=pb.Tensor(dtype="int64", shape=[1, 4], data=b"\0" * 8), topk=3),
         "absurd shape": pb.ForwardRequest(input_ids=pb.Tensor(dtype="int64", shape=[1 << 30, 1 << 30], data=b""), topk=3),
+        "token logprobs at the last position": pb.ForwardRequest(input_ids=wire.to_pb(ok), topk=3, want_token_logprobs=True,
+                                                                 positions=[0, ok.shape[1] - 1]),
+        "token logprobs at every position": pb.ForwardRequest(input_ids=wire.to_pb(ok), topk=3, want_token_logprobs=True),
+        "token logprobs of one token": pb.ForwardRequest(input_ids=wire.to_pb(ok[:, :1]), topk=3, want_token_logprobs=True,
+                                                         positions=[0]),
     }
 
 

@@ -133,9 +133,12 @@ def tensors(draw, vocab: int = 512):
 def valid_forwards(draw) -> Body:
     rows, seq = draw(st.integers(1, 3)), draw(st.integers(1, 48))
     ids = draw(st.lists(st.integers(0, 511), min_size=rows * seq, max_size=rows * seq))
+    # Token log-probabilities need listed positions, all before the last.
+    tokens = seq >= 2 and draw(st.booleans())
+    positions = (st.lists(st.integers(0, seq - 2), min_size=1, max_size=seq) if tokens
+                 else st.lists(st.integers(0, seq - 1), max_size=seq))
     req = pb.ForwardRequest(input_ids=wire.to_pb(torch.tensor(ids).view(rows, seq)), topk=draw(st.integers(1, 8)),
-                            positions=draw(st.lists(st.integers(0, seq - 1), max_size=seq)),
-                            want_hidden=draw(st.booleans()))
+                            positions=draw(positions), want_hidden=draw(st.booleans()), want_token_logprobs=tokens)
     return Body(req.SerializeToString())
 
 
@@ -160,7 +163,8 @@ def valid_generates(draw) -> Body:
 
 @st.composite
 def forward_requests(draw) -> bytes:
-    req = pb.ForwardRequest(topk=draw(st.integers(0, 10) | uint32), want_hidden=draw(st.booleans()))
+    req = pb.ForwardRequest(topk=draw(st.integers(0, 10) | uint32), want_hidden=draw(st.booleans()),
+                            want_token_logprobs=draw(st.booleans()))
     if draw(st.integers(0, 9)):
         req.input_ids.CopyFrom(draw(tensors()))
     req.positions.extend(draw(st.lists(st.integers(0, 60) | uint32, max_size=8)))

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from neuron.errors import InvalidArgument
 from neuron.model import ForwardJob, ModelNotFound, forward_batch, forward_topk, load_model
 
 
@@ -56,3 +57,46 @@ def test_forward_in_chunks_of_positions_equals_one_chunk(tiny, monkeypatch):
     assert torch.equal(chunked.topk_ids, whole.topk_ids)
     assert torch.allclose(chunked.topk_logprobs, whole.topk_logprobs, atol=1e-6)
     assert torch.equal(chunked.hidden, whole.hidden)
+
+
+def greedy_tail(lm, text: str, n: int) -> list[int]:
+    """The prompt followed by n greedy tokens: each of those is the top-1 at the position before it."""
+    ids = torch.tensor([lm.tokenizer(text).input_ids])
+    return lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)[0].tolist()
+
+
+def next_token_logprobs(lm, row: list[int], positions) -> torch.Tensor:
+    """log_softmax(model(ids).logits)[p, ids[p + 1]] at each position: the plain full-vocabulary reference."""
+    with torch.inference_mode():
+        lp = torch.log_softmax(lm.model(torch.tensor([row])).logits[0].float(), dim=-1)
+    return torch.stack([lp[p, row[p + 1]] for p in positions])
+
+
+def test_token_logprobs_are_the_next_input_tokens_in_and_outside_the_topk(lm):
+    row = greedy_tail(lm, "The capital of France is", 6)
+    other = lm.tokenizer("a much longer sentence than the first one, asked alone").input_ids
+    two = [row[:5], row[3:8]]
+    jobs = [ForwardJob(torch.tensor([row]), tuple(range(len(row) - 1)), 3, want_token_logprobs=True),
+            ForwardJob(torch.tensor([other]), None, 3),  # longer: the others are left-padded
+            ForwardJob(torch.tensor(two), (3, 0, 2), 2, want_token_logprobs=True)]
+    first, plain, pair = forward_batch(lm, jobs)
+    positions = list(range(len(row) - 1))
+    assert first.token_logprobs.shape == (1, len(positions)) and first.token_logprobs.dtype == torch.float32
+    assert torch.allclose(first.token_logprobs[0], next_token_logprobs(lm, row, positions), atol=1e-5)
+    match = first.topk_ids[0] == torch.tensor(row[1:])[:, None]
+    inside = match.any(-1)
+    assert inside.any() and not inside.all()  # the greedy tail is top-1; most of the prompt is not
+    assert torch.allclose(first.token_logprobs[0][inside], first.topk_logprobs[0][match], atol=1e-6)
+    assert plain.token_logprobs is None
+    for b in range(2):
+        assert torch.allclose(pair.token_logprobs[b], next_token_logprobs(lm, two[b], (3, 0, 2)), atol=1e-5)
+
+
+def test_token_logprobs_where_there_is_no_next_token_are_refused(tiny):
+    ids = torch.tensor([tiny.tokenizer("hello there").input_ids])
+    for positions in (None, [0, ids.shape[1] - 1]):
+        with pytest.raises(InvalidArgument, match="no next token"):
+            forward_topk(tiny, ids, positions, 3, want_token_logprobs=True)
+    with pytest.raises(InvalidArgument, match="two tokens"):
+        forward_topk(tiny, ids[:, :1], [0], 3, want_token_logprobs=True)

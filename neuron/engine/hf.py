@@ -22,7 +22,7 @@ from neuron.engine import sampler as S
 from neuron.engine.runner import Runner, StepOutput
 from neuron.engine.scheduler import FORWARD, GENERATE, Request, Scheduler
 from neuron.engine.types import EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, TokenStep
-from neuron.errors import DeadlineExceeded, NeuronError, Unavailable
+from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, Unavailable
 from neuron.model import LoadedModel, forward_batch
 
 _END = object()  # a generation's iterator ends after this
@@ -148,6 +148,9 @@ class HFEngine:
             await asyncio.to_thread(self._thread.join, timeout + 5)
 
     async def forward(self, job: ForwardJob, priority: float = 0.0, deadline: float | None = None) -> ForwardResult:
+        # Refused here, not in the merged batch, where it would fail the other jobs too.
+        if problem := job.token_logprobs_problem():
+            raise InvalidArgument(problem)
         loop = asyncio.get_running_loop()
         req = Request(FORWARD, priority, deadline, rows=job.rows, seq_len=job.seq_len,
                       payload=_Payload(_Delivery(loop, loop.create_future()), job))

@@ -74,6 +74,9 @@ class ForwardJob:
     positions: tuple[int, ...] | None
     topk: int
     want_hidden: bool = False
+    # Also the log-probability of input_ids[b, p + 1] at each position p; every position must then be
+    # < S - 1 (engines refuse the job otherwise), so positions cannot be None.
+    want_token_logprobs: bool = False
 
     @property
     def rows(self) -> int:
@@ -87,6 +90,18 @@ class ForwardJob:
     def n_positions(self) -> int:
         return self.seq_len if self.positions is None else len(self.positions)
 
+    def token_logprobs_problem(self) -> str | None:
+        """Why this job cannot have token log-probabilities, or None when it can (or does not ask)."""
+        if not self.want_token_logprobs:
+            return None
+        last = self.seq_len - 1
+        if last == 0:
+            return "want_token_logprobs needs at least two tokens: the only one has no next token"
+        if self.positions is None or last in self.positions:
+            return (f"want_token_logprobs needs every position below {last}: the last position has no next token "
+                    f"(list positions 0..{last - 1}; none listed means all, the last included)")
+        return None
+
 
 @dataclass
 class ForwardResult:
@@ -96,6 +111,7 @@ class ForwardResult:
     topk_logprobs: torch.Tensor  # float32 [B, P, k]
     rest_mass: torch.Tensor  # float32 [B, P]: probability outside the top-k
     hidden: torch.Tensor | None  # float32 [B, P, H]
+    token_logprobs: torch.Tensor | None = None  # float32 [B, P]: of input_ids[b, p + 1]; None unless asked
 
 
 @dataclass(frozen=True)

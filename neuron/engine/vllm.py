@@ -244,6 +244,8 @@ class VllmEngine:
         positions = list(range(S)) if job.positions is None else list(job.positions)
         check(job.rows >= 1 and S >= 1, "empty input")
         check(all(0 <= p < S for p in positions), f"positions must be in [0, {S})")
+        if problem := job.token_logprobs_problem():
+            raise InvalidArgument(problem)
         check(1 <= job.topk <= min(self.config.max_logprobs, info.vocab_size),
               f"topk must be in [1, {min(self.config.max_logprobs, info.vocab_size)}]")
         check(S + 1 <= info.max_seq_len, f"sequence of {S} tokens is longer than the engine takes")
@@ -270,16 +272,20 @@ class VllmEngine:
         k = job.topk
         top_ids = torch.empty(job.rows, len(positions), k, dtype=torch.int64)
         top_lp = torch.empty(job.rows, len(positions), k, dtype=torch.float32)
+        token_lp = torch.empty(job.rows, len(positions), dtype=torch.float32) if job.want_token_logprobs else None
         for b, out in enumerate(outs):
             for j, p in enumerate(positions):
                 entries = out.outputs[0].logprobs[0] if p == S - 1 else out.prompt_logprobs[p + 1]
                 i, lp = _top(entries, k)
                 top_ids[b, j] = torch.tensor(i)
                 top_lp[b, j] = torch.tensor(lp)
+                if token_lp is not None:  # vLLM's prompt logprobs always hold the actual prompt token's
+                    token_lp[b, j] = entries[rows[b][p + 1]].logprob
         rest = (1.0 - top_lp.double().exp().sum(-1)).clamp(min=0.0).float()
         self._stats["forward_batches"] += 1
         self._stats["forward_rows"] += job.rows
-        return ForwardResult(topk_ids=top_ids, topk_logprobs=top_lp, rest_mass=rest, hidden=None)
+        return ForwardResult(topk_ids=top_ids, topk_logprobs=top_lp, rest_mass=rest, hidden=None,
+                             token_logprobs=token_lp)
 
     async def _one(self, prompt: list[int], params: VSamplingParams, priority: float):
         last, rid = None, self._request_id()

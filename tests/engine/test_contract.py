@@ -18,7 +18,7 @@ import torch
 from conftest import SMOLLM2, miner_config
 from neuron.engine import sampler as S
 from neuron.engine.types import FinishReason, ForwardJob, GenerateJob, Sampler, SamplingParams
-from neuron.errors import DeadlineExceeded, ResourceExhausted
+from neuron.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from neuron.model import forward_logprobs, forward_topk
 
 BACKENDS = [b for b in os.environ.get("NEURON_ENGINE_BACKENDS", "hf").split(",") if b]
@@ -103,6 +103,29 @@ async def test_concurrent_forwards_equal_the_direct_call(engine, lm):
         assert out.topk_ids.shape == alone.topk_ids.shape
         assert torch.allclose(out.topk_logprobs, alone.topk_logprobs, atol=1e-3)
         assert torch.allclose(out.rest_mass, alone.rest_mass, atol=1e-3)
+
+
+async def test_token_logprobs_are_the_next_input_tokens_under_the_full_softmax(engine, lm, backend):
+    """OpenAI's echoed prompt logprobs: at each position, the actual next token's, inside the top-k or not."""
+    prompt = ids_of(lm, "The capital of France is")
+    ids = torch.tensor([prompt])
+    row = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                            do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)[0].tolist()  # a greedy tail: top-1
+    rows = torch.tensor([row, row[::-1]])
+    positions = tuple(range(len(row) - 1))
+    out = await engine.forward(ForwardJob(rows, positions, 3, want_token_logprobs=True))
+    assert out.token_logprobs.shape == (2, len(positions)) and out.token_logprobs.dtype == torch.float32
+    with torch.inference_mode():
+        lp = torch.log_softmax(lm.model(rows.to(lm.device)).logits.float(), dim=-1).cpu()
+    want = lp[:, :-1].gather(-1, rows[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(out.token_logprobs, want, atol=1e-5 if backend == "hf" else 1e-3)
+    inside = (out.topk_ids == rows[:, 1:, None]).any(-1)
+    assert inside.any() and not inside.all()
+    plain = await engine.forward(ForwardJob(rows, positions, 3))
+    assert plain.token_logprobs is None
+    for bad in (None, (0, len(row) - 1)):  # the last position has no next token
+        with pytest.raises(InvalidArgument, match="no next token"):
+            await engine.forward(ForwardJob(rows, bad, 3, want_token_logprobs=True))
 
 
 async def test_greedy_generation_equals_plain_generate_and_reports_raw_logprobs(engine, lm):

@@ -80,30 +80,34 @@ class InfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hotkey: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("input_ids", "positions", "topk", "want_hidden")
+    __slots__ = ("input_ids", "positions", "topk", "want_hidden", "want_token_logprobs")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     WANT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    WANT_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     input_ids: Tensor
     positions: _containers.RepeatedScalarFieldContainer[int]
     topk: int
     want_hidden: bool
-    def __init__(self, input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ..., topk: _Optional[int] = ..., want_hidden: _Optional[bool] = ...) -> None: ...
+    want_token_logprobs: bool
+    def __init__(self, input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ..., topk: _Optional[int] = ..., want_hidden: _Optional[bool] = ..., want_token_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("positions", "topk_ids", "topk_logprobs", "rest_mass", "hidden")
+    __slots__ = ("positions", "topk_ids", "topk_logprobs", "rest_mass", "hidden", "token_logprobs")
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REST_MASS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     positions: _containers.RepeatedScalarFieldContainer[int]
     topk_ids: Tensor
     topk_logprobs: Tensor
     rest_mass: Tensor
     hidden: Tensor
-    def __init__(self, positions: _Optional[_Iterable[int]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., rest_mass: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    token_logprobs: Tensor
+    def __init__(self, positions: _Optional[_Iterable[int]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., rest_mass: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt_text", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "stop", "logprobs_topn", "sampler")
