@@ -36,7 +36,7 @@ from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.scoring import GenSpec
 from neuron.validator.judge import GenCheck
-from neuron.validator.mix import Shape, TrafficMix, bucket
+from neuron.validator.mix import ForwardShape, Shape, TrafficMix, bucket
 from neuron.validator.pool import Miner, MinerPool
 
 DEV_KEY = ApiKey(name="development", key_id="dev", limits=KeyLimits(0, 0, 0), created=0.0)
@@ -183,11 +183,21 @@ class Gateway:
     def completion_ask(self, body: oa.CompletionRequest) -> Asked:
         self._check_model(body.model)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if body.echo or max_tokens == 0:
-            raise OpenAIError(400, "echo and max_tokens 0 (prompt logprobs) are not served by this gateway yet",
-                              "echo")
+        if max_tokens == 0 and not body.echo:
+            raise OpenAIError(400, "max_tokens 0 asks nothing: use it with echo (the prompt's logprobs)", "max_tokens")
+        if body.echo and max_tokens > 0 and body.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs is served with max_tokens 0 (the prompt's logprobs); ask the "
+                              "completion's logprobs in a second request", "echo")
         topn = body.logprobs or 0
-        sampling, stops = self._sampling(body, topn, max_tokens)
+        sampling, stops = self._sampling(body, topn, max(max_tokens, 1))
+        prompt = self._one_prompt(body)
+        if isinstance(prompt, str):
+            return self._ask(self.lm.tokenizer(prompt).input_ids if prompt else [], prompt, max_tokens, sampling,
+                             stops, topn)
+        return self._ask(list(prompt), "", max_tokens, sampling, stops, topn)
+
+    def _one_prompt(self, body: oa.CompletionRequest) -> str | list[int]:
+        """The request's one prompt, text or token ids, within the limits."""
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -197,15 +207,56 @@ class Gateway:
             if len(prompt) > self.limits.max_prompt_chars:
                 raise OpenAIError(400, f"the prompt has {len(prompt)} characters (limit "
                                   f"{self.limits.max_prompt_chars})", "prompt")
-            return self._ask(self.lm.tokenizer(prompt).input_ids if prompt else [], prompt, max_tokens, sampling,
-                             stops, topn)
+            return prompt
         if len(prompt) >= self.limits.max_seq_len:
             raise OpenAIError(400, f"the prompt has {len(prompt)} tokens (limit {self.limits.max_seq_len})", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.lm.vocab_size]
         if bad:
             raise OpenAIError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {self.lm.vocab_size})",
                               "prompt")
-        return self._ask(list(prompt), "", max_tokens, sampling, stops, topn)
+        return list(prompt)
+
+    def echo_ask(self, body: oa.CompletionRequest) -> tuple[pb.ForwardRequest, list[int], str, int]:
+        """A prompt-logprobs request (echo, max_tokens 0) as the miners' Forward: (request, ids, text, top-n)."""
+        self._check_model(body.model)
+        prompt = self._one_prompt(body)
+        ids = self.lm.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
+        topn = body.logprobs or 0
+        if not 2 <= len(ids) <= min(self.limits.max_seq_len, self.lm.max_positions):
+            raise OpenAIError(400, f"prompt logprobs need 2..{self.limits.max_seq_len} prompt tokens, got {len(ids)}",
+                              "prompt")
+        if topn > min(self.limits.max_topk, self.limits.max_logprobs_topn):
+            raise OpenAIError(400, f"logprobs {topn} is above {min(self.limits.max_topk, self.limits.max_logprobs_topn)}",
+                              "logprobs")
+        k = max(1, topn)
+        if self.mix is not None:
+            self.mix.record_forward(ForwardShape(bucket(len(ids)), k))
+        text = prompt if isinstance(prompt, str) else self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        return protocol.forward_request(ids, k, want_token_logprobs=True), list(ids), text, topn
+
+    async def forward(self, request: pb.ForwardRequest, n_tokens: int, k: int) -> tuple[Miner, protocol.ForwardAnswer]:
+        """One miner's Forward answer, failing over to another (at most max_retries) when one fails."""
+        tried: set[int] = set()
+        last: tuple[int, str] | None = None
+        for _ in range(1 + self.config.max_retries):
+            miner = await self.pool.choose(tried)
+            if miner is None:
+                break
+            tried.add(miner.uid)
+            with self.pool.lease(miner):
+                r = await self.dendrite.call(miner.target, "Forward", request, self.config.first_token_timeout_s)
+            if r.ok and r.signed:
+                try:
+                    return miner, protocol.decode_forward(r.response, 1, list(range(n_tokens - 1)), k,
+                                                          want_token_logprobs=True)
+                except BadResponse as exc:
+                    last = self._failed_before_first(miner, exc)
+                    continue
+            last = self._failed_before_first(miner, _RpcFailure(r.code, r.message or "unsigned answer"))
+        if last is None:
+            raise OpenAIError(503, "no verified miner is available; try again shortly", code="no_miner",
+                              headers={"Retry-After": "5"})
+        raise OpenAIError(last[0], last[1], code="miner_failed")
 
     def chat_ask(self, body: oa.ChatRequest) -> Asked:
         self._check_model(body.model)
@@ -258,7 +309,7 @@ class Gateway:
         raise OpenAIError(status, message, code="miner_failed")
 
     def _failed_before_first(self, miner: Miner, exc: BaseException) -> tuple[int, str]:
-        if isinstance(exc, grpc.aio.AioRpcError):
+        if isinstance(exc, (grpc.aio.AioRpcError, _RpcFailure)):
             code, what = exc.code(), f"{exc.code().name.lower()}: {(exc.details() or '')[:200]}"
         elif isinstance(exc, asyncio.TimeoutError):
             code, what = grpc.StatusCode.DEADLINE_EXCEEDED, f"no first token within {self.config.first_token_timeout_s} s"
@@ -311,6 +362,20 @@ class Gateway:
                 self.verified[result] += 1
                 if self.metrics is not None:
                     self.metrics.verifications.labels(result).inc()
+
+
+class _RpcFailure(Exception):
+    """A unary call's failure (the dendrite returns it as a status, not an exception)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 async def _close(stream) -> None:
@@ -433,6 +498,8 @@ def create_app(gw: Gateway) -> FastAPI:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                           "logprobs": chat_logprobs(tok, chunks) if body.logprobs else None}
             else:
+                text = (gw.lm.tokenizer.decode(list(asked.check.prompt_ids), skip_special_tokens=True) + text
+                        if getattr(body, "echo", False) else text)
                 choice = {"index": 0, "text": text, "finish_reason": finish,
                           "logprobs": completion_logprobs(tok, chunks, 0) if body.logprobs is not None else None}
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
@@ -463,6 +530,11 @@ def create_app(gw: Gateway) -> FastAPI:
                     yield _sse({"id": rid, "object": obj, "created": created, "model": gw.model_name,
                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
+                elif body.echo:  # the prompt first, as OpenAI's echo
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": gw.model_name,
+                                "choices": [{"index": 0, "text": tok.decode(list(asked.check.prompt_ids),
+                                                                               skip_special_tokens=True),
+                                             "logprobs": None, "finish_reason": None}]})
                 yield event(session.chunks[0], None)
                 try:
                     async for c in session.rest():
@@ -492,7 +564,34 @@ def create_app(gw: Gateway) -> FastAPI:
     async def completions(request: Request):
         key = gw.authenticate(request)  # before the body: an unknown caller learns nothing about its request
         body = await body_of(request, oa.CompletionRequest)
+        if body.echo and body.max_tokens == 0:
+            return await prompt_logprobs(key, body)
         return await serve(key, body, gw.completion_ask(body), chat=False)
+
+    async def prompt_logprobs(key: ApiKey, body: oa.CompletionRequest):
+        if body.stream:
+            raise OpenAIError(400, "prompt logprobs (echo, max_tokens 0) are not streamed", "stream")
+        forward, ids, text, topn = gw.echo_ask(body)
+        gw.admit(key)
+        try:
+            miner, a = await gw.forward(forward, len(ids), max(1, topn))
+        finally:
+            gw.limiter.release(key, 0)
+        tok = gw.lm.tokenizer
+        tokens = [_token_text(tok, t) for t in ids]
+        offsets = [0]
+        for t in tokens[:-1]:
+            offsets.append(offsets[-1] + len(t))
+        logprobs = None
+        if body.logprobs is not None:
+            top = [{_token_text(tok, int(i)): float(lp) for i, lp in zip(a.topk_ids[0, p, :topn], a.topk_logprobs[0, p, :topn])}
+                   for p in range(len(ids) - 1)]
+            logprobs = {"tokens": tokens, "token_logprobs": [None] + [float(x) for x in a.token_logprobs[0]],
+                        "top_logprobs": [None] + top, "text_offset": offsets}
+        choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": logprobs}
+        return JSONResponse({"id": oa.new_id("cmpl"), "object": "text_completion", "created": oa.now(),
+                             "model": gw.model_name, "choices": [choice], "usage": oa.usage(len(ids), 0)},
+                            headers={"x-neuron-miner-uid": str(miner.uid)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
-
-from neuron import protocol, scoring, wire
+from neuron import protocol, scoring
 from neuron.dataset import PromptSource
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.model import LoadedModel
@@ -65,10 +63,8 @@ class Challenge:
         return GenCheck(tuple(self.prompt_ids), self.spec, self.stop)
 
     def forward_request(self) -> pb.ForwardRequest:
-        # Every position is asked as an empty list, exactly as a user's prompt logprobs are.
-        all_positions = self.positions == list(range(len(self.forward_ids)))
-        return pb.ForwardRequest(input_ids=wire.to_pb(torch.tensor([self.forward_ids])),
-                                 positions=[] if all_positions else self.positions, topk=self.topk)
+        # Exactly as the gateway asks a user's prompt logprobs: every position with a next token, its logprob.
+        return protocol.forward_request(self.forward_ids, self.topk, self.positions, want_token_logprobs=True)
 
     def generate_request(self) -> pb.GenerateRequest:
         sampling = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
@@ -103,7 +99,8 @@ def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cf
     fs = mix.sample_forward(rng)
     _, forward_ids = _text_of_tokens(lm, source, rng, min(fs.seq_len, cfg.seq_len), taken)
     n = len(forward_ids)
-    positions = list(range(n)) if cfg.positions <= 0 else sorted(rng.sample(range(n), min(cfg.positions, n)))
+    # Positions with a next token (the last has none), all of them as a user's echo asks, or a sample.
+    positions = list(range(n - 1)) if cfg.positions <= 0 else sorted(rng.sample(range(n - 1), min(cfg.positions, n - 1)))
     s = mix.sample(rng)
     text, prompt_ids = _text_of_tokens(lm, source, rng, s.prompt_tokens, taken)
     stop = tuple(rng.sample(STOPS, min(s.n_stop, len(STOPS))))

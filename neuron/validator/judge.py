@@ -130,7 +130,7 @@ def judge_round(ref: Reference, chs: list[Challenge], fwds: list[PeerResult], ge
             out[i] = failed
             continue
         try:
-            fa[i] = protocol.decode_forward(f.response, 1, ch.positions, ch.topk)
+            fa[i] = protocol.decode_forward(f.response, 1, ch.positions, ch.topk, want_token_logprobs=True)
         except NeuronError as exc:  # a malformed answer: the miner's fault, not a validator crash
             out[i] = Judgement(False, f"forward: malformed answer: {exc}", latency_s=latency)
             continue
@@ -185,17 +185,19 @@ def _judge_one(ch: Challenge, fa: protocol.ForwardAnswer, ga: protocol.GenerateA
     verdict = scoring.verify_forward(ref, ids, lp, rest, th)
     if not verdict.ok:
         return Judgement(False, f"forward: {verdict.reason}", latency_s=latency, metrics=verdict.metrics)
+    # The next input tokens' logprobs (users' echoed prompt logprobs): the same per-position logprob bound as
+    # the top-k's (max_logprob_error: one kind of number, one calibrated threshold).
+    nxt = torch.tensor(ch.forward_ids)[torch.tensor(ch.positions) + 1]
+    tl_error = float((fa.token_logprobs[0].double() - ref.gather(1, nxt[:, None]).squeeze(1)).abs().nan_to_num(1e9).max())
+    if tl_error > th.max_logprob_error:
+        return Judgement(False, f"forward: token logprob error {tl_error:.4f} > {th.max_logprob_error:.4f}",
+                         latency_s=latency, metrics=verdict.metrics)
     gv, margins, errors = _check_generation(ch.check, ga, gen_logits, th, lm)
     if not gv.ok:
         return Judgement(False, f"generate: {gv.reason}", latency_s=latency, metrics=gv.metrics, margins=margins,
                          errors=errors)
-    # Quality: the loss on the true next tokens, at the positions that have one (the last has none).
-    has_next = torch.tensor(ch.positions) < len(ch.forward_ids) - 1
-    loss = ref_loss = float("nan")
-    if bool(has_next.any()):
-        targets = torch.tensor(ch.forward_ids)[torch.tensor(ch.positions)[has_next] + 1]
-        ref_lp, ref_ids = ref[has_next].topk(ch.topk, dim=-1)
-        ref_rest = (1 - ref_lp.exp().sum(-1)).clamp(min=0)
-        loss = scoring.quality_loss(ids[has_next], lp[has_next], rest[has_next], targets, lm.vocab_size)
-        ref_loss = scoring.quality_loss(ref_ids, ref_lp, ref_rest, targets, lm.vocab_size)
+    ref_lp, ref_ids = ref.topk(ch.topk, dim=-1)
+    ref_rest = (1 - ref_lp.exp().sum(-1)).clamp(min=0)
+    loss = scoring.quality_loss(ids, lp, rest, nxt, lm.vocab_size)
+    ref_loss = scoring.quality_loss(ref_ids, ref_lp, ref_rest, nxt, lm.vocab_size)
     return Judgement(True, "", loss, ref_loss, latency, {**verdict.metrics, **gv.metrics}, margins, errors)

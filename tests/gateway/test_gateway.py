@@ -110,6 +110,23 @@ async def test_logprobs_and_stop_strings_are_served_and_verified(net):
     assert gw.verified["failed"] == 0
 
 
+async def test_echo_with_max_tokens_0_gives_the_prompts_logprobs_from_a_miners_forward(net, tiny):
+    import torch
+
+    *_, client = net
+    ids = tiny.tokenizer("The river ran past the old mill").input_ids
+    c = await client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(tiny.model(torch.tensor([ids])).logits[0].double(), -1)
+    want = [float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-4
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:]) and c.usage.completion_tokens == 0
+    e = await client.completions.create(model="tiny", prompt="Once upon", max_tokens=4, echo=True, temperature=0)
+    assert e.choices[0].text.startswith("Once upon")
+
+
 @pytest.mark.parametrize("body, field", [
     ({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"prompt": [1, 999999]}, "prompt"),
     ({"max_tokens": 100000}, "max_tokens"), ({"stop": ["x" * 100]}, "stop"), ({"logprobs": 99}, "logprobs"),
