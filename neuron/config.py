@@ -157,7 +157,8 @@ class GatewayConfig:
     verify_fraction: float = 0.1  # share of delivered user answers judged afterwards, drawn after delivery
     verify_queue: int = 256  # user answers waiting to be judged; beyond it they are skipped (and counted)
     max_tokens: int = 256  # most tokens a user may ask per request (miners' own limit applies too)
-    timeout_s: float = 60.0  # deadline of one user request at the miner
+    # The deadline a miner sees is the validator's --timeout_s, as for challenges (a different one would tell
+    # users from challenges apart).
     first_token_timeout_s: float = 10.0  # a miner silent this long is replaced by another (before the first token)
     max_retries: int = 2  # other miners tried when one fails before its first token
     max_body_bytes: int = 1 << 20  # largest request body

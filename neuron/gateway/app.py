@@ -80,9 +80,10 @@ class Gateway:
     """Routes, checks and verifies user requests; `create_app` puts HTTP in front of it."""
 
     def __init__(self, config: GatewayConfig, pool: MinerPool, lm: LoadedModel, model_name: str, verify,
-                 mix: TrafficMix | None = None, limits: LimitsConfig = LimitsConfig(), metrics=None,
-                 rng: random.Random | None = None):
+                 deadline_s: float, mix: TrafficMix | None = None, limits: LimitsConfig = LimitsConfig(),
+                 metrics=None, rng: random.Random | None = None):
         self.config, self.pool, self.lm, self.model_name = config, pool, lm, model_name
+        self.deadline_s = deadline_s  # the gRPC deadline of every call: the same as the challenges' (no tell)
         self.verify = verify  # async (list of (uid, hotkey, GenCheck, GenerateAnswer, seconds)) -> verdicts
         self.mix, self.limits, self.metrics = mix, limits, metrics
         self.rng = rng or random.Random(secrets.randbits(64))
@@ -244,7 +245,7 @@ class Gateway:
                 break
             tried.add(miner.uid)
             with self.pool.lease(miner):
-                r = await self.dendrite.call(miner.target, "Forward", request, self.config.first_token_timeout_s)
+                r = await self.dendrite.call(miner.target, "Forward", request, self.deadline_s)
             if r.ok and r.signed:
                 try:
                     return miner, protocol.decode_forward(r.response, 1, list(range(n_tokens - 1)), k,
@@ -289,7 +290,7 @@ class Gateway:
             lease = contextlib.ExitStack()
             lease.enter_context(self.pool.lease(miner))
             started = time.monotonic()
-            stream = self.dendrite.stream(miner.target, asked.request, self.config.timeout_s)
+            stream = self.dendrite.stream(miner.target, asked.request, self.deadline_s)
             try:
                 first = await asyncio.wait_for(anext(stream), self.config.first_token_timeout_s)
             except (asyncio.TimeoutError, grpc.aio.AioRpcError, BadResponse, StopAsyncIteration) as exc:

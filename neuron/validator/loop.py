@@ -319,7 +319,7 @@ async def start_gateway(validator: Validator, metrics=None):
 
         gm = GatewayMetrics(metrics.registry)
     gw = Gateway(gc, validator.pool, validator.lm, validator.config.model.name, validator.verify_users,
-                 mix=validator.mix, metrics=gm)
+                 deadline_s=validator.config.timeout_s, mix=validator.mix, metrics=gm)
     server, task, port = await serve_gateway(gw, gc.ip, gc.port)
     logger.info(f"gateway: OpenAI-compatible API at http://{gc.ip}:{port}/v1 (model {gw.model_name!r}), "
                 f"{gc.verify_fraction:.0%} of user answers verified; users are served once a round verified a miner")

@@ -35,12 +35,14 @@ async def _net(tmp_path, lm, kinds: list[str], model_name: str, **gateway):
         miners[uid] = axon
     keys = tmp_path / "keys.json"
     config = with_overrides(ValidatorConfig(), **{
-        "model.name": model_name, "subtensor.netuid": 1, "timeout_s": 20.0, "epoch_rounds": 1,
+        # Deadlines for a busy 2-core machine, not for speed: these tests check behaviour.
+        "model.name": model_name, "subtensor.netuid": 1, "timeout_s": 60.0, "epoch_rounds": 1,
+        "gateway.first_token_timeout_s": 60.0,
         "state_path": str(tmp_path / "state.json"), "max_new_tokens": 8, "gateway.keys_path": str(keys),
         **{f"gateway.{k}": v for k, v in gateway.items()}})
     v = Validator(config, chain, vwallet, lm)
     await v.run_round()
-    gw = Gateway(config.gateway, v.pool, lm, model_name, v.verify_users, mix=v.mix)
+    gw = Gateway(config.gateway, v.pool, lm, model_name, v.verify_users, deadline_s=config.timeout_s, mix=v.mix)
     server, task, port = await serve_gateway(gw, "127.0.0.1", 0)
     key = KeyStore(keys).add("tests", KeyLimits(requests_per_minute=1000, tokens_per_minute=0, max_concurrent=16))
     return v, gw, miners, port, key, (server, task)

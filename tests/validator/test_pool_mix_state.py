@@ -1,0 +1,67 @@
+"""The pool's choice by score and capacity, the users' mix, and the speed term: small exact tests."""
+
+import random
+
+from conftest import make_wallet
+from neuron.chain.local import LocalChain
+from neuron.dendrite import Dendrite
+from neuron.validator.mix import PRIOR, Shape, TrafficMix, bucket
+from neuron.validator.pool import MinerPool
+from neuron.validator.state import SPEED_WINDOW, UidStats
+
+
+def _pool(tmp_path, n: int) -> MinerPool:
+    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
+    chain.create_subnet(1)
+    me = make_wallet(tmp_path / "w", "v")
+    chain.register(1, me)
+    for i in range(n):
+        w = make_wallet(tmp_path / "w", f"m{i}")
+        chain.register(1, w)
+        chain.serve_axon(1, w, "127.0.0.1", 9000 + i)
+    return MinerPool(chain, 1, Dendrite(), me.hotkey.ss58_address, rng=random.Random(0))
+
+
+async def test_choose_weighs_score_and_free_capacity_and_skips_the_unverified(tmp_path):
+    pool = _pool(tmp_path, 3)
+    assert await pool.choose() is None  # nobody verified yet
+    pool.set_standing({1: 3.0, 2: 1.0, 3: 0.0})
+    picks = [(await pool.choose()).uid for _ in range(400)]
+    assert 3 not in picks and 250 < picks.count(1) < 350  # 3:1 by score
+    first = await pool.choose(exclude={1})
+    assert first.uid == 2
+    with pool.lease(first), pool.lease(first), pool.lease(first):  # uid 2 busy: 1 / (1 + 3) = 0.25
+        picks = [(await pool.choose()).uid for _ in range(400)]
+        assert picks.count(2) < 0.12 * 400
+    assert not pool.in_flight
+    pool.revoke(1)
+    assert {(await pool.choose()).uid for _ in range(20)} == {2}
+
+
+def test_mix_follows_user_traffic_and_forgets_old_counts():
+    mix = TrafficMix.default(32)
+    assert all(s.max_new_tokens == 32 for s in mix.counts) and len(mix.counts) == len(PRIOR)
+    user = Shape(True, bucket(100), 64, 0.3, 0, 1.0, 2, 5)
+    for _ in range(2000):
+        mix.record(user)
+    rng = random.Random(1)
+    assert sum(mix.sample(rng) == user for _ in range(1000)) > 900
+    assert bucket(1) == 8 and bucket(100) == 128 and bucket(10_000) == 512
+    small = TrafficMix(max_shapes=8)
+    for n in range(50):
+        small.record(Shape(True, 8, n + 1, 0.7, 0, 1.0, 0, 0))
+    assert len(small.counts) <= 8
+
+
+def test_speed_takes_the_worse_of_user_and_challenge_medians():
+    st = UidStats()
+    assert st.slowdown() == 1.0
+    for _ in range(5):
+        st.add_speed("challenge", 0.01)
+    assert st.slowdown() == 1.0  # no user answers yet
+    for _ in range(5):
+        st.add_speed("user", 0.03)
+    assert abs(st.slowdown() - 3.0) < 1e-9  # users served 3x slower per token: the challenge latency x3
+    for _ in range(SPEED_WINDOW):
+        st.add_speed("user", 0.005)
+    assert st.slowdown() == 1.0 and len(st.speed["user"]) == SPEED_WINDOW  # faster for users costs nothing
