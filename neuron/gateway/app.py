@@ -35,7 +35,7 @@ from neuron.gateway.openai_api import OpenAIError
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.scoring import GenSpec
-from neuron.validator.judge import GenCheck
+from neuron.validator.judge import FwdCheck, GenCheck
 from neuron.validator.mix import ForwardShape, Shape, TrafficMix, bucket
 from neuron.validator.pool import Miner, MinerPool
 
@@ -235,8 +235,9 @@ class Gateway:
         text = prompt if isinstance(prompt, str) else self.lm.tokenizer.decode(ids, skip_special_tokens=True)
         return protocol.forward_request(ids, k, want_token_logprobs=True), list(ids), text, topn
 
-    async def forward(self, request: pb.ForwardRequest, n_tokens: int, k: int) -> tuple[Miner, protocol.ForwardAnswer]:
-        """One miner's Forward answer, failing over to another (at most max_retries) when one fails."""
+    async def forward(self, request: pb.ForwardRequest, ids: list[int], k: int) -> tuple[Miner, protocol.ForwardAnswer]:
+        """One miner's Forward answer, failing over to another (at most max_retries) when one fails; queued
+        for judging like a generation."""
         tried: set[int] = set()
         last: tuple[int, str] | None = None
         for _ in range(1 + self.config.max_retries):
@@ -247,12 +248,14 @@ class Gateway:
             with self.pool.lease(miner):
                 r = await self.dendrite.call(miner.target, "Forward", request, self.deadline_s)
             if r.ok and r.signed:
+                positions = list(range(len(ids) - 1))
                 try:
-                    return miner, protocol.decode_forward(r.response, 1, list(range(n_tokens - 1)), k,
-                                                          want_token_logprobs=True)
+                    answer = protocol.decode_forward(r.response, 1, positions, k, want_token_logprobs=True)
                 except BadResponse as exc:
                     last = self._failed_before_first(miner, exc)
                     continue
+                self.maybe_verify(miner, FwdCheck(tuple(ids), tuple(positions), k), answer, r.latency_s)
+                return miner, answer
             last = self._failed_before_first(miner, _RpcFailure(r.code, r.message or "unsigned answer"))
         if last is None:
             raise OpenAIError(503, "no verified miner is available; try again shortly", code="no_miner",
@@ -330,16 +333,22 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.tokens.inc(tokens)
             self.metrics.key_tokens.labels(key.key_id).inc(tokens)
-        if not whole or self.rng.random() >= self.config.verify_fraction:
+        if not whole:
             return
         try:
             answer = protocol.decode_stream(session.chunks, asked.check.spec.max_new_tokens)
-        except BadResponse as exc:  # already refused while streaming; nothing further to judge
+        except BadResponse as exc:  # more tokens than asked: out of user traffic, like any wrong answer
             logger.info(f"gateway: uid {session.miner.uid} sent a malformed answer: {exc}")
+            self.pool.revoke(session.miner.uid)
             return
-        item = (session.miner.uid, session.miner.hotkey, asked.check, answer, time.monotonic() - session.started)
+        self.maybe_verify(session.miner, asked.check, answer, time.monotonic() - session.started)
+
+    def maybe_verify(self, miner: Miner, check: GenCheck | FwdCheck, answer, seconds: float) -> None:
+        """Queue a delivered answer for judging with probability verify_fraction, drawn only now."""
+        if self.rng.random() >= self.config.verify_fraction:
+            return
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait((miner.uid, miner.hotkey, check, answer, seconds))
         except asyncio.QueueFull:
             self.verified["skipped"] += 1
             if self.metrics is not None:
@@ -575,7 +584,7 @@ def create_app(gw: Gateway) -> FastAPI:
         forward, ids, text, topn = gw.echo_ask(body)
         gw.admit(key)
         try:
-            miner, a = await gw.forward(forward, len(ids), max(1, topn))
+            miner, a = await gw.forward(forward, ids, max(1, topn))
         finally:
             gw.limiter.release(key, 0)
         tok = gw.lm.tokenizer

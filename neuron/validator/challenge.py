@@ -62,6 +62,12 @@ class Challenge:
 
         return GenCheck(tuple(self.prompt_ids), self.spec, self.stop)
 
+    @property
+    def fwd_check(self):
+        from neuron.validator.judge import FwdCheck
+
+        return FwdCheck(tuple(self.forward_ids), tuple(self.positions), self.topk)
+
     def forward_request(self) -> pb.ForwardRequest:
         # Exactly as the gateway asks a user's prompt logprobs: every position with a next token, its logprob.
         return protocol.forward_request(self.forward_ids, self.topk, self.positions, want_token_logprobs=True)

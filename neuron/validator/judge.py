@@ -153,23 +153,6 @@ def judge_round(ref: Reference, chs: list[Challenge], fwds: list[PeerResult], ge
     return out
 
 
-def judge_generations(ref: Reference, checks: list[GenCheck], answers: list[protocol.GenerateAnswer],
-                      latencies: list[float], th: scoring.Thresholds) -> list[Judgement]:
-    """The verdict on each generation alone (user answers: the gateway already checked their signatures), by
-    the same checks as a challenge's generation; one reference batch for all. Runs on a worker thread."""
-    out: list[Judgement | None] = [None] * len(checks)
-    for i, (c, a, t) in enumerate(zip(checks, answers, latencies)):
-        if problem := generation_shape(c, a, ref.lm):
-            out[i] = Judgement(False, f"generate: {problem}", latency_s=t)
-    todo = [i for i in range(len(checks)) if out[i] is None]
-    logits = ref.generation_logits([list(checks[i].prompt_ids) for i in todo], [list(answers[i].token_ids) for i in todo])
-    for i, gr in zip(todo, logits):
-        gv, margins, errors = _check_generation(checks[i], answers[i], gr, th, ref.lm)
-        reason = "" if gv.ok else f"generate: {gv.reason}"
-        out[i] = Judgement(gv.ok, reason, latency_s=latencies[i], metrics=gv.metrics, margins=margins, errors=errors)
-    return out
-
-
 def _check_generation(check: GenCheck, ga: protocol.GenerateAnswer, logits: torch.Tensor, th: scoring.Thresholds,
                       lm: LoadedModel) -> tuple[scoring.Verdict, list[float], list[float]]:
     gv = scoring.verify_generation(logits, torch.tensor(ga.token_ids), torch.tensor(ga.logprobs, dtype=torch.float64),
@@ -178,26 +161,67 @@ def _check_generation(check: GenCheck, ga: protocol.GenerateAnswer, logits: torc
     return gv, list(gv.metrics.pop("margins", [])), list(gv.metrics.pop("errors", []))
 
 
-def _judge_one(ch: Challenge, fa: protocol.ForwardAnswer, ga: protocol.GenerateAnswer, fwd_logits: torch.Tensor,
-               gen_logits: torch.Tensor, th: scoring.Thresholds, lm: LoadedModel, latency: float) -> Judgement:
-    ref = torch.log_softmax(fwd_logits.double(), dim=-1)
-    ids, lp, rest = fa.topk_ids[0], fa.topk_logprobs[0], fa.rest_mass[0]
-    verdict = scoring.verify_forward(ref, ids, lp, rest, th)
-    if not verdict.ok:
-        return Judgement(False, f"forward: {verdict.reason}", latency_s=latency, metrics=verdict.metrics)
+@dataclass(frozen=True)
+class FwdCheck:
+    """What a Forward was asked (one sequence, every position's next-token logprob): challenges and users' echo."""
+
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    topk: int
+
+
+def _check_forward(check: FwdCheck, fa: protocol.ForwardAnswer, logits: torch.Tensor,
+                   th: scoring.Thresholds) -> scoring.Verdict:
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    verdict = scoring.verify_forward(ref, fa.topk_ids[0], fa.topk_logprobs[0], fa.rest_mass[0], th)
+    if not verdict.ok or fa.token_logprobs is None:
+        return verdict
     # The next input tokens' logprobs (users' echoed prompt logprobs): the same per-position logprob bound as
     # the top-k's (max_logprob_error: one kind of number, one calibrated threshold).
-    nxt = torch.tensor(ch.forward_ids)[torch.tensor(ch.positions) + 1]
-    tl_error = float((fa.token_logprobs[0].double() - ref.gather(1, nxt[:, None]).squeeze(1)).abs().nan_to_num(1e9).max())
-    if tl_error > th.max_logprob_error:
-        return Judgement(False, f"forward: token logprob error {tl_error:.4f} > {th.max_logprob_error:.4f}",
-                         latency_s=latency, metrics=verdict.metrics)
+    nxt = torch.tensor(check.ids)[torch.tensor(check.positions) + 1]
+    error = float((fa.token_logprobs[0].double() - ref.gather(1, nxt[:, None]).squeeze(1)).abs().nan_to_num(1e9).max())
+    if error > th.max_logprob_error:
+        return scoring.Verdict(False, f"token logprob error {error:.4f} > {th.max_logprob_error:.4f}", verdict.metrics)
+    return verdict
+
+
+def judge_users(ref: Reference, checks: list[GenCheck | FwdCheck],
+                answers: list[protocol.GenerateAnswer | protocol.ForwardAnswer], latencies: list[float],
+                th: scoring.Thresholds) -> list[Judgement]:
+    """The verdict on each user answer alone (the gateway already checked signatures and shapes), by the same
+    checks as a challenge's generation or Forward; one reference batch for each kind. Runs on a worker thread."""
+    out: list[Judgement | None] = [None] * len(checks)
+    for i, (c, a, t) in enumerate(zip(checks, answers, latencies)):
+        if isinstance(c, GenCheck) and (problem := generation_shape(c, a, ref.lm)):
+            out[i] = Judgement(False, f"generate: {problem}", latency_s=t)
+    gens = [i for i in range(len(checks)) if out[i] is None and isinstance(checks[i], GenCheck)]
+    fwds = [i for i in range(len(checks)) if isinstance(checks[i], FwdCheck)]
+    logits = ref.generation_logits([list(checks[i].prompt_ids) for i in gens], [list(answers[i].token_ids) for i in gens])
+    for i, gr in zip(gens, logits):
+        gv, margins, errors = _check_generation(checks[i], answers[i], gr, th, ref.lm)
+        out[i] = Judgement(gv.ok, "" if gv.ok else f"generate: {gv.reason}", latency_s=latencies[i],
+                           metrics=gv.metrics, margins=margins, errors=errors)
+    logits = ref.logits_at([list(checks[i].ids) for i in fwds], [list(checks[i].positions) for i in fwds])
+    for i, fr in zip(fwds, logits):
+        v = _check_forward(checks[i], answers[i], fr, th)
+        out[i] = Judgement(v.ok, "" if v.ok else f"forward: {v.reason}", latency_s=latencies[i], metrics=v.metrics)
+    return out
+
+
+def _judge_one(ch: Challenge, fa: protocol.ForwardAnswer, ga: protocol.GenerateAnswer, fwd_logits: torch.Tensor,
+               gen_logits: torch.Tensor, th: scoring.Thresholds, lm: LoadedModel, latency: float) -> Judgement:
+    fc = ch.fwd_check
+    verdict = _check_forward(fc, fa, fwd_logits, th)
+    if not verdict.ok:
+        return Judgement(False, f"forward: {verdict.reason}", latency_s=latency, metrics=verdict.metrics)
     gv, margins, errors = _check_generation(ch.check, ga, gen_logits, th, lm)
     if not gv.ok:
         return Judgement(False, f"generate: {gv.reason}", latency_s=latency, metrics=gv.metrics, margins=margins,
                          errors=errors)
-    ref_lp, ref_ids = ref.topk(ch.topk, dim=-1)
+    ref = torch.log_softmax(fwd_logits.double(), dim=-1)
+    nxt = torch.tensor(fc.ids)[torch.tensor(fc.positions) + 1]
+    ref_lp, ref_ids = ref.topk(fc.topk, dim=-1)
     ref_rest = (1 - ref_lp.exp().sum(-1)).clamp(min=0)
-    loss = scoring.quality_loss(ids, lp, rest, nxt, lm.vocab_size)
+    loss = scoring.quality_loss(fa.topk_ids[0], fa.topk_logprobs[0], fa.rest_mass[0], nxt, lm.vocab_size)
     ref_loss = scoring.quality_loss(ref_ids, ref_lp, ref_rest, nxt, lm.vocab_size)
     return Judgement(True, "", loss, ref_loss, latency, {**verdict.metrics, **gv.metrics}, margins, errors)

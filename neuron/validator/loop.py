@@ -20,10 +20,10 @@ from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel, load_model
-from neuron.protocol import GenerateAnswer
+from neuron.protocol import ForwardAnswer, GenerateAnswer
 from neuron.signals import until_signalled
 from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
-from neuron.validator.judge import GenCheck, Judgement, Outcome, judge_generations, judge_round
+from neuron.validator.judge import FwdCheck, GenCheck, Judgement, Outcome, judge_round, judge_users
 from neuron.validator.mix import TrafficMix
 from neuron.validator.pool import MinerPool
 from neuron.validator.reference import Reference
@@ -160,7 +160,8 @@ class Validator:
                 out[uid] = score
         return out
 
-    async def verify_users(self, items: list[tuple[int, str, GenCheck, GenerateAnswer, float]]) -> list[Judgement]:
+    async def verify_users(self, items: list[tuple[int, str, GenCheck | FwdCheck, GenerateAnswer | ForwardAnswer,
+                                                   float]]) -> list[Judgement]:
         """Judge user answers (uid, hotkey, what was asked, the answer, seconds) by the challenges' checks and
         evidence; a failure costs the miner what a failed challenge costs, and takes it out of user traffic.
         Answers from a uid whose hotkey changed since are dropped (their verdict belongs to another miner)."""
@@ -171,7 +172,7 @@ class Validator:
 
         def judge():
             with self._model_lock:
-                return judge_generations(self.reference, [c for _, _, c, _, _ in items], [a for _, _, _, a, _ in items],
+                return judge_users(self.reference, [c for _, _, c, _, _ in items], [a for _, _, _, a, _ in items],
                                          [t for *_, t in items], self.thresholds)
 
         judgements = await asyncio.to_thread(judge)
@@ -180,7 +181,7 @@ class Validator:
             j = self._weigh_evidence(uid, j)
             st = s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid]))
             st.record(j, user=True)
-            if j.verified:
+            if j.verified and isinstance(answer, GenerateAnswer):
                 st.add_speed("user", seconds / max(1, len(answer.token_ids)))
             else:
                 s.scores = scoring.ema_update(torch.tensor(s.scores), torch.tensor([uid]), torch.tensor([0.0]),

@@ -115,7 +115,7 @@ async def test_logprobs_and_stop_strings_are_served_and_verified(net):
 async def test_echo_with_max_tokens_0_gives_the_prompts_logprobs_from_a_miners_forward(net, tiny):
     import torch
 
-    *_, client = net
+    v, gw, *_, client = net
     ids = tiny.tokenizer("The river ran past the old mill").input_ids
     c = await client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2)
     lp = c.choices[0].logprobs
@@ -127,6 +127,8 @@ async def test_echo_with_max_tokens_0_gives_the_prompts_logprobs_from_a_miners_f
     assert all(len(t) == 2 for t in lp.top_logprobs[1:]) and c.usage.completion_tokens == 0
     e = await client.completions.create(model="tiny", prompt="Once upon", max_tokens=4, echo=True, temperature=0)
     assert e.choices[0].text.startswith("Once upon")
+    await _judged(gw, 2)  # the Forward answer was judged like a challenge's, and so was the generation
+    assert gw.verified == {"verified": 2, "failed": 0, "skipped": 0}
 
 
 @pytest.mark.parametrize("body, field", [
