@@ -32,17 +32,17 @@ class Users:
     the corpus, `max_tokens(rng)` tokens, sampled (temperature 0.7, top_p 0.9) or greedy, some with a seed."""
 
     def __init__(self, base_url: str, model: str, n: int, max_tokens: Callable[[random.Random], int],
-                 source: PromptSource | None = None, timeout_s: float = 60.0):
+                 source: PromptSource | None = None, timeout_s: float = 60.0, api_key: str = "mocknet"):
         self.base_url, self.model, self.n, self.max_tokens = base_url, model, n, max_tokens
         self.source = source or PromptSource.default()
-        self.timeout_s = timeout_s
+        self.timeout_s, self.api_key = timeout_s, api_key  # any key passes a gateway without auth
         self.sent: list[Sent] = []
         self.started = self.stopped = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until `stop` is set; the requests in flight then finish."""
         self.started = time.monotonic()
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key="mocknet", max_retries=0, timeout=self.timeout_s)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s)
         try:
             await asyncio.gather(*(self._user(i, client, stop) for i in range(self.n)))
         finally:
