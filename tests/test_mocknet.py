@@ -13,7 +13,8 @@ CAUGHT_BY = {
     # Generation cheats answer Forward honestly; their tokens are not the seeded sampler's. A round can
     # pass on its own (a greedy request, which most of them answer honestly, or a small deviation), but
     # the evidence across rounds flags them and they keep failing for it.
-    **{k: ("generate:", "evidence:") for k in GENERATION_CHEATS},
+    # selective is honest only on what looked like a challenge once, and the cheap model's otherwise.
+    **{k: ("generate:", "evidence:") for k in (*GENERATION_CHEATS, "selective")},
 }
 
 
@@ -37,10 +38,18 @@ def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
             assert r["weight"] <= 0.01, r
             # A generation cheat's round passes where it changed nothing (steering the tiny model often
             # does not move a token); its weight is what must go, and the evidence sees to that.
-            assert r["verified_fraction"] <= (0.75 if r["kind"] in GENERATION_CHEATS else 0.0), r
+            assert r["verified_fraction"] <= (0.75 if r["kind"] in (*GENERATION_CHEATS, "selective") else 0.0), r
             expected = CAUGHT_BY[r["kind"]]
             expected = expected if isinstance(expected, tuple) else (expected,)
             assert any(r["caught_for"].startswith(e) or e in r["caught_for"] for e in expected), r
+    # Users through the validator's gateway from round 2 on: answered by honest miners, never by a flagged cheat.
+    organic = data["organic"]
+    assert "users:" in out and organic["requests"] >= 10 and organic["answered"] >= 0.9, organic
+    assert sum(organic["tokens_by_uid"].values()) > 0 and len(organic["tokens_by_uid_by_round"]) == len(
+        data["weights_by_round"])
+    cheats = {str(r["uid"]) for r in rows if r["kind"] != "honest"}
+    assert set(organic["cheat_tokens_after_flagged"]) <= cheats
+    assert not any(organic["cheat_tokens_after_flagged"].values()), organic["cheat_tokens_after_flagged"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -245,3 +245,20 @@ async def test_chat_on_smollm2(tmp_path, smollm2):
     finally:
         await client.close()
         await _down(v, miners, st)
+
+
+async def test_the_mock_networks_simulated_users_are_answered_and_counted(net):
+    from neuron.harness.users import Users, percentile
+
+    v, gw, miners, port, key, _ = net
+    users = Users(f"http://127.0.0.1:{port}/v1", "tiny", 2, lambda rng: rng.choice([4, 8]), api_key=key)
+    stop = asyncio.Event()
+    task = asyncio.create_task(users.run(stop))
+    await asyncio.sleep(1.0)
+    stop.set()
+    await task
+    s = users.summary()
+    assert s["requests"] >= 2 and s["ok"] == s["requests"] and not s["errors"], s
+    assert s["tokens"] == sum(gw.served.values()) and 0 < s["ttft_p50_ms"] <= s["ttft_p99_ms"]
+    assert {x.uid for x in users.sent} <= set(miners) and users.tokens_since(-1, 0.0) == 0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
