@@ -161,6 +161,7 @@ class GatewayConfig:
     # users from challenges apart).
     first_token_timeout_s: float = 10.0  # a miner silent this long is replaced by another (before the first token)
     max_retries: int = 2  # other miners tried when one fails before its first token
+    min_streak: int = 2  # a miner serves users once its last this-many checks (challenges, user answers) verified
     max_body_bytes: int = 1 << 20  # largest request body
 
 

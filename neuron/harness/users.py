@@ -25,6 +25,7 @@ class Sent:
     uid: int = -1  # the miner that served it (the gateway's x-neuron-miner-uid header); -1 when none did
     tokens: int = 0  # completion tokens received
     first_s: float = 0.0  # to the first streamed token, or to the whole answer when not streaming
+    retry_after_s: float = 0.0  # the gateway's Retry-After on a refusal
 
 
 class Users:
@@ -32,10 +33,12 @@ class Users:
     the corpus, `max_tokens(rng)` tokens, sampled (temperature 0.7, top_p 0.9) or greedy, some with a seed."""
 
     def __init__(self, base_url: str, model: str, n: int, max_tokens: Callable[[random.Random], int],
-                 source: PromptSource | None = None, timeout_s: float = 60.0, api_key: str = "mocknet"):
+                 source: PromptSource | None = None, timeout_s: float = 60.0, api_key: str = "mocknet",
+                 think_s: float = 0.5):
         self.base_url, self.model, self.n, self.max_tokens = base_url, model, n, max_tokens
         self.source = source or PromptSource.default()
         self.timeout_s, self.api_key = timeout_s, api_key  # any key passes a gateway without auth
+        self.think_s = think_s  # mean pause between one user's requests
         self.sent: list[Sent] = []
         self.started = self.stopped = 0.0
 
@@ -53,8 +56,15 @@ class Users:
         rng = random.Random()
         stream = bool(i % 2)
         while not stop.is_set():
-            self.sent.append(await self._one(client, rng, stream))
+            sent = await self._one(client, rng, stream)
+            self.sent.append(sent)
             stream = not stream
+            # A person reads the answer before the next request; a client told to wait (429, 503) waits.
+            pause = min(sent.retry_after_s, 5.0) if sent.retry_after_s else rng.uniform(0.0, 2 * self.think_s)
+            try:
+                await asyncio.wait_for(stop.wait(), pause)
+            except asyncio.TimeoutError:
+                pass
 
     async def _one(self, client: openai.AsyncOpenAI, rng: random.Random, stream: bool) -> Sent:
         args = {"model": self.model, "prompt": self.source.sample_span(rng, 40, 240), "max_tokens": self.max_tokens(rng),
@@ -77,7 +87,8 @@ class Users:
                     tokens = chunk.usage.completion_tokens
             return Sent(started, "ok", uid, tokens, first)
         except openai.APIStatusError as exc:
-            return Sent(started, str(exc.status_code))
+            retry = exc.response.headers.get("retry-after", "")
+            return Sent(started, str(exc.status_code), retry_after_s=float(retry) if retry.isdigit() else 0.0)
         except openai.APIConnectionError:
             return Sent(started, "connection")
         except openai.APIError:  # the gateway's error event after some tokens: the miner failed mid-answer

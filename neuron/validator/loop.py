@@ -152,11 +152,12 @@ class Validator:
             return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
 
     def standing(self) -> dict[int, float]:
-        """The miners that may serve users: scored, unflagged, and whose last challenge verified."""
+        """The miners that may serve users: scored, unflagged, and verified in their last --gateway.min_streak
+        checks in a row (a cheat that passes a round now and then does not win users back)."""
         s, out = self.state, {}
         for uid, score in enumerate(s.scores):
             st, ev = s.stats.get(str(uid)), s.evidence.get(str(uid))
-            if score > 0 and st is not None and st.queried and not st.last_reason and not (ev and ev.flagged):
+            if score > 0 and st is not None and st.streak >= self.config.gateway.min_streak and not (ev and ev.flagged):
                 out[uid] = score
         return out
 
@@ -186,7 +187,6 @@ class Validator:
             else:
                 s.scores = scoring.ema_update(torch.tensor(s.scores), torch.tensor([uid]), torch.tensor([0.0]),
                                               self.config.alpha).tolist()
-                st.last_reason = j.reason
                 self.pool.revoke(uid)
                 logger.info(f"user answer of uid {uid} {s.hotkeys[uid]} failed verification: {j.reason}")
             if self.metrics is not None:

@@ -24,6 +24,7 @@ class UidStats:
     verified: int = 0
     last_reason: str = ""
     reasons: dict[str, int] = field(default_factory=dict)  # failure kind -> count
+    streak: int = 0  # checks verified in a row, challenges and user answers alike (0 after any failure)
     users_checked: int = 0  # user answers judged (the gateway's verified share)
     users_failed: int = 0  # of which failed
     # Seconds per generated token of its latest answers, by source ("challenge", "user"): the speed term takes
@@ -31,6 +32,7 @@ class UidStats:
     speed: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, j: Judgement, user: bool = False) -> None:
+        self.streak = self.streak + 1 if j.verified else 0
         if user:
             self.users_checked += 1
             self.users_failed += not j.verified

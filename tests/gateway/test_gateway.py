@@ -37,7 +37,7 @@ async def _net(tmp_path, lm, kinds: list[str], model_name: str, **gateway):
     config = with_overrides(ValidatorConfig(), **{
         # Deadlines for a busy 2-core machine, not for speed: these tests check behaviour.
         "model.name": model_name, "subtensor.netuid": 1, "timeout_s": 60.0, "epoch_rounds": 1,
-        "gateway.first_token_timeout_s": 60.0,
+        "gateway.first_token_timeout_s": 60.0, "gateway.min_streak": 1,  # users after the one round below
         "state_path": str(tmp_path / "state.json"), "max_new_tokens": 8, "gateway.keys_path": str(keys),
         **{f"gateway.{k}": v for k, v in gateway.items()}})
     v = Validator(config, chain, vwallet, lm)

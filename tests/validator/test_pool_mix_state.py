@@ -7,6 +7,7 @@ from neuron.chain.local import LocalChain
 from neuron.dendrite import Dendrite
 from neuron.validator.mix import PRIOR, Shape, TrafficMix, bucket
 from neuron.validator.pool import MinerPool
+from neuron.validator.judge import Judgement
 from neuron.validator.state import SPEED_WINDOW, UidStats
 
 
@@ -65,3 +66,11 @@ def test_speed_takes_the_worse_of_user_and_challenge_medians():
     for _ in range(SPEED_WINDOW):
         st.add_speed("user", 0.005)
     assert st.slowdown() == 1.0 and len(st.speed["user"]) == SPEED_WINDOW  # faster for users costs nothing
+
+
+def test_the_streak_counts_verified_checks_in_a_row_and_any_failure_resets_it():
+    st = UidStats()
+    for verified, user, streak in ((True, False, 1), (True, True, 2), (False, True, 0), (True, False, 1)):
+        st.record(Judgement(verified, "" if verified else "generate: wrong"), user=user)
+        assert st.streak == streak
+    assert (st.queried, st.verified, st.users_checked, st.users_failed) == (2, 2, 2, 1)
