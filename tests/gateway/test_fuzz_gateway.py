@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 
@@ -26,7 +27,9 @@ from neuron.gateway.keys import KeyLimits, KeyStore
 from neuron.validator.loop import Validator
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+# NEURON_FUZZ_EXAMPLES=2000 NEURON_FUZZ_RANDOM=1 for a longer hunt with fresh examples.
+EXAMPLES = int(os.environ.get("NEURON_FUZZ_EXAMPLES", 60))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("NEURON_FUZZ_RANDOM"),
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 MAX_BODY = 64 * 1024
 
@@ -133,6 +136,49 @@ def openai_bodies(draw, chat: bool):
     for name in draw(st.lists(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), max_size=4, unique=True)):
         body[name] = draw(MESSAGES if name == "messages" else HOSTILE)
     return body
+
+
+# Values at and just past each field's bounds, most of which pass validation: they reach the gateway's own checks.
+FLOATS = st.one_of(st.floats(min_value=0, max_value=2), st.sampled_from([0.0, 5e-324, 1e-9, 0.009, 0.01, 1.0, 2.0]))
+TEXT = st.one_of(st.text(max_size=30), st.sampled_from(["\ud800", "\x00", "\n\n", "\ufeff", "\U0010ffff", " "]),
+                 st.text(max_size=2).map(lambda s: s * 5000))
+EDGES = {
+    "prompt": st.one_of(TEXT, st.lists(TEXT, max_size=2), st.lists(st.integers(-1, 600), max_size=40),
+                        st.lists(st.integers(0, 511), min_size=500, max_size=3000)),
+    "max_tokens": st.one_of(st.none(), st.integers(-1, 70), st.sampled_from([2 ** 31, 2 ** 63, 10 ** 30])),
+    "temperature": st.one_of(st.none(), FLOATS), "top_p": st.one_of(st.none(), FLOATS),
+    "top_k": st.one_of(st.none(), st.integers(-2, 600), st.just(2 ** 63)),
+    "seed": st.one_of(st.none(), st.integers(0, 2 ** 64)), "stop": st.one_of(st.none(), TEXT, st.lists(TEXT, max_size=6)),
+    "logprobs": st.one_of(st.none(), st.booleans(), st.integers(-1, 30)), "top_logprobs": st.one_of(st.none(), st.integers(-1, 30)),
+    "presence_penalty": st.sampled_from([0, 0.0, -0.0, 1e-300]), "frequency_penalty": st.sampled_from([0, 0.5]),
+    "echo": st.booleans(), "n": st.integers(0, 2), "stream": st.booleans(),
+    "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": JSON})),
+    "max_completion_tokens": st.one_of(st.none(), st.integers(-1, 70)),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]),
+                                                "content": st.one_of(TEXT, st.lists(st.fixed_dictionaries(
+                                                    {"type": st.sampled_from(["text", "image_url"]), "text": JSON}),
+                                                    max_size=3))}), max_size=3),
+    "model": st.sampled_from(["tiny", "", "gpt-4", "tiny\x00", "x" * 300]),
+}
+
+
+@st.composite
+def edge_bodies(draw, chat: bool):
+    """A body of the right shape with fields at their edges: hostile, yet mostly valid."""
+    body = ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} if chat
+            else {"model": "tiny", "prompt": "The river", "max_tokens": 4})
+    for name in draw(st.lists(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), max_size=6, unique=True)):
+        body[name] = draw(EDGES[name])
+    return body
+
+
+@SETTINGS
+@given(data=st.data())
+def test_openai_shaped_bodies_at_the_edges(gateway, data):
+    t, client = gateway
+    chat = data.draw(st.booleans())
+    body = data.draw(edge_bodies(chat))
+    _ok(client.post(ROUTES[chat], content=_dumps(body), headers={"Authorization": f"Bearer {t.key}"}))
 
 
 @SETTINGS
