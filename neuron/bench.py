@@ -669,8 +669,8 @@ def main(argv: list[str]) -> int:
         sizes = dataclasses.replace(sizes, **GPU)
     if args.reps:
         sizes = dataclasses.replace(sizes, reps=args.reps)
-    if args.quick and args.model == RANDOM_OPT:
-        args.model = "tiny"
+    if (args.quick or args.only == "gateway") and args.model == RANDOM_OPT:
+        args.model = "tiny"  # the gateway part runs on tiny alone
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="neuron-bench-") as tmp:
         workdir = Path(tmp)
