@@ -40,7 +40,7 @@ OPT_1_3B = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_di
                 max_position_embeddings=2048, word_embed_proj_dim=2048)
 RANDOM = {RANDOM_OPT: OPT_125M, "opt-1.3b-random": OPT_1_3B}
 NETUID = 1
-PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load")
+PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load", "gateway")
 
 
 @dataclass
@@ -616,6 +616,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
     wanted = set(args.only.split(",")) if args.only else set(PARTS)
+    if wanted == {"gateway"}:  # the tiny model only: --model is not loaded
+        from neuron.bench_gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
+        return await run_gateway(load_model("tiny", args.device, args.dtype),
+                                 QUICK_GATEWAY if args.quick else GatewaySizes(), workdir)
     lm = load_model(model, args.device, args.dtype)
     figures: list[Figure] = []
     notes: list[str] = []
@@ -647,6 +651,11 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
         more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
                                           QUICK_LOAD if args.quick else LoadSizes(), workdir)
         figures, notes = figures + more, notes + load_notes
+    if "gateway" in wanted:
+        from neuron.bench_gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
+        gw_lm = lm if args.model == "tiny" else load_model("tiny", args.device, args.dtype)
+        more, gw_notes = await run_gateway(gw_lm, QUICK_GATEWAY if args.quick else GatewaySizes(), workdir)
+        figures, notes = figures + more, notes + gw_notes
     return figures, notes
 
 
@@ -660,13 +669,13 @@ def main(argv: list[str]) -> int:
         sizes = dataclasses.replace(sizes, **GPU)
     if args.reps:
         sizes = dataclasses.replace(sizes, reps=args.reps)
-    if args.quick and args.model == RANDOM_OPT:
-        args.model = "tiny"
+    if (args.quick or args.only == "gateway") and args.model == RANDOM_OPT:
+        args.model = "tiny"  # the gateway part runs on tiny alone
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="neuron-bench-") as tmp:
         workdir = Path(tmp)
         model = args.model
-        if model in RANDOM:
+        if model in RANDOM and args.only != "gateway":
             model = str(workdir / model)
             make_random_opt(Path(model), RANDOM[args.model])
         figures, notes = asyncio.run(run(args, sizes, model, workdir))

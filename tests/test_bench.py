@@ -23,3 +23,17 @@ def test_bench_quick_runs_and_writes_every_figure(tmp_path):
         assert all(math.isfinite(f[k]) and f[k] > 0 for k in ("a", "b", "ratio")), f
     assert math.isfinite(figures["miner_peak_rss_per_stream"]["a"])
     assert "A/B" in done.stdout and "forward 16 tok/4 pos, 8 clients" in done.stdout
+
+
+def test_bench_gateway_quick_runs_and_writes_its_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--quick", "--only", "gateway", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    for key in ("gateway_1_stream_vs_direct", "gateway_4_users_vs_direct", "gateway_ttft_added_p50",
+                "gateway_judge_vs_generate_per_token"):
+        f = figures[key]
+        assert {"label", "a", "b", "ratio", "unit", "target", "met"} <= set(f), key
+        assert all(math.isfinite(f[k]) and f[k] > 0 for k in ("a", "b", "ratio")), f
+    assert "added time to first token" in done.stdout and "p99" in done.stdout

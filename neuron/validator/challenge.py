@@ -16,7 +16,7 @@ from neuron.dataset import PromptSource
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
-from neuron.validator.mix import TrafficMix
+from neuron.validator.mix import TrafficMix, length_in
 
 @dataclass(frozen=True)
 class ChallengeConfig:
@@ -108,7 +108,7 @@ def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cf
     # Positions with a next token (the last has none), all of them as a user's echo asks, or a sample.
     positions = list(range(n - 1)) if cfg.positions <= 0 else sorted(rng.sample(range(n - 1), min(cfg.positions, n - 1)))
     s = mix.sample(rng)
-    text, prompt_ids = _text_of_tokens(lm, source, rng, s.prompt_tokens, taken)
+    text, prompt_ids = _text_of_tokens(lm, source, rng, length_in(rng, s.prompt_tokens), taken)
     stop = tuple(rng.sample(STOPS, min(s.n_stop, len(STOPS))))
     return Challenge(forward_ids, positions, max(1, fs.topk), prompt_ids, s.max_new_tokens, s.temperature, s.top_k,
                      seed=rng.getrandbits(63), top_p=s.top_p, prompt_text=text if s.text_prompt else "", stop=stop,

@@ -45,6 +45,13 @@ def bucket(n: int) -> int:
     return next((b for b in BUCKETS if n <= b), BUCKETS[-1])
 
 
+def length_in(rng: random.Random, b: int) -> int:
+    """A prompt length drawn within bucket b (lengths above the one below it, up to b): a challenge asked for
+    exactly the bucket's edge would be told from users, whose lengths spread over the bucket."""
+    lo = max((x for x in BUCKETS if x < b), default=0)
+    return rng.randint(lo + 1, b)
+
+
 # What users of an OpenAI-style completions API send when nothing is known yet: text prompts, mostly
 # sampled at the clients' usual defaults, some greedy, a few with stop strings or logprobs.
 PRIOR: dict[Shape, float] = {

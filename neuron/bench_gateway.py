@@ -1,0 +1,218 @@
+"""`neuron bench --only gateway`: what the OpenAI gateway costs over going to the miners directly.
+
+Real miners (axons in this process, on loopback, signed) on a local chain, verified by one validator
+round; a gateway (auth off) in front of them. The same requests go through the gateway (HTTP + SSE) and
+straight to a miner with the validator's dendrite, in alternation: one stream's tokens/s, many concurrent
+users' tokens/s, the time to first token added, and the validator's judging cost per verified user token
+against a miner's cost per generated token. The client runs in the same process, so its parsing is
+counted against the gateway (a conservative figure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from neuron import protocol
+from neuron.bench import NETUID, Figure, _miner_config, _wallet, alternate
+from neuron.config import ValidatorConfig, with_overrides
+from neuron.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class GatewaySizes:
+    miners: int = 4
+    users: int = 32  # concurrent users in the concurrency figure
+    prompt_len: int = 16
+    new_tokens: int = 48
+    reps: int = 3  # alternations of each throughput figure
+    ttft_pairs: int = 30  # alternations of single short requests for the first-token figure
+    judge_batch: int = 32  # user answers judged in one verify_users call
+
+
+QUICK_GATEWAY = GatewaySizes(miners=2, users=4, new_tokens=8, reps=1, ttft_pairs=4, judge_batch=4)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+class _Net:
+    """A local chain, `n` miners, a validator that ran one round, and a gateway on port 0."""
+
+    async def start(self, lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> "_Net":
+        from neuron.axon import Axon
+        from neuron.chain.local import LocalChain
+        from neuron.engine.hf import HFEngine
+        from neuron.gateway.app import Gateway, serve_gateway
+        from neuron.validator.loop import Validator
+
+        self.lm, self.sizes = lm, sizes
+        chain = LocalChain(workdir / "gateway-chain.sqlite", block_time=0.05)
+        chain.create_subnet(NETUID, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
+        vwallet = _wallet(workdir / "gw-wallets", "validator")
+        chain.register(NETUID, vwallet)
+        chain.add_stake(NETUID, vwallet.hotkey.ss58_address, 100.0)
+        self.axons = []
+        for i in range(sizes.miners):
+            w = _wallet(workdir / "gw-wallets", f"miner{i}")
+            chain.register(NETUID, w)
+            config = _miner_config()
+            axon = Axon(HFEngine(lm, config.batching, config.limits.max_seq_len), config, w.hotkey,
+                        lambda: chain.metagraph(NETUID))
+            chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
+            self.axons.append(axon)
+        config = with_overrides(ValidatorConfig(), **{
+            "model.name": "tiny", "subtensor.netuid": NETUID, "timeout_s": 60.0, "epoch_rounds": 1,
+            "state_path": str(workdir / "gw-state.json"), "max_new_tokens": 8, "gateway.auth": False,
+            "gateway.verify_fraction": 0.0})  # judging is measured apart, not inside the throughput figures
+        self.validator = v = Validator(config, chain, vwallet, lm)
+        await v.run_round()
+        if len(v.pool.standing) != sizes.miners:
+            raise RuntimeError(f"the round verified {len(v.pool.standing)} of {sizes.miners} miners")
+        self.miners = [m for u, m in sorted(v.pool.serving(await v.pool.metagraph()).items()) if u in v.pool.standing]
+        self.gw = Gateway(config.gateway, v.pool, lm, "tiny", v.verify_users, mix=None)
+        self.server, self.task, port = await serve_gateway(self.gw, "127.0.0.1", 0)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                      limits=httpx.Limits(max_connections=4 * sizes.users))
+        return self
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self.task
+        await self.gw.stop()
+        await self.validator.close()
+        for axon in self.axons:
+            await axon.stop(grace=0)
+
+    def body(self, seed: int, max_tokens: int) -> dict:
+        prompt = [(seed * 7919 + i * 104729) % (self.lm.vocab_size - 3) + 3 for i in range(self.sizes.prompt_len)]
+        return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95,
+                "seed": seed, "stream": True}
+
+    async def via_gateway(self, body: dict) -> tuple[int, float]:
+        """(tokens, seconds to the first token) of one streamed request through the gateway."""
+        started, first, tokens = time.perf_counter(), 0.0, 0
+        async with self.http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"the gateway answered {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"finish_reason":null' in line:
+                    tokens += 1
+                    first = first or time.perf_counter() - started
+        return tokens, first
+
+    async def direct(self, body: dict, miner) -> tuple[int, float]:
+        """The same request as the gateway would send it, straight to `miner` with the validator's dendrite."""
+        from neuron.gateway import openai_api as oa
+
+        request = self.gw.completion_ask(oa.CompletionRequest.model_validate(body)).request
+        started, first, tokens = time.perf_counter(), 0.0, 0
+        async for _ in self.gw.dendrite.stream(miner.target, request, 120):
+            tokens += 1
+            first = first or time.perf_counter() - started
+        return tokens, first
+
+
+async def run_gateway(lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> tuple[list[Figure], list[str]]:
+    net = await _Net().start(lm, sizes, workdir)
+    try:
+        return await _figures(net, sizes)
+    finally:
+        await net.close()
+
+
+async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[str]]:
+    one = net.miners[0]
+    net.gw.pool.set_standing({one.uid: 1.0})  # the single-stream figures: the same miner both ways
+
+    def single(fn):
+        async def measure():
+            started = time.perf_counter()
+            tokens, _ = await (net.via_gateway(net.body(1, sizes.new_tokens)) if fn == "gw"
+                               else net.direct(net.body(1, sizes.new_tokens), one))
+            return tokens / (time.perf_counter() - started)
+        return measure
+
+    await single("gw")(), await single("direct")()  # warm both paths
+    gw1, d1 = await alternate(sizes.reps, single("gw"), single("direct"))
+
+    ttft_gw, ttft_d = [], []
+    for i in range(sizes.ttft_pairs):
+        ttft_gw.append((await net.via_gateway(net.body(100 + i, 1)))[1])
+        ttft_d.append((await net.direct(net.body(100 + i, 1), one))[1])
+    added = [g - d for g, d in zip(ttft_gw, ttft_d)]
+
+    net.gw.pool.set_standing({m.uid: 1.0 for m in net.miners})
+
+    def crowd(fn):
+        async def measure():
+            started = time.perf_counter()
+            if fn == "gw":
+                runs = [net.via_gateway(net.body(1000 + i, sizes.new_tokens)) for i in range(sizes.users)]
+            else:
+                runs = [net.direct(net.body(1000 + i, sizes.new_tokens), net.miners[i % len(net.miners)])
+                        for i in range(sizes.users)]
+            done = await asyncio.gather(*runs)
+            return sum(t for t, _ in done) / (time.perf_counter() - started)
+        return measure
+
+    gwn, dn = await alternate(sizes.reps, crowd("gw"), crowd("direct"))
+
+    judge_s, gen_s = await _judging(net, sizes)
+    ms = 1000.0
+    figures = [
+        Figure.paired("gateway_1_stream_vs_direct", "1 stream tokens/s: gateway / dendrite direct (same miner)",
+                      gw1, d1, "tok/s", ">= 0.95"),
+        Figure.paired(f"gateway_{sizes.users}_users_vs_direct",
+                      f"{sizes.users} concurrent users over {len(net.miners)} miners, tokens/s: gateway / direct",
+                      gwn, dn, "tok/s", ">= 0.9"),
+        Figure("gateway_ttft_added_p50", "time to first token, p50: gateway / direct",
+               _percentile(ttft_gw, 0.5) * ms, _percentile(ttft_d, 0.5) * ms,
+               statistics.median(g / d for g, d in zip(ttft_gw, ttft_d)), "ms"),
+        Figure("gateway_judge_vs_generate_per_token",
+               f"validator judging s/token ({sizes.judge_batch} answers a batch) / a miner's generation s/token",
+               judge_s * ms, gen_s * ms, judge_s / gen_s, "ms"),
+    ]
+    notes = [f"gateway: added time to first token (gateway - direct, {len(added)} pairs): "
+             f"p50 {_percentile(added, 0.5) * ms:.2f} ms, p99 {_percentile(added, 0.99) * ms:.2f} ms; "
+             f"judging {judge_s * ms:.3f} ms per verified user token; client, gateway and miners in one process"]
+    return figures, notes
+
+
+async def _judging(net: _Net, sizes: GatewaySizes) -> tuple[float, float]:
+    """The validator's `verify_users` seconds per token over a batch of honest answers, and a miner's own
+    seconds per generated token for the same batch (all of it in flight at once, over the miners)."""
+    from neuron.gateway import openai_api as oa
+
+    asked = [net.gw.completion_ask(oa.CompletionRequest.model_validate(net.body(5000 + i, sizes.new_tokens)))
+             for i in range(sizes.judge_batch)]
+
+    async def answer(i: int):
+        miner = net.miners[i % len(net.miners)]
+        started = time.perf_counter()
+        chunks = [c async for c in net.gw.dendrite.stream(miner.target, asked[i].request, 120)]
+        seconds = time.perf_counter() - started
+        decoded = protocol.decode_stream(chunks, asked[i].check.spec.max_new_tokens)
+        return miner.uid, miner.hotkey, asked[i].check, decoded, seconds
+
+    started = time.perf_counter()
+    items = await asyncio.gather(*(answer(i) for i in range(sizes.judge_batch)))
+    gen_wall = time.perf_counter() - started
+    tokens = sum(len(a.token_ids) for _, _, _, a, _ in items)
+    started = time.perf_counter()
+    verdicts = await net.validator.verify_users(list(items))
+    judge_wall = time.perf_counter() - started
+    if len(verdicts) != len(items) or not all(v.verified for v in verdicts):
+        raise RuntimeError(f"honest answers were not all verified: {[v.reason for v in verdicts if not v.verified]}")
+    return judge_wall / max(1, tokens), gen_wall / max(1, tokens)
