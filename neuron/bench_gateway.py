@@ -72,13 +72,13 @@ class _Net:
         config = with_overrides(ValidatorConfig(), **{
             "model.name": "tiny", "subtensor.netuid": NETUID, "timeout_s": 60.0, "epoch_rounds": 1,
             "state_path": str(workdir / "gw-state.json"), "max_new_tokens": 8, "gateway.auth": False,
-            "gateway.verify_fraction": 0.0})  # judging is measured apart, not inside the throughput figures
+            "gateway.verify_fraction": 0.0, "gateway.min_streak": 1})  # judging is measured apart, not inside the throughput figures
         self.validator = v = Validator(config, chain, vwallet, lm)
         await v.run_round()
         if len(v.pool.standing) != sizes.miners:
             raise RuntimeError(f"the round verified {len(v.pool.standing)} of {sizes.miners} miners")
         self.miners = [m for u, m in sorted(v.pool.serving(await v.pool.metagraph()).items()) if u in v.pool.standing]
-        self.gw = Gateway(config.gateway, v.pool, lm, "tiny", v.verify_users, mix=None)
+        self.gw = Gateway(config.gateway, v.pool, lm, "tiny", v.verify_users, deadline_s=config.timeout_s, mix=None)
         self.server, self.task, port = await serve_gateway(self.gw, "127.0.0.1", 0)
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
                                       limits=httpx.Limits(max_connections=4 * sizes.users))

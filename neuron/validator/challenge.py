@@ -103,7 +103,7 @@ def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cf
     mix = mix or TrafficMix.for_config(cfg)
     taken = taken if taken is not None else set()
     fs = mix.sample_forward(rng)
-    _, forward_ids = _text_of_tokens(lm, source, rng, min(fs.seq_len, cfg.seq_len), taken)
+    _, forward_ids = _text_of_tokens(lm, source, rng, max(2, min(length_in(rng, fs.seq_len), cfg.seq_len)), taken)
     n = len(forward_ids)
     # Positions with a next token (the last has none), all of them as a user's echo asks, or a sample.
     positions = list(range(n - 1)) if cfg.positions <= 0 else sorted(rng.sample(range(n - 1), min(cfg.positions, n - 1)))

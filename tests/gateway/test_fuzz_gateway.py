@@ -61,7 +61,7 @@ class GatewayThread(threading.Thread):
             "model.name": "tiny", "subtensor.netuid": 1, "state_path": str(tmp / "state.json"),
             "max_new_tokens": 8, "gateway.keys_path": str(keys), "gateway.max_body_bytes": MAX_BODY})
         v = Validator(config, chain, wallet, self.lm)
-        gw = Gateway(config.gateway, v.pool, self.lm, "tiny", v.verify_users, mix=v.mix)
+        gw = Gateway(config.gateway, v.pool, self.lm, "tiny", v.verify_users, deadline_s=10.0, mix=v.mix)
         self.key = KeyStore(keys).add("fuzz", KeyLimits(requests_per_minute=0, tokens_per_minute=0, max_concurrent=0))
         server, task, self.port = await serve_gateway(gw, "127.0.0.1", 0)
         self.stop = asyncio.Event()

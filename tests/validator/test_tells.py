@@ -55,7 +55,7 @@ def requests(tiny):
     rng = random.Random(20261204)
     source = PromptSource.default()
     mix = TrafficMix.default(MAX_NEW_TOKENS)
-    gw = Gateway(GatewayConfig(auth=False), None, tiny, "tiny", verify=None, mix=mix, rng=random.Random(7))
+    gw = Gateway(GatewayConfig(auth=False), None, tiny, "tiny", verify=None, deadline_s=10.0, mix=mix, rng=random.Random(7))
     cfg = ChallengeConfig(max_new_tokens=MAX_NEW_TOKENS)
     challenges, users = [], []
     while len(challenges) < N:
