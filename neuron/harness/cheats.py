@@ -27,7 +27,7 @@ from neuron.scoring import GenSpec
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 MODEL_CHEATS = ("random", "different", "truncated", "quantized", "noise")
-PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead", "selective")
+PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead", "selective", "ignore_stop")
 # Generation cheats answer Forward honestly and choose generated tokens another way (below).
 GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
                      "int8", "int4")
@@ -195,8 +195,19 @@ class DeadServicer(StreamsItsAnswer):
         await asyncio.Event().wait()
 
 
+class IgnoreStopServicer(StreamsItsAnswer):
+    """Generates as if no stop string had been asked (skips the stop checks, and sends the whole text)."""
+
+    async def Generate(self, request, context):
+        unstopped = pb.GenerateRequest()
+        unstopped.CopyFrom(request)
+        del unstopped.stop[:]
+        return await AxonServicer.Generate(self, unstopped, context)
+
+
 SERVICERS = {"replay": ReplayServicer, "echo": EchoServicer, "early_stop": EarlyStopServicer,
-             "slow": SlowServicer, "dead": DeadServicer}  # and "selective" (below the generation cheats)
+             "slow": SlowServicer, "dead": DeadServicer, "ignore_stop": IgnoreStopServicer}
+# and "selective" (below the generation cheats)
 
 
 def servicer_for(kind: str):

@@ -175,6 +175,30 @@ async def test_keys_limits_and_no_miner(net, tmp_path):
         assert (await h.get(f"http://127.0.0.1:{port}/health")).status_code == 503
 
 
+async def test_metrics_count_requests_tokens_and_verifications(net):
+    from prometheus_client import CollectorRegistry
+
+    from neuron.metrics import GatewayMetrics
+
+    v, gw, miners, port, key, client = net
+    registry = CollectorRegistry()
+    gw.metrics = GatewayMetrics(registry)
+    c = await client.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3)
+    await _judged(gw, 1)
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, labels) or 0.0
+
+    assert value("neuron_gateway_requests_total", path="/v1/completions", status="200") == 1
+    assert value("neuron_gateway_requests_total", path="/v1/completions", status="400") == 1
+    assert value("neuron_gateway_tokens_total") == c.usage.completion_tokens
+    assert value("neuron_gateway_key_tokens_total", key=gw.keys.lookup(key).key_id) == c.usage.completion_tokens
+    assert value("neuron_gateway_verifications_total", result="verified") == 1
+    assert value("neuron_gateway_time_to_first_token_seconds_count") == 1
+
+
 async def test_a_dead_miner_fails_over_before_the_first_token(net):
     v, gw, miners, _, _, client = net
     dead, alive = list(miners)
@@ -222,6 +246,22 @@ async def test_a_cheat_on_user_traffic_is_caught_and_loses_its_users(tmp_path, t
         for _ in range(3):  # only the honest miner serves now
             r = await client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=4)
             assert r.headers["x-neuron-miner-uid"] == str(min(miners))
+    finally:
+        await client.close()
+        await _down(v, miners, st)
+
+
+async def test_a_miner_that_ignores_stop_strings_is_caught_on_user_traffic(tmp_path, tiny):
+    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["ignore_stop"], "tiny", verify_fraction=1.0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    try:
+        (uid,) = miners
+        gw.pool.set_standing({uid: 1.0})
+        full = (await client.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=12, temperature=0)).choices[0].text
+        stop = full[len(full) // 2]
+        await client.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=12, temperature=0, stop=[stop])
+        await _judged(gw, 2)
+        assert gw.verified == {"verified": 1, "failed": 1, "skipped": 0} and uid not in gw.pool.standing
     finally:
         await client.close()
         await _down(v, miners, st)
