@@ -41,7 +41,8 @@ from neuron.validator.pool import Miner, MinerPool
 
 DEV_KEY = ApiKey(name="development", key_id="dev", limits=KeyLimits(0, 0, 0), created=0.0)
 # gRPC statuses of a miner that failed before its first token, as the user sees them once no miner is left.
-STATUS_OF = {grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INVALID_ARGUMENT: 400}
+STATUS_OF = {grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INVALID_ARGUMENT: 400,
+             grpc.StatusCode.RESOURCE_EXHAUSTED: 503}
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,8 @@ class Gateway:
         else:
             code, what = grpc.StatusCode.UNKNOWN, f"bad answer: {exc}" if str(exc) else "no token"
         logger.info(f"gateway: uid {miner.uid} failed before its first token ({what}); trying another miner")
-        if code != grpc.StatusCode.INVALID_ARGUMENT:  # out of user traffic until its next challenge passes
+        # Out of user traffic until its next challenge passes; a busy miner or a request it finds invalid is not.
+        if code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
             self.pool.revoke(miner.uid)
         return STATUS_OF.get(code, 502), f"the miner failed: {what}"
 
