@@ -239,13 +239,8 @@ class Gateway:
     async def forward(self, request: pb.ForwardRequest, ids: list[int], k: int) -> tuple[Miner, protocol.ForwardAnswer]:
         """One miner's Forward answer, failing over to another (at most max_retries) when one fails; queued
         for judging like a generation."""
-        tried: set[int] = set()
         last: tuple[int, str] | None = None
-        for _ in range(1 + self.config.max_retries):
-            miner = await self.pool.choose(tried)
-            if miner is None:
-                break
-            tried.add(miner.uid)
+        async for miner in self._candidates():
             with self.pool.lease(miner):
                 r = await self.dendrite.call(miner.target, "Forward", request, self.deadline_s)
             if r.ok and r.signed:
@@ -258,10 +253,17 @@ class Gateway:
                 self.maybe_verify(miner, FwdCheck(tuple(ids), tuple(positions), k), answer, r.latency_s)
                 return miner, answer
             last = self._failed_before_first(miner, _RpcFailure(r.code, r.message or "unsigned answer"))
-        if last is None:
-            raise OpenAIError(503, "no verified miner is available; try again shortly", code="no_miner",
-                              headers={"Retry-After": "5"})
-        raise OpenAIError(last[0], last[1], code="miner_failed")
+        raise _no_answer(last)
+
+    async def _candidates(self):
+        """Up to 1 + max_retries different miners, drawn by the pool one after another, while any is left."""
+        tried: set[int] = set()
+        for _ in range(1 + self.config.max_retries):
+            miner = await self.pool.choose(tried)
+            if miner is None:
+                return
+            tried.add(miner.uid)
+            yield miner
 
     def chat_ask(self, body: oa.ChatRequest) -> Asked:
         self._check_model(body.model)
@@ -284,13 +286,8 @@ class Gateway:
 
     async def open(self, asked: Asked) -> Session:
         """A miner's stream with its first token, failing over before that token; OpenAIError when none."""
-        tried: set[int] = set()
         last: tuple[int, str] | None = None
-        for _ in range(1 + self.config.max_retries):
-            miner = await self.pool.choose(tried)
-            if miner is None:
-                break
-            tried.add(miner.uid)
+        async for miner in self._candidates():
             lease = contextlib.ExitStack()
             lease.enter_context(self.pool.lease(miner))
             started = time.monotonic()
@@ -307,11 +304,7 @@ class Gateway:
                 lease.close()
                 raise
             return Session(miner, stream, [first], started, time.monotonic() - started, lease)
-        if last is None:
-            raise OpenAIError(503, "no verified miner is available; try again shortly", code="no_miner",
-                              headers={"Retry-After": "5"})
-        status, message = last
-        raise OpenAIError(status, message, code="miner_failed")
+        raise _no_answer(last)
 
     def _failed_before_first(self, miner: Miner, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, (grpc.aio.AioRpcError, _RpcFailure)):
@@ -388,6 +381,14 @@ class _RpcFailure(Exception):
 
     def details(self) -> str:
         return self._details
+
+
+def _no_answer(last: tuple[int, str] | None) -> OpenAIError:
+    """The error once no miner answered: 503 when none was there to ask, else the last miner's failure."""
+    if last is None:
+        return OpenAIError(503, "no verified miner is available; try again shortly", code="no_miner",
+                           headers={"Retry-After": "5"})
+    return OpenAIError(last[0], last[1], code="miner_failed")
 
 
 async def _close(stream) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import openai
@@ -57,13 +58,22 @@ async def _down(v, miners, server_task):
         await axon.stop(grace=0)
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path, lm, kinds: list[str], model_name: str = "tiny", **gateway):
+    """(validator, gateway, miners by uid, port, API key, openai client) of a network up for the block."""
+    v, gw, miners, port, key, st = await _net(tmp_path, lm, kinds, model_name, **{"verify_fraction": 1.0, **gateway})
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    try:
+        yield v, gw, miners, port, key, client
+    finally:
+        await client.close()
+        await _down(v, miners, st)
+
+
 @pytest.fixture
 async def net(tmp_path, tiny):
-    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["honest", "honest"], "tiny", verify_fraction=1.0)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    yield v, gw, miners, port, key, client
-    await client.close()
-    await _down(v, miners, st)
+    async with running(tmp_path, tiny, ["honest", "honest"]) as parts:
+        yield parts
 
 
 async def _judged(gw: Gateway, n: int) -> None:
@@ -232,29 +242,22 @@ async def test_a_client_that_disconnects_cancels_the_miners_stream(net):
 async def test_a_cheat_on_user_traffic_is_caught_and_loses_its_users(tmp_path, tiny):
     # 'greedy' answers sampled requests with greedy tokens; the round may not see it (a greedy challenge),
     # user traffic at temperature 1 does.
-    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["honest", "greedy"], "tiny", verify_fraction=1.0)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    try:
-        cheat = next(u for u in miners if u != min(miners))
+    async with running(tmp_path, tiny, ["honest", "greedy"]) as (v, gw, miners, _, _, client):
+        honest, cheat = sorted(miners)
         gw.pool.set_standing({u: 1.0 for u in miners})
         for i in range(6):
             await client.completions.create(model="tiny", prompt=f"Story {i}:", max_tokens=12, temperature=1.0)
         await _judged(gw, 6)
         assert gw.verified["failed"] >= 1
         assert cheat not in gw.pool.standing and v.state.stats[str(cheat)].users_failed >= 1
-        assert v.state.stats[str(min(miners))].users_failed == 0
+        assert v.state.stats[str(honest)].users_failed == 0
         for _ in range(3):  # only the honest miner serves now
             r = await client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=4)
-            assert r.headers["x-neuron-miner-uid"] == str(min(miners))
-    finally:
-        await client.close()
-        await _down(v, miners, st)
+            assert r.headers["x-neuron-miner-uid"] == str(honest)
 
 
 async def test_a_miner_that_ignores_stop_strings_is_caught_on_user_traffic(tmp_path, tiny):
-    v, gw, miners, port, key, st = await _net(tmp_path, tiny, ["ignore_stop"], "tiny", verify_fraction=1.0)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    try:
+    async with running(tmp_path, tiny, ["ignore_stop"]) as (v, gw, miners, _, _, client):
         (uid,) = miners
         gw.pool.set_standing({uid: 1.0})
         full = (await client.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=12, temperature=0)).choices[0].text
@@ -262,15 +265,10 @@ async def test_a_miner_that_ignores_stop_strings_is_caught_on_user_traffic(tmp_p
         await client.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=12, temperature=0, stop=[stop])
         await _judged(gw, 2)
         assert gw.verified == {"verified": 1, "failed": 1, "skipped": 0} and uid not in gw.pool.standing
-    finally:
-        await client.close()
-        await _down(v, miners, st)
 
 
 async def test_chat_on_smollm2(tmp_path, smollm2):
-    v, gw, miners, port, key, st = await _net(tmp_path, smollm2, ["honest"], "smollm2", verify_fraction=1.0)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    try:
+    async with running(tmp_path, smollm2, ["honest"], "smollm2") as (v, gw, miners, _, _, client):
         msgs = [{"role": "user", "content": "What is the capital of France?"}]
         c = await client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, seed=7, logprobs=True,
                                                  top_logprobs=2)
@@ -282,9 +280,6 @@ async def test_chat_on_smollm2(tmp_path, smollm2):
         assert text == c.choices[0].message.content
         await _judged(gw, 2)
         assert gw.verified["failed"] == 0
-    finally:
-        await client.close()
-        await _down(v, miners, st)
 
 
 async def test_the_mock_networks_simulated_users_are_answered_and_counted(net):
