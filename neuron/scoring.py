@@ -75,7 +75,8 @@ class Thresholds:
     evidence_limit: float = 0.51
     # The most one token adds. Honest margins stay under max_token_margin (0.075 at worst); a token far
     # past it (a steered one: several logits) fails its round, and adds this much: alone it never
-    # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
+    # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does. A token outside
+    # every allowed set (`token_margins`) counts as at least this margin.
     evidence_cap: float = 0.41
     # The honest margins' bands below max_token_margin: (0, 0.025], (0.025, 0.05], (0.05, 0.1]. The
     # false-alarm bound counts every honest margin at the top of its band; the CUSUM counts a margin
@@ -368,6 +369,9 @@ def verify_generation(
         return _fail(f"final EOS token but finish {finish_reason!r}")
 
     margins, outside = token_margins(ref_logits, ids, spec, th.boundary_tol)
+    # A token no honest sampler could choose adds to the evidence as much as a far-off one (its own margin
+    # can be 0: a sampler that ignores top-p chooses by the same scores, from more ids).
+    margins = torch.where(outside, margins.clamp(min=th.evidence_cap), margins)
     ref_lp = torch.log_softmax(ref_logits.double(), dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
     errors = (reported_logprobs.double() - ref_lp).abs()
     metrics = {

@@ -1,5 +1,6 @@
 """Small exact tests of the scoring functions."""
 
+import dataclasses
 import math
 
 import pytest
@@ -256,7 +257,14 @@ def test_generation_top_p_boundary_tolerance():
     # not; at 0.11 id 1 may not either (on the mass, 0.65 * exp(0.22) = 0.81 would let it in).
     loose, less = (Thresholds(boundary_tol=tol, max_token_margin=100.0) for tol in (0.12, 0.11))
     assert gen([1], spec=spec, th=loose).ok
-    assert gen([2], spec=spec, th=loose).reason.startswith("token outside")
+    v = gen([2], spec=spec, th=loose)
+    assert v.reason.startswith("token outside")
+    # A token outside counts at least at the evidence cap, whatever its own margin: the sampler's own choice
+    # over every id (seed 10 picks id 2) has margin 0 against the allowed ids.
+    assert v.metrics["margins"][0] > loose.evidence_cap
+    wide = GenSpec(max_new_tokens=1, temperature=1.0, seed=10)
+    assert gen([2], spec=wide, th=loose).metrics["margins"] == [0.0]
+    assert gen([2], spec=dataclasses.replace(wide, top_p=0.65), th=loose).metrics["margins"] == [loose.evidence_cap]
     assert gen([1], spec=spec, th=less).reason.startswith("token outside")
 
 
