@@ -521,9 +521,12 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             if label in APPLIES_TO:
                 gen = [c for c in gen if APPLIES_TO[label](c)]
             # Changed: its tokens differ from the honest sampler's and are not, at every step, the reference
-            # sampler's own choice (an answer with every margin 0 is what the validator itself would give:
-            # the honest float32 decode and the teacher-forced reference can part at a near-tie).
-            changed = [c for c in gen if c.changed and (not c.ok or any(m > 0 for m in c.margins))]
+            # sampler's own choice (an answer with every margin 0 and every token inside the reference's strict
+            # allowed set is what the validator itself would give: the honest float32 decode and the
+            # teacher-forced reference can part at a near-tie). A token past the strict set's boundary, even
+            # within boundary_tol, is a change (a sampler that ignores top-p or top-k chooses such tokens).
+            changed = [c for c in gen if c.changed and (not c.ok or any(m > 0 for m in c.margins)
+                                                        or c.metrics.get("boundary_excess", 0) > 0)]
             # What a validator does with one challenge to a fresh miner: the check, and that challenge's
             # margins alone as evidence.
             alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, c.errors, th)]
