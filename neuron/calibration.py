@@ -51,9 +51,20 @@ THRESHOLD_OF = {
 # The precisions an honest miner may serve in; bfloat16 is measured but not among them (see docs/calibration.md).
 ACCEPTED_DTYPES = ("float32", "float16")
 DISHONEST = ("different", "truncated", "int8", "noise0.1", "noise0.3", "noise1.0", "random")
-# Generation cheats that differ from the honest sampler on sampled requests only (greedy ones they answer
-# honestly), so their catch rate is over sampled challenges.
-SAMPLING_ONLY = frozenset({"greedy", "cold", "hot", "least_likely"})
+
+
+def _sampled(c: "Check") -> bool:
+    return c.kind == "sampled"
+
+
+# Generation cheats that differ from the honest sampler only on some requests (the rest they answer honestly),
+# so their catch rate is over the challenges they apply to: sampled ones, or those that use the parameter
+# they ignore (a check from before checks kept their parameters counts as using it).
+APPLIES_TO = {
+    **{kind: _sampled for kind in ("greedy", "cold", "hot", "least_likely")},
+    "ignore_top_p": lambda c: _sampled(c) and (c.top_p is None or c.top_p < 1.0),
+    "ignore_top_k": lambda c: _sampled(c) and (c.top_k is None or c.top_k > 0),
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class Check:
     margins: list[float] = field(default_factory=list)  # generation: every token's margin, in order
     errors: list[float] = field(default_factory=list)  # generation: every token's reported logprob error
     changed: bool = True  # generation cheat: its tokens differ from the honest sampler's
+    top_k: int | None = None  # generation: the request's top_k and top_p (None: a check stored before they were)
+    top_p: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -132,6 +145,22 @@ def specs_of(chs: list[Challenge]) -> list[scoring.GenSpec]:
     return [c.spec for c in chs]
 
 
+def _nucleus_excess(scaled: torch.Tensor, strict: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[n] the least tolerance per scaled logit under which each row's id, outside the strict nucleus, is
+    possibly in it (`scoring.nucleus_bounds`), by bisection: the bounds widen monotonically with the tolerance."""
+    def inside(tol: torch.Tensor) -> torch.Tensor:
+        return scoring.nucleus_bounds(scaled, strict, top_p, tol[:, None])[1].gather(1, ids[:, None])[:, 0]
+
+    lo, hi = torch.zeros(len(ids), dtype=torch.float64), torch.ones(len(ids), dtype=torch.float64)
+    while not bool(inside(hi).all()):
+        hi = torch.where(inside(hi), hi, 2 * hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ok = inside(mid)
+        lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
+    return hi
+
+
 def boundary_excess(ref_logits: torch.Tensor, tokens: list[int], spec: scoring.GenSpec) -> float:
     """How far (logit units) the furthest token lies outside the reference's strict top-k / top-p set: the
     least boundary tolerance of `scoring.token_margins` under which no token is outside (0: all inside)."""
@@ -139,8 +168,8 @@ def boundary_excess(ref_logits: torch.Tensor, tokens: list[int], spec: scoring.G
         return 0.0
     T, V = ref_logits.shape
     x = ref_logits.double()
-    ids = torch.tensor(tokens)[:, None]
-    own = x.gather(1, ids)[:, 0]
+    ids = torch.tensor(tokens)
+    own = x.gather(1, ids[:, None])[:, 0]
     excess = torch.zeros(T, dtype=torch.float64)
     strict = torch.ones_like(x, dtype=torch.bool)
     if 0 < spec.top_k < V:
@@ -148,12 +177,12 @@ def boundary_excess(ref_logits: torch.Tensor, tokens: list[int], spec: scoring.G
         excess = (kth - own).clamp(min=0)
         strict = x >= kth[:, None]
     if spec.top_p < 1.0:
-        scaled = (x / spec.temperature).masked_fill(~strict, -math.inf)
-        vals, order = scaled.sort(dim=1, descending=True, stable=True)
-        probs = torch.softmax(vals, dim=1)
-        before = torch.empty_like(probs).scatter_(1, order, probs.cumsum(1) - probs).masked_fill(~strict, 1.0)
-        b = before.gather(1, ids)[:, 0].clamp(min=1e-300)
-        excess = torch.maximum(excess, (spec.temperature / 2 * torch.log(b / spec.top_p)).clamp(min=0))
+        scaled = x / spec.temperature
+        out = ~scoring.nucleus_bounds(scaled, strict, spec.top_p, 0.0)[1].gather(1, ids[:, None])[:, 0]
+        if bool(out.any()):
+            rows = out.nonzero()[:, 0]
+            tol = _nucleus_excess(scaled[rows], strict[rows], ids[rows], spec.top_p)
+            excess[rows] = torch.maximum(excess[rows], spec.temperature * tol)
     return float(excess.max())
 
 
@@ -174,7 +203,8 @@ def generation_checks(ref: Reference, chs: list[Challenge], answers: list[Genera
         changed = honest_answers is None or honest_answers[i].tokens != a.tokens
         kind = "greedy" if c.temperature == 0 else "sampled"
         checks.append(Check(model, label, honest, kind, batch, v.ok, v.reason, metrics,
-                            list(v.metrics.get("margins", [])), list(v.metrics.get("errors", [])), changed))
+                            list(v.metrics.get("margins", [])), list(v.metrics.get("errors", [])), changed,
+                            c.top_k, c.top_p))
     return checks
 
 
@@ -488,12 +518,15 @@ def summarize(checks: list[Check], th: scoring.Thresholds) -> dict:
             theirs = [c for c in mine if not c.honest and c.miner == label]
             fwd = [c for c in theirs if c.kind == "forward"]
             gen = [c for c in theirs if c.kind != "forward"]
-            if label in SAMPLING_ONLY:
-                gen = [c for c in gen if c.kind == "sampled"]
+            if label in APPLIES_TO:
+                gen = [c for c in gen if APPLIES_TO[label](c)]
             # Changed: its tokens differ from the honest sampler's and are not, at every step, the reference
-            # sampler's own choice (an answer with every margin 0 is what the validator itself would give:
-            # the honest float32 decode and the teacher-forced reference can part at a near-tie).
-            changed = [c for c in gen if c.changed and (not c.ok or any(m > 0 for m in c.margins))]
+            # sampler's own choice (an answer with every margin 0 and every token inside the reference's strict
+            # allowed set is what the validator itself would give: the honest float32 decode and the
+            # teacher-forced reference can part at a near-tie). A token past the strict set's boundary, even
+            # within boundary_tol, is a change (a sampler that ignores top-p or top-k chooses such tokens).
+            changed = [c for c in gen if c.changed and (not c.ok or any(m > 0 for m in c.margins)
+                                                        or c.metrics.get("boundary_excess", 0) > 0)]
             # What a validator does with one challenge to a fresh miner: the check, and that challenge's
             # margins alone as evidence.
             alone = [c for c in gen if not c.ok or tokens_to_flag(c.margins, c.errors, th)]

@@ -422,7 +422,8 @@ class MocknetConfig:
     honest: int = 3  # honest miners
     dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
                                   "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
-                                  "early_eos", "sentence_eos", "cheap", "int8", "int4", "selective")  # one of each
+                                  "early_eos", "sentence_eos", "cheap", "int8", "int4", "ignore_top_p",
+                                  "ignore_top_k", "selective")  # one miner of each kind
     rounds: int = 8  # validator rounds
     netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time

@@ -53,11 +53,13 @@ class Thresholds:
     # few steps of that apart is honest: worst 0.075 (SmolLM2 float16, batch 16, in 59,181 float16
     # tokens; 0.058 in an earlier 48,680) and 0.031 (tiny float16). docs/calibration.md has the cheats' side.
     max_token_margin: float = 0.1
-    # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the
-    # boundary may be in or out of an honest miner's allowed set (near-ties at the k-th place, or at
-    # the top-p mass), so a miner's token there is not "outside", and the reference's own choice
-    # there is not held against the miner. The furthest an honest token lay outside the reference's
-    # strict set was 0.010 (SmolLM2 float16).
+    # Top-k / top-p boundary tolerance, in logit units: an id whose logit is within this of the k-th
+    # (near-ties at the k-th place), or which an honest miner's logit noise of this much could move into
+    # or out of the top-p nucleus (the odds of the mass before it, within exp(+-2 * this / T), and ids
+    # within 2 * this / T of it reordered: `nucleus_bounds`), may be in or out of an honest miner's
+    # allowed set, so a miner's token there is not "outside", and the reference's own choice there is
+    # not held against the miner. The furthest an honest token lay outside the reference's strict set
+    # was 0.010 (SmolLM2 float16, top-k, the mass rule before the odds rule).
     boundary_tol: float = 0.04
     # Worst |reported - reference| logprob of a generated token, in nats. Honest worst 0.051
     # (SmolLM2 float16, 59,181 tokens; 0.057 in an earlier 48,680).
@@ -73,7 +75,8 @@ class Thresholds:
     evidence_limit: float = 0.51
     # The most one token adds. Honest margins stay under max_token_margin (0.075 at worst); a token far
     # past it (a steered one: several logits) fails its round, and adds this much: alone it never
-    # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does.
+    # flags a miner for good, a second within (2 * cap - limit) / drift = 310 tokens does. A token outside
+    # every allowed set (`token_margins`) counts as at least this margin.
     evidence_cap: float = 0.41
     # The honest margins' bands below max_token_margin: (0, 0.025], (0.025, 0.05], (0.05, 0.1]. The
     # false-alarm bound counts every honest margin at the top of its band; the CUSUM counts a margin
@@ -243,6 +246,31 @@ class GenSpec:
     seed: int = 0
 
 
+def nucleus_bounds(scaled: Tensor, strict: Tensor, top_p: float, tol: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Which ids lie surely inside (bool [T, V]), and which possibly inside (bool [T, V]), the top-p nucleus of
+    every sampler whose scaled logits are within tol of `scaled` [T, V] (tol: a number, or one per row [T, 1]).
+
+    The sampler (docs/sampling.md) keeps an id when the mass m of the ids before it (over the top-k ids,
+    `strict`) is below top_p, i.e. when the odds m / (1 - m) are below odds(top_p). Noise of at most tol per
+    logit moves the mass before an id and the mass of the rest each by a factor within exp(+-tol), so those
+    odds by one within exp(+-2 tol); and it can reorder ids whose logits lie within 2 tol of each other. So an
+    id is surely kept when even the ids possibly before it (every other id within 2 tol below it or above)
+    have odds below odds(top_p) exp(-2 tol), and possibly kept when the ids surely before it (more than 2 tol
+    above) have odds below odds(top_p) exp(+2 tol). Both bounds stay inside (0, 1) for 0 < top_p < 1: the
+    first id is always possibly kept, and an id past the nucleus by more than the noise never is (a
+    tolerance on the mass, top_p exp(2 tol), passes 1 for top_p 0.9 and would keep every id)."""
+    masked = scaled.masked_fill(~strict, -math.inf)
+    probs = torch.softmax(masked, dim=1)
+    asc, order = masked.sort(dim=1)
+    # at_or_above[:, j]: the mass of the ids from ascending position j up; 0 past the last one.
+    at_or_above = torch.cat([probs.gather(1, order).flip(1).cumsum(1).flip(1), torch.zeros_like(probs[:, :1])], 1)
+    surely_before = at_or_above.gather(1, torch.searchsorted(asc, scaled + 2 * tol, right=True))
+    possibly_before = (at_or_above.gather(1, torch.searchsorted(asc, scaled - 2 * tol)) - probs).clamp(min=0)
+    # odds(m) < r  <=>  m < r / (1 + r), for m in [0, 1] and r > 0.
+    r_in, r_out = (top_p / (1 - top_p) * torch.exp(sign * torch.as_tensor(tol, dtype=scaled.dtype)) for sign in (-2, 2))
+    return possibly_before < r_in / (1 + r_in), surely_before < r_out / (1 + r_out)
+
+
 def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_tol: float) -> tuple[Tensor, Tensor]:
     """The seeded sampler's view of each token: its margin (float64 [T], logit units) and whether it lies
     outside every allowed set that logit noise of boundary_tol could give (bool [T]).
@@ -250,7 +278,8 @@ def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_to
     ref_logits[t] [T, V] are the reference's raw logits predicting tokens[t]. With s the sampler's
     perturbed scores (docs/sampling.md: raw logits for greedy, logits / T + Gumbel noise otherwise),
     margin = T * max(0, max over A- of s - s(token)) where A- holds the ids allowed with room to spare
-    (more than boundary_tol inside the top-k and top-p boundaries); greedy has T = 1 and A- = every id.
+    (more than boundary_tol inside the top-k boundary, and inside the top-p nucleus under any noise of
+    boundary_tol / T per scaled logit: `nucleus_bounds`); greedy has T = 1 and A- = every id.
     Scaling by T puts greedy and sampled margins in the same unit, the raw logit. A token that lies
     within the tolerance of a boundary is judged by its score like any other; one beyond it is outside.
     """
@@ -272,15 +301,8 @@ def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_to
         kth = scaled.topk(spec.top_k, dim=1).values[:, -1:]
         inner, outer, strict = scaled > kth + tol, scaled >= kth - tol, scaled >= kth
     if spec.top_p < 1.0:
-        # Mass before each id, over the top-k ids in the sampler's order; logit noise of boundary_tol
-        # moves every probability by at most a factor exp(2 * tol), so a mass by as much.
-        masked = scaled.masked_fill(~strict, -math.inf)
-        vals, order = masked.sort(dim=1, descending=True, stable=True)
-        probs = torch.softmax(vals, dim=1)
-        before = torch.empty_like(probs).scatter_(1, order, probs.cumsum(1) - probs)
-        before = before.masked_fill(~strict, 1.0)
-        inner = inner & (before < spec.top_p * math.exp(-2 * tol))
-        outer = outer & (before < spec.top_p * math.exp(2 * tol))
+        surely, possibly = nucleus_bounds(scaled, strict, spec.top_p, tol)
+        inner, outer = inner & surely, outer & possibly
     rp = RowParams.build([(temp, spec.top_k, spec.top_p, spec.seed, t) for t in range(T)])
     scores = scaled + gumbel(step_keys(rp.seed, rp.step), V)
     best = scores.masked_fill(~inner, -math.inf).amax(1)
@@ -347,6 +369,9 @@ def verify_generation(
         return _fail(f"final EOS token but finish {finish_reason!r}")
 
     margins, outside = token_margins(ref_logits, ids, spec, th.boundary_tol)
+    # A token no honest sampler could choose adds to the evidence as much as a far-off one (its own margin
+    # can be 0: a sampler that ignores top-p chooses by the same scores, from more ids).
+    margins = torch.where(outside, margins.clamp(min=th.evidence_cap), margins)
     ref_lp = torch.log_softmax(ref_logits.double(), dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
     errors = (reported_logprobs.double() - ref_lp).abs()
     metrics = {

@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=8)
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--sampled-fraction", type=float, default=ChallengeConfig.sampled_fraction,
+                   help="honest miners: share of sampled challenges (half of them with top-p)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rescore", type=Path, action="append",
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     th = Thresholds()
     cfg = ChallengeConfig(seq_len=args.seq_len, positions=args.positions, topk=args.topk,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, sampled_fraction=args.sampled_fraction)
     t0 = time.perf_counter()
     checks = []
     if args.rescore:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SMOLLM2
 
 from neuron import calibration as cal
@@ -185,3 +186,32 @@ def test_a_nudge_stays_within_its_margin_and_inside_the_first_band_is_never_flag
         assert all(c.ok for c in mine) and 0 < max(margins) <= delta + 1e-6, kind
     small = [m for c in checks if c.miner == "nudge0.025" for m in c.margins]
     assert cal.tokens_to_flag(small, [0.0] * len(small), TH) is None
+
+
+def test_the_boundary_excess_is_the_least_tolerance_that_keeps_every_token_inside():
+    # Probabilities at T 0.7 with 0, 0.5, 0.8, 0.905, 0.965 before each id; top_p 0.9 keeps ids 0-2.
+    logits = 0.7 * torch.tensor([[0.5, 0.3, 0.105, 0.06, 0.035]], dtype=torch.float64).log()
+    spec = scoring.GenSpec(max_new_tokens=1, temperature=0.7, top_p=0.9, seed=1)
+    odds = lambda m: m / (1 - m)  # noqa: E731
+    assert cal.boundary_excess(logits, [2], spec) == 0.0
+    # Id 3: the odds of the mass before it, 9.53 against 9, need a tolerance of T / 2 ln(9.53 / 9).
+    excess = cal.boundary_excess(logits, [3], spec)
+    assert excess == pytest.approx(0.35 * math.log(odds(0.905) / odds(0.9)), rel=1e-9)
+    for tol, outside in ((excess * (1 - 1e-6), True), (excess * (1 + 1e-6), False)):
+        assert bool(scoring.token_margins(logits, torch.tensor([3]), spec, tol)[1][0]) is outside
+    # Id 4 (odds 27.6): before its odds come within reach, the noise may put it ahead of id 3, 0.54 above it
+    # (scaled): a tolerance of 0.7 * 0.54 / 2.
+    assert cal.boundary_excess(logits, [4], spec) == pytest.approx(0.35 * math.log(0.06 / 0.035), rel=1e-6)
+
+
+def test_a_cheat_that_ignores_a_parameter_is_counted_where_the_request_uses_it():
+    def check(top_k, top_p, ok, changed=True, excess=0.0):
+        return cal.Check("m", "ignore_top_p", False, "sampled", 1, ok, "" if ok else "token outside",
+                         {"token_margin": 0.0 if ok else 0.41, "boundary_excess": excess}, [0.0], [0.0], changed,
+                         top_k, top_p)
+
+    checks = [check(50, 1.0, True, changed=False), check(50, 0.9, False), check(50, 0.9, True, excess=0.01),
+              check(50, 0.9, True, changed=False)]
+    s = cal.summarize(checks, TH)["models"]["m"]["dishonest"]["ignore_top_p"]
+    # Over the three top-p requests; of the two that changed, one within the boundary tolerance passed.
+    assert (s["generations"], s["changed"], s["generation_caught_when_changed"]) == (3, 2, 0.5)

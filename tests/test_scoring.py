@@ -1,5 +1,6 @@
 """Small exact tests of the scoring functions."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,9 +14,11 @@ from neuron.scoring import (
     Thresholds,
     counted,
     ema_update,
+    nucleus_bounds,
     quality_loss,
     reset_uids,
     reward,
+    token_margins,
     update_evidence,
     verify_forward,
     verify_generation,
@@ -250,10 +253,58 @@ def test_generation_top_p_boundary_tolerance():
     tight = Thresholds(boundary_tol=0.0, max_token_margin=100.0)
     assert gen([1], spec=spec, th=tight).reason.startswith("token outside")
     assert gen([0], spec=spec, th=tight).ok
-    # exp(2 * 0.05) * 0.65 = 0.718: id 1 (0.7 before it) may be in, id 2 (0.9) may not.
-    loose = Thresholds(boundary_tol=0.05, max_token_margin=100.0)
+    # On the odds: odds(0.7) / odds(0.65) = 1.256 = exp(2 * 0.114). At 0.12 id 1 may be in, id 2 (odds 9) may
+    # not; at 0.11 id 1 may not either (on the mass, 0.65 * exp(0.22) = 0.81 would let it in).
+    loose, less = (Thresholds(boundary_tol=tol, max_token_margin=100.0) for tol in (0.12, 0.11))
     assert gen([1], spec=spec, th=loose).ok
-    assert gen([2], spec=spec, th=loose).reason.startswith("token outside")
+    v = gen([2], spec=spec, th=loose)
+    assert v.reason.startswith("token outside")
+    # A token outside counts at least at the evidence cap, whatever its own margin: the sampler's own choice
+    # over every id (seed 10 picks id 2) has margin 0 against the allowed ids.
+    assert v.metrics["margins"][0] > loose.evidence_cap
+    wide = GenSpec(max_new_tokens=1, temperature=1.0, seed=10)
+    assert gen([2], spec=wide, th=loose).metrics["margins"] == [0.0]
+    assert gen([2], spec=dataclasses.replace(wide, top_p=0.65), th=loose).metrics["margins"] == [loose.evidence_cap]
+    assert gen([1], spec=spec, th=less).reason.startswith("token outside")
+
+
+# Probabilities at T 0.7 (logits = 0.7 log q): the mass before each id is 0, 0.5, 0.8, 0.905, 0.965.
+NUCLEUS = [0.5, 0.3, 0.105, 0.06, 0.035]
+TOP_P = GenSpec(max_new_tokens=1, temperature=0.7, top_p=0.9, seed=11)
+
+
+def nucleus_outside(q, token, tol=0.04, spec=TOP_P):
+    logits = 0.7 * torch.tensor([q], dtype=torch.float64).log()
+    return bool(token_margins(logits, torch.tensor([token]), spec, tol)[1][0])
+
+
+def test_a_token_past_the_nucleus_is_outside_and_one_within_the_noise_is_not():
+    # tol 0.04 / 0.7: the odds may move by exp(2 * 0.0571) = 1.121, to at most 9 * 1.121 = 10.09 (mass 0.910).
+    # On the mass, 0.9 * 1.121 = 1.009 > 1 kept every id.
+    assert [nucleus_outside(NUCLEUS, v) for v in range(5)] == [False, False, False, False, True]
+    assert [nucleus_outside(NUCLEUS, v, tol=0.0) for v in range(5)] == [False, False, False, True, True]
+    # Id 3 (odds 9.53) is possibly but not surely in: the reference choosing it is not held against a miner.
+    logits = 0.7 * torch.tensor([NUCLEUS], dtype=torch.float64).log()
+    scaled = logits / 0.7
+    surely, possibly = nucleus_bounds(scaled, torch.ones_like(scaled, dtype=torch.bool), 0.9, 0.04 / 0.7)
+    assert surely[0].tolist() == [True, True, True, False, False]
+    assert possibly[0].tolist() == [True, True, True, True, False]
+
+
+def test_ids_within_the_noise_of_each_other_may_swap_places_in_the_nucleus():
+    # Ids 3 and 4 are 0.021 apart (scaled): noise within 0.0571 may put id 4 first, with 0.905 before it.
+    near_tie = [0.5, 0.3, 0.105, 0.048, 0.047]
+    assert nucleus_outside(near_tie, 4) is False
+    assert nucleus_outside(near_tie, 4, tol=0.0) is True
+    # A larger gap (0.54 scaled, far beyond the noise) keeps its place: id 4 of NUCLEUS stays outside.
+    assert nucleus_outside(NUCLEUS, 4) is True
+
+
+def test_the_first_id_is_always_in_the_nucleus_and_top_p_1_keeps_every_id():
+    tiny_p = GenSpec(max_new_tokens=1, temperature=0.7, top_p=0.01, seed=11)
+    assert [nucleus_outside(NUCLEUS, v, spec=tiny_p) for v in range(5)] == [False, True, True, True, True]
+    off = GenSpec(max_new_tokens=1, temperature=0.7, top_p=1.0, seed=11)
+    assert [nucleus_outside(NUCLEUS, v, spec=off) for v in range(5)] == [False] * 5
 
 
 def test_generation_eos_follows_the_sampler():

@@ -30,7 +30,7 @@ MODEL_CHEATS = ("random", "different", "truncated", "quantized", "noise")
 PROTOCOL_CHEATS = ("replay", "echo", "early_stop", "slow", "dead", "selective", "ignore_stop")
 # Generation cheats answer Forward honestly and choose generated tokens another way (below).
 GENERATION_CHEATS = ("greedy", "cold", "hot", "least_likely", "steer", "early_eos", "sentence_eos", "cheap",
-                     "int8", "int4")
+                     "int8", "int4", "ignore_top_p", "ignore_top_k")
 KINDS = MODEL_CHEATS + PROTOCOL_CHEATS + GENERATION_CHEATS
 # Generation cheats that report exact logprobs from one teacher-forced pass of the real model over their
 # tokens (the cheaper model drafts and the real one scores: only the tokens can show it). The others report
@@ -248,6 +248,22 @@ class Temperature:
         return sampler.choose(logits, RowParams.build(rows, logits.device))
 
 
+class Ignore:
+    """Samples with the right seed and the other parameters, but ignores one: top_p as 1, or top_k as 0 (a
+    sampler, or a backend, that does not implement it)."""
+
+    def __init__(self, parameter: str):
+        if parameter not in ("top_p", "top_k"):
+            raise ValueError(f"cannot ignore {parameter!r}: top_p or top_k")
+        self.parameter = parameter
+
+    def choose(self, logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+        off = 1.0 if self.parameter == "top_p" else 0
+        rows = [(t, off if self.parameter == "top_k" else k, off if self.parameter == "top_p" else p, s, st)
+                for t, k, p, s, st in _rows(rp)]
+        return sampler.choose(logits, RowParams.build(rows, logits.device))
+
+
 class LeastLikely:
     """Steers: at every sampled step, the least likely token that the top-k/top-p filter allows."""
 
@@ -354,6 +370,8 @@ def generation_cheat(kind: str, lm: LoadedModel) -> tuple[object, LoadedModel]:
         return sampler, truncated(lm)
     if kind in ("int8", "int4"):
         return sampler, quantized(lm, 8 if kind == "int8" else 4)
+    if kind in ("ignore_top_p", "ignore_top_k"):
+        return Ignore(kind.removeprefix("ignore_")), lm
     if kind.startswith("nudge"):
         return Nudge(float(kind.removeprefix("nudge"))), lm
     raise ValueError(f"unknown generation cheat {kind!r}: expected one of {', '.join(GENERATION_CHEATS)}")
