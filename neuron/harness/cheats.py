@@ -18,6 +18,7 @@ import torch
 
 from neuron import protocol, wire
 from neuron.axon import AxonServicer
+from neuron.detokenize import Detokenizer
 from neuron.engine import sampler
 from neuron.engine.sampler import RowParams
 from neuron.harness.decode import decode, reported_by
@@ -97,15 +98,13 @@ class StreamsItsAnswer(AxonServicer):
 
     async def GenerateStream(self, request, context):
         resp = await self.Generate(request, context)
-        ids, done = list(resp.token_ids), ""
+        ids, detok = list(resp.token_ids), Detokenizer(self.tokenizer)  # the text as an honest stream has it
         for i, token in enumerate(ids):
-            text = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
             last = i == len(ids) - 1
-            c = pb.GenerateChunk(token_id=token, text=text[len(done):], logprob=resp.logprobs[i],
+            c = pb.GenerateChunk(token_id=token, text=detok.add(token, last), logprob=resp.logprobs[i],
                                  finish_reason=resp.finish_reason if last else pb.FINISH_REASON_UNSPECIFIED)
             if len(resp.top) == len(ids):
                 c.top.CopyFrom(resp.top[i])
-            done = text
             yield c
 
 

@@ -14,6 +14,7 @@ import openai
 from loguru import logger
 
 from neuron.dataset import PromptSource
+from neuron.validator.judge import Outcome
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,13 @@ class Sent:
     retry_after_s: float = 0.0  # the gateway's Retry-After on a refusal
 
 
+# What applications send: greedy, nucleus sampling, top-k sampling (an extra field, as vLLM's clients send it).
+SAMPLING = ({"temperature": 0.0}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.8, "extra_body": {"top_k": 40}})
+
+
 class Users:
     """`n` users, each sending completions one after another until `stop`: half of them streamed, prompts from
-    the corpus, `max_tokens(rng)` tokens, sampled (temperature 0.7, top_p 0.9) or greedy, some with a seed."""
+    the corpus, `max_tokens(rng)` tokens, greedy or sampled (SAMPLING), some with a seed."""
 
     def __init__(self, base_url: str, model: str, n: int, max_tokens: Callable[[random.Random], int],
                  source: PromptSource | None = None, timeout_s: float = 60.0, api_key: str = "mocknet",
@@ -68,7 +73,7 @@ class Users:
 
     async def _one(self, client: openai.AsyncOpenAI, rng: random.Random, stream: bool) -> Sent:
         args = {"model": self.model, "prompt": self.source.sample_span(rng, 40, 240), "max_tokens": self.max_tokens(rng),
-                **({"temperature": 0.7, "top_p": 0.9} if rng.random() < 0.5 else {"temperature": 0.0}),
+                **rng.choice(SAMPLING),
                 **({"seed": rng.getrandbits(31)} if rng.random() < 0.3 else {})}
         started = time.monotonic()
         try:
@@ -127,8 +132,8 @@ class Traffic:
         """Snapshot the tokens served; note the cheats that failed this round with score 0; start the users."""
         self.served_by_round.append({str(u): n for u, n in sorted(self.gw.served.items())})
         scores = self.v.state.scores
-        for uid, j in self.v.last_round.items():
-            if uid in cheats and uid not in self.flagged and not j.verified and scores[uid] == 0:
+        for uid, j in self.v.last_round.items():  # caught: a wrong answer (not a timeout under load)
+            if uid in cheats and uid not in self.flagged and j.outcome is Outcome.WRONG and scores[uid] == 0:
                 self.flagged[uid] = (round_, time.monotonic())
         if self.users is not None and self.task is None and self.v.pool.available():
             self.task = asyncio.create_task(self.users.run(self.stop))

@@ -43,13 +43,13 @@ class Validator:
         self.challenge_config = ChallengeConfig(seq_len=config.forward_seq_len, positions=config.forward_positions,
                                                 topk=config.topk, max_new_tokens=config.max_new_tokens)
         self.reference = Reference(lm)
-        self.mix = TrafficMix.default(config.max_new_tokens)
         self.dendrite = Dendrite(self.keypair)
         self.pool = MinerPool(chain, config.subtensor.netuid, self.dendrite, self.keypair.ss58_address)
         # The reference model is used by the rounds and by user verification, each on a worker thread.
         self._model_lock = threading.Lock()
         self.state_path = Path(os.path.expanduser(config.state_path))
         self.state = State.load(self.state_path)
+        self.mix = TrafficMix.from_json(self.state.mix, TrafficMix.default(config.max_new_tokens))
         if self.state.rounds:
             logger.info(f"resumed validator state after round {self.state.rounds} from {self.state_path}")
         self.rng = random.Random(secrets.randbits(64))
@@ -126,6 +126,7 @@ class Validator:
         for st, j in zip(stats, judgements):
             st.record(j)
         s.rounds += 1
+        s.mix = self.mix.to_json()
         self.pool.set_standing(self.standing())
         if s.rounds % self.config.epoch_rounds == 0:
             await self.set_weights(mg)
@@ -152,12 +153,14 @@ class Validator:
             return judge_round(self.reference, challenges, fwd, gen, self.thresholds, require_signature=True)
 
     def standing(self) -> dict[int, float]:
-        """The miners that may serve users: scored, unflagged, and verified in their last --gateway.min_streak
-        checks in a row (a cheat that passes a round now and then does not win users back)."""
-        s, out = self.state, {}
+        """The miners that may serve users: scored, unflagged, verified in their last --gateway.min_streak checks
+        in a row, and, after a wrong answer, in --gateway.min_clean checks since (a cheat that passes a round now
+        and then does not win users back; an honest miner that timed out does, soon)."""
+        s, gc, out = self.state, self.config.gateway, {}
         for uid, score in enumerate(s.scores):
             st, ev = s.stats.get(str(uid)), s.evidence.get(str(uid))
-            if score > 0 and st is not None and st.streak >= self.config.gateway.min_streak and not (ev and ev.flagged):
+            if (score > 0 and st is not None and st.streak >= gc.min_streak and (st.clean < 0 or st.clean >= gc.min_clean)
+                    and not (ev and ev.flagged)):
                 out[uid] = score
         return out
 

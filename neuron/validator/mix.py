@@ -71,8 +71,10 @@ class TrafficMix:
     """Counts of request shapes, user traffic over a prior; at most `max_shapes` distinct shapes are kept."""
 
     def __init__(self, prior: dict[Shape, float] | None = None, forward_prior: dict[ForwardShape, float] | None = None,
-                 decay: float = 0.999, max_shapes: int = 256):
-        self.counts: Counter = Counter(prior or PRIOR)
+                 decay: float = 0.999, max_shapes: int = 256, floor: float = 0.25):
+        self.prior: dict[Shape, float] = dict(prior or PRIOR)
+        self.floor = floor
+        self.counts: Counter = Counter(self.prior)
         self.forward_counts: Counter = Counter(forward_prior or FORWARD_PRIOR)
         self.decay, self.max_shapes = decay, max_shapes
 
@@ -91,6 +93,24 @@ class TrafficMix:
                   Shape(False, prompt, n, t, k, 1.0, 0, 0): half, Shape(False, prompt, n, t, k, p, 0, 0): half}
         return cls({s: w for s, w in shapes.items() if w > 0}, {ForwardShape(cfg.seq_len, cfg.topk): 1.0})
 
+    def to_json(self) -> dict:
+        return {"generate": [[*dataclasses.astuple(k), c] for k, c in self.counts.items()],
+                "forward": [[*dataclasses.astuple(k), c] for k, c in self.forward_counts.items()]}
+
+    @classmethod
+    def from_json(cls, data: dict, fallback: "TrafficMix") -> "TrafficMix":
+        """The mix saved in the validator's state (users' shapes survive a restart); `fallback` if none or bad."""
+        try:
+            gen = {Shape(*row[:-1]): float(row[-1]) for row in data["generate"]}
+            fwd = {ForwardShape(*row[:-1]): float(row[-1]) for row in data["forward"]}
+        except (KeyError, TypeError, ValueError):
+            return fallback
+        if not gen or not fwd:
+            return fallback
+        mix = cls(fallback.prior, fallback.forward_counts, floor=fallback.floor)
+        mix.counts, mix.forward_counts = Counter(gen), Counter(fwd)
+        return mix
+
     def _add(self, counts: Counter, key) -> None:
         for k in counts:
             counts[k] *= self.decay
@@ -107,8 +127,12 @@ class TrafficMix:
         self._add(self.forward_counts, shape)
 
     def sample(self, rng: random.Random) -> Shape:
-        shapes = list(self.counts)
-        return rng.choices(shapes, weights=[self.counts[k] for k in shapes])[0]
+        """A shape from the users' counts, or from the prior a `floor` share of the time: every parameter
+        stays checked even when users stop sending it (a shape no user sends tells a miner only that the
+        parameter it sets is being checked, which is what honouring it costs anyway)."""
+        counts = self.prior if rng.random() < self.floor else self.counts
+        shapes = list(counts)
+        return rng.choices(shapes, weights=[counts[k] for k in shapes])[0]
 
     def sample_forward(self, rng: random.Random) -> ForwardShape:
         shapes = list(self.forward_counts)

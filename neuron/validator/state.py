@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuron import scoring
-from neuron.validator.judge import Judgement
+from neuron.validator.judge import Judgement, Outcome
 
 SPEED_WINDOW = 32  # answers per uid and source whose seconds per token the speed term takes the median of
 
@@ -25,6 +25,7 @@ class UidStats:
     last_reason: str = ""
     reasons: dict[str, int] = field(default_factory=dict)  # failure kind -> count
     streak: int = 0  # checks verified in a row, challenges and user answers alike (0 after any failure)
+    clean: int = -1  # checks verified since its last wrong answer (-1: never a wrong answer)
     users_checked: int = 0  # user answers judged (the gateway's verified share)
     users_failed: int = 0  # of which failed
     # Seconds per generated token of its latest answers, by source ("challenge", "user"): the speed term takes
@@ -33,6 +34,10 @@ class UidStats:
 
     def record(self, j: Judgement, user: bool = False) -> None:
         self.streak = self.streak + 1 if j.verified else 0
+        if j.outcome is Outcome.WRONG:  # not a refusal or a timeout: a wrong answer (calibration: no honest one)
+            self.clean = 0
+        elif j.verified and self.clean >= 0:
+            self.clean += 1
         if user:
             self.users_checked += 1
             self.users_failed += not j.verified
@@ -67,13 +72,14 @@ class State:
     queue: list[int] = field(default_factory=list)  # uids still to query in this permutation
     stats: dict[str, UidStats] = field(default_factory=dict)
     evidence: dict[str, scoring.Evidence] = field(default_factory=dict)  # uid -> generation evidence (CUSUM)
+    mix: dict = field(default_factory=dict)  # the users' request shapes as counts (TrafficMix.to_json); {}: none yet
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         data = {"scores": self.scores, "hotkeys": self.hotkeys, "rounds": self.rounds, "queue": self.queue,
                 "stats": {k: v.__dict__ for k, v in self.stats.items()},
-                "evidence": {k: dataclasses.asdict(v) for k, v in self.evidence.items()}}
+                "evidence": {k: dataclasses.asdict(v) for k, v in self.evidence.items()}, "mix": self.mix}
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
@@ -89,7 +95,8 @@ class State:
             return cls(scores=[float(x) for x in data["scores"]], hotkeys=[str(h) for h in data["hotkeys"]],
                        rounds=int(data["rounds"]), queue=[int(u) for u in data["queue"]],
                        stats={k: UidStats(**v) for k, v in data.get("stats", {}).items()},
-                       evidence={k: scoring.Evidence(**v) for k, v in data.get("evidence", {}).items()})
+                       evidence={k: scoring.Evidence(**v) for k, v in data.get("evidence", {}).items()},
+                       mix=dict(data.get("mix", {})))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"validator state {path} is unreadable ({exc}); move it away to start afresh") from None
 

@@ -7,7 +7,7 @@ from neuron.chain.local import LocalChain
 from neuron.dendrite import Dendrite
 from neuron.validator.mix import PRIOR, Shape, TrafficMix, bucket
 from neuron.validator.pool import MinerPool
-from neuron.validator.judge import Judgement
+from neuron.validator.judge import Judgement, Outcome
 from neuron.validator.state import SPEED_WINDOW, UidStats
 
 
@@ -46,7 +46,8 @@ def test_mix_follows_user_traffic_and_forgets_old_counts():
     for _ in range(2000):
         mix.record(user)
     rng = random.Random(1)
-    assert sum(mix.sample(rng) == user for _ in range(1000)) > 900
+    # a quarter from the prior (the floor), the rest nearly all the users' shape
+    assert 680 < sum(mix.sample(rng) == user for _ in range(1000)) < 780
     assert bucket(1) == 8 and bucket(100) == 128 and bucket(10_000) == 512
     small = TrafficMix(max_shapes=8)
     for n in range(50):
@@ -70,7 +71,23 @@ def test_speed_takes_the_worse_of_user_and_challenge_medians():
 
 def test_the_streak_counts_verified_checks_in_a_row_and_any_failure_resets_it():
     st = UidStats()
-    for verified, user, streak in ((True, False, 1), (True, True, 2), (False, True, 0), (True, False, 1)):
-        st.record(Judgement(verified, "" if verified else "generate: wrong"), user=user)
-        assert st.streak == streak
-    assert (st.queried, st.verified, st.users_checked, st.users_failed) == (2, 2, 2, 1)
+    timeout = Judgement(False, "generate: deadline_exceeded", outcome=Outcome.UNREACHABLE)
+    for j, user, streak, clean in ((Judgement(True, ""), False, 1, -1), (timeout, False, 0, -1),
+                                   (Judgement(True, ""), True, 1, -1), (Judgement(False, "generate: wrong"), True, 0, 0),
+                                   (Judgement(True, ""), False, 1, 1), (Judgement(True, ""), False, 2, 2)):
+        st.record(j, user=user)
+        assert (st.streak, st.clean) == (streak, clean)
+    assert (st.queried, st.verified, st.users_checked, st.users_failed) == (4, 3, 2, 1)
+
+
+def test_the_mix_survives_a_restart_in_the_state(tmp_path):
+    from neuron.validator.state import State
+
+    mix = TrafficMix.default(16)
+    mix.record(Shape(False, 64, 48, 0.2, 10, 0.8, 1, 3))
+    state = State(mix=mix.to_json())
+    state.save(tmp_path / "s.json")
+    again = TrafficMix.from_json(State.load(tmp_path / "s.json").mix, TrafficMix.default(16))
+    assert again.counts == mix.counts and again.forward_counts == mix.forward_counts
+    fallback = TrafficMix.default(8)
+    assert TrafficMix.from_json({}, fallback) is fallback and TrafficMix.from_json({"generate": [[1]]}, fallback) is fallback
