@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from neuron import protocol, scoring
+from neuron.config import LimitsConfig
 from neuron.dataset import PromptSource
 from neuron.engine.types import Sampler, SamplingParams
 from neuron.model import LoadedModel
@@ -108,7 +109,10 @@ def make_challenge(lm: LoadedModel, source: PromptSource, rng: random.Random, cf
     # Positions with a next token (the last has none), all of them as a user's echo asks, or a sample.
     positions = list(range(n - 1)) if cfg.positions <= 0 else sorted(rng.sample(range(n - 1), min(cfg.positions, n - 1)))
     s = mix.sample(rng)
-    text, prompt_ids = _text_of_tokens(lm, source, rng, length_in(rng, s.prompt_tokens), taken)
+    # Prompt and new tokens within the context (the model's, and the miners' default limit), with room for a
+    # re-tokenised text to come out a few tokens longer.
+    room = min(lm.max_positions, LimitsConfig().max_seq_len) - s.max_new_tokens - 8
+    text, prompt_ids = _text_of_tokens(lm, source, rng, max(2, min(length_in(rng, s.prompt_tokens), room)), taken)
     stop = tuple(rng.sample(STOPS, min(s.n_stop, len(STOPS))))
     return Challenge(forward_ids, positions, max(1, fs.topk), prompt_ids, s.max_new_tokens, s.temperature, s.top_k,
                      seed=rng.getrandbits(63), top_p=s.top_p, prompt_text=text if s.text_prompt else "", stop=stop,

@@ -91,3 +91,15 @@ def test_the_mix_survives_a_restart_in_the_state(tmp_path):
     assert again.counts == mix.counts and again.forward_counts == mix.forward_counts
     fallback = TrafficMix.default(8)
     assert TrafficMix.from_json({}, fallback) is fallback and TrafficMix.from_json({"generate": [[1]]}, fallback) is fallback
+
+
+def test_challenges_fit_the_context_whatever_the_users_send(tiny):
+    from neuron.dataset import PromptSource
+    from neuron.validator.challenge import ChallengeConfig, make_challenge
+
+    mix = TrafficMix({Shape(True, 512, 96, 0.7, 0, 1.0, 0, 0): 1.0}, floor=0.0)
+    rng, source = random.Random(5), PromptSource.default()
+    for _ in range(20):
+        ch = make_challenge(tiny, source, rng, ChallengeConfig(), mix, set())
+        sent = len(tiny.tokenizer(ch.prompt_text).input_ids) if ch.prompt_text else len(ch.prompt_ids)
+        assert sent + ch.max_new_tokens <= tiny.max_positions and len(ch.prompt_ids) == sent
