@@ -46,13 +46,14 @@ async def _net(tmp_path, lm, kinds: list[str], model_name: str, **gateway):
     gw = Gateway(config.gateway, v.pool, lm, model_name, v.verify_users, deadline_s=config.timeout_s, mix=v.mix)
     server, task, port = await serve_gateway(gw, "127.0.0.1", 0)
     key = KeyStore(keys).add("tests", KeyLimits(requests_per_minute=1000, tokens_per_minute=0, max_concurrent=16))
-    return v, gw, miners, port, key, (server, task)
+    return v, gw, miners, port, key, (server, task, gw)
 
 
 async def _down(v, miners, server_task):
-    server, task = server_task
+    server, task, gw = server_task
     server.should_exit = True
     await task
+    await gw.stop()
     await v.close()
     for axon in miners.values():
         await axon.stop(grace=0)
