@@ -1,11 +1,12 @@
 """`neuron bench --only gateway`: what the OpenAI gateway costs over going to the miners directly.
 
-Real miners (axons in this process, on loopback, signed) on a local chain, verified by one validator
-round; a gateway (auth off) in front of them. The same requests go through the gateway (HTTP + SSE) and
-straight to a miner with the validator's dendrite, in alternation: one stream's tokens/s, many concurrent
-users' tokens/s, the time to first token added, and the validator's judging cost per verified user token
-against a miner's cost per generated token. The client runs in the same process, so its parsing is
-counted against the gateway (a conservative figure).
+Real miners (`neuron miner` processes, one thread each, on loopback, signed) on a local chain, verified by
+one validator round; a gateway (auth off) in front of them. The same requests go through the gateway
+(HTTP + SSE) and straight to a miner with the validator's dendrite, in alternation: one stream's
+tokens/s, many concurrent users' tokens/s, the time to first token added, and the validator's judging cost
+per verified user token against a miner's cost per generated token. The miners run apart, as in a
+deployment; the validator, its gateway and the HTTP client share this process and its event loop, so the
+client's parsing is counted against the gateway (a conservative figure).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from neuron import protocol
-from neuron.bench import NETUID, Figure, _miner_config, _wallet, alternate
+from neuron.bench import NETUID, Figure, _wallet, alternate
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.model import LoadedModel
 
@@ -37,6 +38,9 @@ class GatewaySizes:
 
 
 QUICK_GATEWAY = GatewaySizes(miners=2, users=4, new_tokens=8, reps=1, ttft_pairs=4, judge_batch=4)
+STARTUP_TIMEOUT_S = 120.0  # how long the miner processes may take to load and serve
+# The bench is the flood it means to measure: no rate limit; as large a Forward batch as the in-process axons had.
+MINER_FLAGS = ("--auth.rate_per_s", "1e9", "--auth.burst", str(10**9), "--limits.max_batch", "64")
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -45,30 +49,34 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 class _Net:
-    """A local chain, `n` miners, a validator that ran one round, and a gateway on port 0."""
+    """A local chain, `n` miner processes, a validator that ran one round, and a gateway on port 0."""
+
+    def __init__(self) -> None:
+        self.nodes: list = []  # neuron.mocknet.Node, one per miner process
+        self.http = self.server = self.task = self.gw = self.validator = None
 
     async def start(self, lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> "_Net":
-        from neuron.axon import Axon
         from neuron.chain.local import LocalChain
-        from neuron.engine.hf import HFEngine
         from neuron.gateway.app import Gateway, serve_gateway
+        from neuron.mocknet import Node, start_miner, wait_serving
         from neuron.validator.loop import Validator
 
         self.lm, self.sizes = lm, sizes
+        wallets, logs = workdir / "gw-wallets", workdir / "gw-logs"
+        logs.mkdir(parents=True, exist_ok=True)
         chain = LocalChain(workdir / "gateway-chain.sqlite", block_time=0.05)
         chain.create_subnet(NETUID, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
-        vwallet = _wallet(workdir / "gw-wallets", "validator")
+        vwallet = _wallet(wallets, "validator")
         chain.register(NETUID, vwallet)
         chain.add_stake(NETUID, vwallet.hotkey.ss58_address, 100.0)
-        self.axons = []
         for i in range(sizes.miners):
-            w = _wallet(workdir / "gw-wallets", f"miner{i}")
-            chain.register(NETUID, w)
-            config = _miner_config()
-            axon = Axon(HFEngine(lm, config.batching, config.limits.max_seq_len), config, w.hotkey,
-                        lambda: chain.metagraph(NETUID))
-            chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
-            self.axons.append(axon)
+            node = Node(f"miner{i}", "honest", _wallet(wallets, f"miner{i}"))
+            node.uid, _ = chain.register(NETUID, node.wallet)
+            self.nodes.append(node)
+        device_flags = ("--model.device", str(lm.device), "--model.dtype", str(lm.dtype).removeprefix("torch."))
+        for node in self.nodes:  # appended first, started after: close() stops whatever did start
+            start_miner(node, chain.path, NETUID, wallets, logs, "tiny", extra=MINER_FLAGS + device_flags)
+        await asyncio.to_thread(wait_serving, chain, NETUID, self.nodes, STARTUP_TIMEOUT_S)
         config = with_overrides(ValidatorConfig(), **{
             "model.name": "tiny", "subtensor.netuid": NETUID, "timeout_s": 60.0, "epoch_rounds": 1,
             "state_path": str(workdir / "gw-state.json"), "max_new_tokens": 8, "gateway.auth": False,
@@ -85,15 +93,23 @@ class _Net:
         return self
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.http.aclose()
-        self.server.should_exit = True
-        with contextlib.suppress(Exception):
-            await self.task
-        await self.gw.stop()
-        await self.validator.close()
-        for axon in self.axons:
-            await axon.stop(grace=0)
+        """Whatever `start` got to, stopped; the miner processes always (SIGTERM, then SIGKILL)."""
+        from neuron.mocknet import stop
+
+        try:
+            if self.http is not None:
+                with contextlib.suppress(Exception):
+                    await self.http.aclose()
+            if self.server is not None:
+                self.server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await self.task
+            if self.gw is not None:
+                await self.gw.stop()
+            if self.validator is not None:
+                await self.validator.close()
+        finally:
+            await asyncio.to_thread(stop, self.nodes)
 
     def body(self, seed: int, max_tokens: int) -> dict:
         prompt = [(seed * 7919 + i * 104729) % (self.lm.vocab_size - 3) + 3 for i in range(self.sizes.prompt_len)]
@@ -125,8 +141,9 @@ class _Net:
 
 
 async def run_gateway(lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> tuple[list[Figure], list[str]]:
-    net = await _Net().start(lm, sizes, workdir)
+    net = _Net()
     try:
+        await net.start(lm, sizes, workdir)
         return await _figures(net, sizes)
     finally:
         await net.close()
@@ -186,7 +203,8 @@ async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[s
     ]
     notes = [f"gateway: added time to first token (gateway - direct, {len(added)} pairs): "
              f"p50 {_percentile(added, 0.5) * ms:.2f} ms, p99 {_percentile(added, 0.99) * ms:.2f} ms; "
-             f"judging {judge_s * ms:.3f} ms per verified user token; client, gateway and miners in one process"]
+             f"judging {judge_s * ms:.3f} ms per verified user token; miners in their own processes (one thread each), "
+             "the HTTP client in the gateway's process"]
     return figures, notes
 
 

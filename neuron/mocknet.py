@@ -58,17 +58,20 @@ def _wallet(path: Path, name: str):
     return w
 
 
-def _start_miner(node: Node, c: cfg.MocknetConfig, chain_path: Path, wallets: Path, logs: Path) -> None:
+def start_miner(node: Node, chain_path: Path, netuid: int, wallets: Path, logs: Path, model: str = "tiny",
+                engine: str = "hf", extra: tuple[str, ...] = ()) -> None:
+    """`node` as a miner process (`node.process`, its output in `logs`) serving `model` on loopback, port 0,
+    on the local chain at `chain_path`; `extra`: more flags of `neuron miner`."""
     # Cheats run from the harness's own entry point: the production miner has no cheat switch.
     entry = ["neuron.cli", "miner"] if node.kind == "honest" else ["neuron.harness.cheat_miner", "--kind", node.kind]
-    args = [sys.executable, "-m", *entry, "--model.name", c.model,
-            "--subtensor.network", "local", "--subtensor.chain_path", str(chain_path), "--subtensor.netuid", str(c.netuid),
+    args = [sys.executable, "-m", *entry, "--model.name", model,
+            "--subtensor.network", "local", "--subtensor.chain_path", str(chain_path), "--subtensor.netuid", str(netuid),
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
-            "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1"]
-    if node.kind == "honest" and c.engine != "hf":
+            "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1", *extra]
+    if node.kind == "honest" and engine != "hf":
         # vLLM on a shared CPU: a small KV cache and a small share of host memory, or it refuses to start.
-        args += ["--engine.backend", c.engine, "--engine.vllm.kv_cache_memory_bytes", str(512 << 20),
+        args += ["--engine.backend", engine, "--engine.vllm.kv_cache_memory_bytes", str(512 << 20),
                  "--engine.vllm.gpu_memory_utilization", "0.1", "--engine.vllm.max_model_len", "512"]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -84,10 +87,11 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-def _wait_serving(chain: LocalChain, c: cfg.MocknetConfig, miners: list[Node]) -> None:
-    deadline = time.monotonic() + c.startup_timeout_s
+def wait_serving(chain: LocalChain, netuid: int, miners: list[Node], timeout_s: float) -> None:
+    """Until every miner's axon is on the chain; raises if one exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
     while True:
-        mg = chain.metagraph(c.netuid)
+        mg = chain.metagraph(netuid)
         waiting = [m for m in miners if (n := mg.by_uid(m.uid)) is None or n.axon is None]
         for m in miners:
             if m.process.poll() is not None:
@@ -95,12 +99,13 @@ def _wait_serving(chain: LocalChain, c: cfg.MocknetConfig, miners: list[Node]) -
         if not waiting:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(waiting)} miners did not serve within {c.startup_timeout_s:.0f} s: "
+            raise RuntimeError(f"{len(waiting)} miners did not serve within {timeout_s:.0f} s: "
                                f"{', '.join(m.name for m in waiting)}")
         time.sleep(0.5)
 
 
-def _stop(miners: list[Node]) -> None:
+def stop(miners: list[Node]) -> None:
+    """SIGTERM to every miner still running, then SIGKILL to its process group past a deadline."""
     for m in miners:
         if m.process is not None and m.process.poll() is None:
             m.process.send_signal(signal.SIGTERM)
@@ -194,14 +199,14 @@ def _run(c: cfg.MocknetConfig, workdir: Path, result: Result) -> None:
     holder: list = []
     try:
         for m in miners:
-            _start_miner(m, c, chain.path, wallets, logs)
-        _wait_serving(chain, c, miners)
+            start_miner(m, chain.path, c.netuid, wallets, logs, c.model, c.engine)
+        wait_serving(chain, c.netuid, miners, c.startup_timeout_s)
         logger.info(f"all {len(miners)} miners serve; running {c.rounds} validator rounds")
         asyncio.run(_validate(c, chain, validator, workdir, result, miners, holder))
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
-        _stop(miners)
+        stop(miners)
     if holder:
         _fill_rows(result, holder[0], chain.metagraph(c.netuid), miners)
     if result.interrupted:
