@@ -453,7 +453,7 @@ async def _count(gen) -> int:
 async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> list[Figure]:
     """Round time with 1, 8, 32 miners (in-process axons, each with its own HF engine over one shared model)
     over a local chain. The validator judges the whole round with one reference batch for all Forward
-    prompts and one for all generations (neuron/reference.py)."""
+    prompts and one for all generations (neuron/validator/reference.py)."""
     from neuron.axon import Axon
     from neuron.chain.local import LocalChain
     from neuron.config import BatchingConfig

@@ -1,7 +1,7 @@
 """Measure the verification metrics for honest and dishonest miners, so Thresholds come from data.
 
 The reference is the validator's computation, the model in float32: Forward one unpadded sequence at a
-time, generations teacher-forced in one padded batch (neuron/reference.py). Honest miners compute the
+time, generations teacher-forced in one padded batch (neuron/validator/reference.py). Honest miners compute the
 same thing another way (float16 weights, left-padded Forward batches, seeded generation through the HF
 engine with sequences joining). Cheats serve another model or rewrite the logits (Forward), or choose
 their generated tokens another way than the seeded sampler (neuron/harness/cheats.py). Every check is one

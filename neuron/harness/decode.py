@@ -63,7 +63,7 @@ def decode(lm: LoadedModel, prompts: list[list[int]], specs: list[GenSpec], poli
 
 def reported_by(reference, prompts: list[list[int]], answers: list[Generated]) -> list[Generated]:
     """The same tokens with exact logprobs from one teacher-forced pass of `reference` (a
-    neuron.reference.Reference): what a cheat that chose its tokens cheaply reports."""
+    neuron.validator.reference.Reference): what a cheat that chose its tokens cheaply reports."""
     logits = reference.generation_logits(prompts, [a.tokens for a in answers])
     out = []
     for a, rows in zip(answers, logits):
