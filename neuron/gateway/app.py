@@ -427,6 +427,32 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class Observe:
+    """Counts each request by path and status and logs it with its time (a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware relays every streamed chunk through a memory stream, a cost on each token)."""
+
+    def __init__(self, app, gw: Gateway):
+        self.app, self.gw = app, gw
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if self.gw.metrics is not None:
+                self.gw.metrics.requests.labels(scope["path"][:40], str(status[0])).inc()
+            logger.debug(f"gateway {scope['method']} {scope['path'][:80]} {status[0]} "
+                         f"{(time.monotonic() - started) * 1000:.1f} ms")
+
+
 def create_app(gw: Gateway) -> FastAPI:
     """The HTTP face of `gw`: OpenAI routes, OpenAI error shapes, no 500 for bad input."""
     app = FastAPI(title="neuron gateway", docs_url=None, redoc_url=None)
@@ -440,15 +466,7 @@ def create_app(gw: Gateway) -> FastAPI:
         logger.opt(exception=exc).error(f"gateway: unexpected error: {exc}")
         return JSONResponse(OpenAIError(500, "internal error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.monotonic()
-        response = await call_next(request)
-        if gw.metrics is not None:
-            gw.metrics.requests.labels(request.url.path[:40], str(response.status_code)).inc()
-        logger.debug(f"gateway {request.method} {request.url.path} {response.status_code} "
-                     f"{(time.monotonic() - started) * 1000:.1f} ms")
-        return response
+    app.add_middleware(Observe, gw=gw)
 
     async def body_of(request: Request, model: type[pydantic.BaseModel]):
         declared = request.headers.get("content-length", "")
