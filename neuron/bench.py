@@ -28,6 +28,7 @@ from loguru import logger
 
 from neuron import wire
 from neuron.config import MinerConfig, ValidatorConfig, with_overrides
+from neuron.mocknet import dev_wallet
 from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forward_topk, load_model
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -136,15 +137,6 @@ async def alternate(reps: int, *measures) -> list[list[float]]:
     return runs
 
 
-def _wallet(path: Path, name: str):
-    import bittensor as bt
-
-    w = bt.Wallet(name=name, hotkey="default", path=str(path))
-    w.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
-    w.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
-    return w
-
-
 def _admit_only(hotkey: str):
     """A metagraph in which `hotkey` is a staked validator: what a miner's admission reads."""
     from neuron.chain.base import Metagraph, NeuronInfo
@@ -166,8 +158,8 @@ class Bench:
     def __init__(self, lm: LoadedModel, sizes: Sizes, workdir: Path):
         self.lm, self.sizes, self.workdir = lm, sizes, workdir
         self.gen = torch.Generator().manual_seed(1234)
-        self.validator_wallet = _wallet(workdir / "wallets", "bench-validator")
-        self.miner_wallet = _wallet(workdir / "wallets", "bench-miner")
+        self.validator_wallet = dev_wallet(workdir / "wallets", "bench-validator")
+        self.miner_wallet = dev_wallet(workdir / "wallets", "bench-miner")
         self.axons = []
         self.dendrite = None
 
@@ -463,10 +455,10 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
     most = max(sizes.miners)
     chain.create_subnet(NETUID, max_uids=most + 8, weights_rate_limit=1, min_validator_stake=1.0, max_validators=4)
-    vwallet = _wallet(workdir / "wallets", "round-validator")
+    vwallet = dev_wallet(workdir / "wallets", "round-validator")
     chain.register(NETUID, vwallet)
     chain.add_stake(NETUID, vwallet.hotkey.ss58_address, 1000.0)
-    wallets = [_wallet(workdir / "wallets", f"round-miner{i}") for i in range(most)]
+    wallets = [dev_wallet(workdir / "wallets", f"round-miner{i}") for i in range(most)]
     for w in wallets:
         chain.register(NETUID, w)
     mg = chain.metagraph(NETUID)

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 
 from neuron import protocol
-from neuron.bench import NETUID, Figure, _wallet, alternate
+from neuron.bench import NETUID, Figure, alternate
+from neuron.mocknet import dev_wallet
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.model import LoadedModel
 
@@ -66,11 +67,11 @@ class _Net:
         logs.mkdir(parents=True, exist_ok=True)
         chain = LocalChain(workdir / "gateway-chain.sqlite", block_time=0.05)
         chain.create_subnet(NETUID, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
-        vwallet = _wallet(wallets, "validator")
+        vwallet = dev_wallet(wallets, "validator")
         chain.register(NETUID, vwallet)
         chain.add_stake(NETUID, vwallet.hotkey.ss58_address, 100.0)
         for i in range(sizes.miners):
-            node = Node(f"miner{i}", "honest", _wallet(wallets, f"miner{i}"))
+            node = Node(f"miner{i}", "honest", dev_wallet(wallets, f"miner{i}"))
             node.uid, _ = chain.register(NETUID, node.wallet)
             self.nodes.append(node)
         device_flags = ("--model.device", str(lm.device), "--model.dtype", str(lm.dtype).removeprefix("torch."))

@@ -49,7 +49,8 @@ class Result:
         return max((r["weight"] for r in self.rows if r["kind"] != "honest"), default=0.0)
 
 
-def _wallet(path: Path, name: str):
+def dev_wallet(path: Path, name: str):
+    """A wallet with an unencrypted coldkey and hotkey "default" (local chains, benches; never real TAO)."""
     import bittensor as bt
 
     w = bt.Wallet(name=name, hotkey="default", path=str(path))
@@ -188,9 +189,9 @@ def _run(c: cfg.MocknetConfig, workdir: Path, result: Result) -> None:
     n_nodes = 1 + c.honest + len(c.dishonest)
     chain.create_subnet(c.netuid, max_uids=max(64, n_nodes), weights_rate_limit=1, min_validator_stake=1.0,
                         max_validators=4, immunity_period=10_000)
-    validator = Node("validator", "validator", _wallet(wallets, "validator"))
-    miners = [Node(f"honest-{i}", "honest", _wallet(wallets, f"honest-{i}")) for i in range(c.honest)]
-    miners += [Node(f"cheat-{k}", k, _wallet(wallets, f"cheat-{k}")) for k in c.dishonest]
+    validator = Node("validator", "validator", dev_wallet(wallets, "validator"))
+    miners = [Node(f"honest-{i}", "honest", dev_wallet(wallets, f"honest-{i}")) for i in range(c.honest)]
+    miners += [Node(f"cheat-{k}", k, dev_wallet(wallets, f"cheat-{k}")) for k in c.dishonest]
     for node in [validator, *miners]:
         node.uid, _ = chain.register(c.netuid, node.wallet)
     chain.add_stake(c.netuid, validator.wallet.hotkey.ss58_address, 1000.0)
