@@ -35,7 +35,7 @@ from neuron.gateway.openai_api import OpenAIError
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.scoring import GenSpec
-from neuron.validator.judge import FwdCheck, GenCheck
+from neuron.validator.challenge import FwdCheck, GenCheck
 from neuron.validator.mix import ForwardShape, Shape, TrafficMix, bucket
 from neuron.validator.pool import Miner, MinerPool
 

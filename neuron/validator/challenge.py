@@ -36,6 +36,24 @@ class ChallengeConfig:
 STOPS = ("\n\n", "\n", ".", "###", "User:")
 
 
+@dataclass(frozen=True)
+class GenCheck:
+    """What a seeded generation was asked, as the judge needs it: the same for challenges and user requests."""
+
+    prompt_ids: tuple[int, ...]
+    spec: scoring.GenSpec
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FwdCheck:
+    """What a Forward was asked (one sequence, every position's next-token logprob): challenges and users' echo."""
+
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+    topk: int
+
+
 @dataclass
 class Challenge:
     """What one miner is asked; built fresh for every miner and round. Generation is seeded (gumbel-v1)."""
@@ -58,15 +76,11 @@ class Challenge:
         return scoring.GenSpec(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed)
 
     @property
-    def check(self):
-        from neuron.validator.judge import GenCheck
-
+    def check(self) -> GenCheck:
         return GenCheck(tuple(self.prompt_ids), self.spec, self.stop)
 
     @property
-    def fwd_check(self):
-        from neuron.validator.judge import FwdCheck
-
+    def fwd_check(self) -> FwdCheck:
         return FwdCheck(tuple(self.forward_ids), tuple(self.positions), self.topk)
 
     def forward_request(self) -> pb.ForwardRequest:

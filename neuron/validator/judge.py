@@ -17,7 +17,7 @@ from neuron.dendrite import PeerResult
 from neuron.engine.types import FinishReason
 from neuron.errors import NeuronError
 from neuron.model import LoadedModel
-from neuron.validator.challenge import Challenge
+from neuron.validator.challenge import Challenge, FwdCheck, GenCheck
 from neuron.validator.reference import Reference
 
 # The checks take typed answers, decoded by the same codec the miner encodes with (neuron/protocol.py).
@@ -56,15 +56,6 @@ class Judgement:
     def __post_init__(self):
         if self.outcome is None:
             self.outcome = Outcome.VERIFIED if self.verified else Outcome.WRONG
-
-
-@dataclass(frozen=True)
-class GenCheck:
-    """What a seeded generation was asked, as the judge needs it: the same for challenges and user requests."""
-
-    prompt_ids: tuple[int, ...]
-    spec: scoring.GenSpec
-    stop: tuple[str, ...] = ()
 
 
 def transport_failure(what: str, r: PeerResult, require_signature: bool) -> Judgement | None:
@@ -159,15 +150,6 @@ def _check_generation(check: GenCheck, ga: protocol.GenerateAnswer, logits: torc
                                    spec=check.spec, finish_reason=FINISH[ga.finish_reason],
                                    eos_token_id=lm.eos_token_id, th=th)
     return gv, list(gv.metrics.pop("margins", [])), list(gv.metrics.pop("errors", []))
-
-
-@dataclass(frozen=True)
-class FwdCheck:
-    """What a Forward was asked (one sequence, every position's next-token logprob): challenges and users' echo."""
-
-    ids: tuple[int, ...]
-    positions: tuple[int, ...]
-    topk: int
 
 
 def _check_forward(check: FwdCheck, fa: protocol.ForwardAnswer, logits: torch.Tensor,

@@ -23,7 +23,8 @@ from neuron.model import LoadedModel, load_model
 from neuron.protocol import ForwardAnswer, GenerateAnswer
 from neuron.signals import until_signalled
 from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
-from neuron.validator.judge import FwdCheck, GenCheck, Judgement, Outcome, judge_round, judge_users
+from neuron.validator.challenge import FwdCheck, GenCheck
+from neuron.validator.judge import Judgement, Outcome, judge_round, judge_users
 from neuron.validator.mix import TrafficMix
 from neuron.validator.pool import MinerPool
 from neuron.validator.reference import Reference

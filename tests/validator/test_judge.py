@@ -3,7 +3,8 @@
 from neuron.engine.types import FinishReason
 from neuron.protocol import GenerateAnswer
 from neuron.scoring import GenSpec
-from neuron.validator.judge import GenCheck, stop_problem
+from neuron.validator.challenge import GenCheck
+from neuron.validator.judge import stop_problem
 
 
 class Letters:
