@@ -63,8 +63,11 @@ PRIOR: dict[Shape, float] = {
     Shape(True, 32, 16, 0.8, 40, 0.95, 1, 0): 1.0,
     Shape(True, 16, 16, 0.7, 0, 1.0, 0, 2): 1.0,
 }
-FORWARD_PRIOR: dict[ForwardShape, float] = {ForwardShape(16, 5): 1.0, ForwardShape(32, 5): 1.0,
-                                            ForwardShape(64, 1): 1.0}
+# Every Forward asks at least this top-k, challenges and users' echo alike: the top-k checks' thresholds were
+# measured at 16 (docs/calibration.md); a user asking fewer alternatives gets the first of them.
+FORWARD_TOPK = 16
+FORWARD_PRIOR: dict[ForwardShape, float] = {ForwardShape(16, FORWARD_TOPK): 1.0, ForwardShape(32, FORWARD_TOPK): 1.0,
+                                            ForwardShape(64, FORWARD_TOPK): 1.0}
 
 
 class TrafficMix:

@@ -136,6 +136,9 @@ async def test_echo_with_max_tokens_0_gives_the_prompts_logprobs_from_a_miners_f
     want = [float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)]
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-4
     assert all(len(t) == 2 for t in lp.top_logprobs[1:]) and c.usage.completion_tokens == 0
+    # the miner was asked the calibrated top-k (16), as challenges ask it: logprobs=2 is no tell, and no
+    # near-tie at a top-2 edge can fail an honest miner
+    assert {s.topk for s in gw.mix.forward_counts} == {16}
     e = await client.completions.create(model="tiny", prompt="Once upon", max_tokens=4, echo=True, temperature=0)
     assert e.choices[0].text.startswith("Once upon")
     await _judged(gw, 2)  # the Forward answer was judged like a challenge's, and so was the generation
