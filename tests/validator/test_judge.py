@@ -33,3 +33,29 @@ def test_a_stop_string_must_end_the_generation_at_the_token_that_completes_it():
     plain = GenCheck((0,), GenSpec(8), stop=())
     assert stop_problem(plain, _answer([0, 1, 2], "abc", FinishReason.LENGTH), tok) == ""
     assert "spell" in stop_problem(plain, _answer([0, 1, 2], "abd", FinishReason.LENGTH), tok)
+
+
+def test_the_next_tokens_logprobs_are_checked_and_the_cheapest_lie_is_caught(tiny):
+    """The cheapest lie about a prompt's logprobs: compute the top-k honestly and report the top-1 logprob as
+    every next token's (it skips the gather). Honest answers pass; the lie fails."""
+    import dataclasses
+
+    import torch
+
+    from neuron.model import forward_topk
+    from neuron.protocol import ForwardAnswer
+    from neuron.scoring import Thresholds
+    from neuron.validator.challenge import FwdCheck
+    from neuron.validator.judge import _check_forward
+    from neuron.validator.reference import Reference
+
+    ids = tiny.tokenizer("The river ran past the old mill and on to the sea").input_ids
+    positions = list(range(len(ids) - 1))
+    out = forward_topk(tiny, torch.tensor([ids]), positions, 16, want_token_logprobs=True)
+    honest = ForwardAnswer(tuple(positions), out.topk_ids, out.topk_logprobs, out.rest_mass, out.token_logprobs)
+    check = FwdCheck(tuple(ids), tuple(positions), 16)
+    logits = Reference(tiny).logits_at([ids], [positions])[0]
+    assert _check_forward(check, honest, logits, Thresholds()).ok
+    lie = dataclasses.replace(honest, token_logprobs=out.topk_logprobs[:, :, 0].clone())
+    verdict = _check_forward(check, lie, logits, Thresholds())
+    assert not verdict.ok and "token logprob error" in verdict.reason
