@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # torch's own deprecations, raised while vLLM i
     import vllm  # noqa: E402,F401  (asked for and absent: fail, do not skip)
     from neuron.engine.vllm import VllmEngine  # noqa: E402
 
-from neuron import scoring, wire
+from neuron import scoring
 from neuron.validator import challenge  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
 from neuron.dendrite import PeerResult, Target  # noqa: E402
@@ -36,7 +36,6 @@ from neuron.engine.vllm_config import VllmConfig  # noqa: E402
 from neuron.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable  # noqa: E402
 from neuron.fingerprint import checkpoint_fingerprint  # noqa: E402
 from neuron.model import tokenizer_fingerprint  # noqa: E402
-from neuron.pb.neuron.v1 import axon_pb2 as pb  # noqa: E402
 from conftest import SMOLLM2  # noqa: E402
 
 # Small enough for a shared 2-core, 24 GiB machine.
@@ -179,34 +178,32 @@ async def test_queue_bound_close_aborts_and_deadline(engine, smollm2):
     assert len(await run(engine, GenerateJob(prompt, 3, SamplingParams()))) == 3  # and still serves
 
 
-def _responses(ch: challenge.Challenge, fwd, steps, tokenizer) -> tuple[PeerResult, PeerResult]:
-    target = Target("vllm-miner")
-    f = pb.ForwardResponse(positions=ch.positions, topk_ids=wire.to_pb(fwd.topk_ids),
-                           topk_logprobs=wire.to_pb(fwd.topk_logprobs), rest_mass=wire.to_pb(fwd.rest_mass))
-    tokens = [s.token_id for s in steps]
-    finish = pb.FINISH_REASON_EOS if steps[-1].finish_reason.value == "eos" else pb.FINISH_REASON_LENGTH
-    g = pb.GenerateResponse(token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
-                            logprobs=[s.logprob for s in steps], finish_reason=finish)
-    return PeerResult(target, grpc.StatusCode.OK, response=f), PeerResult(target, grpc.StatusCode.OK, response=g)
+class _NoDeadline:
+    """The servicer's view of a gRPC call without a deadline."""
+
+    def time_remaining(self):
+        return None
 
 
 async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
-    """A small network: challenges as the validator builds them (seeded gumbel-v1 generations), answered by
-    the vLLM engine, judged in one round by the validator's HF reference: no false rejection."""
+    """A small network: challenges as the validator builds them (seeded gumbel-v1 generations, stop strings,
+    Forward with token logprobs), sent as the validator's own requests to the miner's servicer on the vLLM
+    engine, judged in one round by the validator's HF reference: no false rejection."""
+    from neuron.axon import AxonServicer
+    from neuron.config import MinerConfig
+    from neuron.validator import judge
     from neuron.validator.reference import Reference
 
+    servicer, ctx, target = AxonServicer(engine, MinerConfig(), "vllm-miner"), _NoDeadline(), Target("vllm-miner")
     rng = random.Random(11)
     source = PromptSource.default()
     chs = [challenge.make_challenge(smollm2, source, rng, challenge.ChallengeConfig()) for _ in range(8)]
     fwds, gens = [], []
     for ch in chs:
-        fwd = await engine.forward(ForwardJob(torch.tensor([ch.forward_ids]), tuple(ch.positions), ch.topk))
-        sp = SamplingParams(temperature=ch.temperature, top_k=ch.top_k, top_p=ch.top_p, seed=ch.seed,
-                            sampler=Sampler.GUMBEL_V1)
-        steps = await run(engine, GenerateJob(tuple(ch.prompt_ids), ch.max_new_tokens, sp))
-        f, g = _responses(ch, fwd, steps, smollm2.tokenizer)
-        fwds.append(f)
-        gens.append(g)
+        f = await servicer.Forward(ch.forward_request(), ctx)
+        g = [c async for c in servicer.GenerateStream(ch.generate_request(), ctx)]
+        fwds.append(PeerResult(target, grpc.StatusCode.OK, response=f))
+        gens.append(PeerResult(target, grpc.StatusCode.OK, response=g))
     verdicts = await asyncio.to_thread(judge.judge_round, Reference(smollm2), chs, fwds, gens,
                                        scoring.Thresholds(), False)
     assert [v.reason for v in verdicts if not v.verified] == []
