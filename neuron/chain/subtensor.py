@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import ipaddress
+import threading
 import time
 from typing import Callable, Sequence, TypeVar
 
@@ -55,6 +60,52 @@ def with_retries(
     raise ChainError(f"{what}: attempts must be >= 1, not {attempts}")
 
 
+class _Subtensor(bt.Subtensor):
+    """`bt.Subtensor` whose every blocking call, the connect included, ends by `call_timeout_s`.
+
+    The SDK keeps one websocket per client (websockets' keepalive pings every 20 s; reconnects and
+    resubmits pending requests itself), but its blocking facade waits on a call with no deadline, so a
+    node that accepts the connection and never answers would hang a validator's round for good. The
+    SDK's private loop is the one choke point of every blocking call; the deadline is set there and a
+    late call is cancelled on that loop, not left pending.
+    """
+
+    def __init__(self, network: str, *, call_timeout_s: float, **kwargs):
+        super().__init__(network, **kwargs)
+        self.call_timeout_s = call_timeout_s
+        self._longer = threading.local()  # a longer deadline for this thread's current call
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float):
+        """Calls made by this thread inside the block end by `seconds` (a submission waits for blocks)."""
+        self._longer.seconds = seconds
+        try:
+            yield
+        finally:
+            self._longer.seconds = None
+
+    def _ensure_loop(self):
+        fresh = self._loop_thread is None
+        loop = super()._ensure_loop()
+        if fresh:
+            # Not a bound method: the loop must not keep the client alive (the SDK's GC finalizer).
+            loop.call = functools.partial(_call_by_deadline, loop, self._longer, self.call_timeout_s)
+        return loop
+
+
+def _call_by_deadline(loop, longer: threading.local, default_s: float, coro, timeout: float | None = None):
+    if loop.is_shutdown:
+        coro.close()
+        raise RuntimeError("the chain client is closed")
+    timeout = timeout or getattr(longer, "seconds", None) or default_s
+    future = asyncio.run_coroutine_threadsafe(coro, loop._loop)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no answer from the chain node in {timeout:g} s") from None
+
+
 class SubtensorChain:
     """The Chain protocol over a subtensor node (`finney`, `test`, `local`, or a ws:// / wss:// URL)."""
 
@@ -70,8 +121,12 @@ class SubtensorChain:
         wait_for_finalization: bool = False,
         pow_workers: int = 4,
         pow_timeout_s: float = 300.0,
+        call_timeout_s: float = 30.0,
+        submit_timeout_s: float = 120.0,
     ):
-        """`substrate` replaces the SDK's RPC backend (tests); `pow_register` registers by proof of work."""
+        """`substrate` replaces the SDK's RPC backend (tests); `pow_register` registers by proof of work;
+        `call_timeout_s` bounds every read from the node and `submit_timeout_s` every submission (which
+        waits for inclusion); a timeout is retried like a dropped connection."""
         self.network = network
         self.pow_register = pow_register
         self.attempts = attempts
@@ -80,9 +135,10 @@ class SubtensorChain:
         self.wait_for_finalization = wait_for_finalization
         self.pow_workers = pow_workers
         self.pow_timeout_s = pow_timeout_s
+        self.submit_timeout_s = submit_timeout_s
         try:
             # Cold: nothing connects until the first read, so an offline start-up is cheap.
-            self._sub = bt.Subtensor(network, substrate=substrate)
+            self._sub = _Subtensor(network, substrate=substrate, call_timeout_s=call_timeout_s)
         except ValueError as exc:
             raise ChainError(str(exc)) from exc
 
@@ -112,13 +168,14 @@ class SubtensorChain:
 
     def _execute(self, intent: bt.Intent, wallet) -> None:
         """Sign and submit `intent`, waiting for inclusion; a failed extrinsic raises."""
-        result = self._sub.execute(
-            intent,
-            wallet,
-            wait_for_inclusion=True,
-            wait_for_finalization=self.wait_for_finalization,
-            retries=2,  # the SDK's own resubmission on transient pool rejections (nonce races)
-        )
+        with self._sub.deadline(self.submit_timeout_s):
+            result = self._sub.execute(
+                intent,
+                wallet,
+                wait_for_inclusion=True,
+                wait_for_finalization=self.wait_for_finalization,
+                retries=2,  # the SDK's own resubmission on transient pool rejections (nonce races)
+            )
         if not result.success:
             raise result.error or bt.ChainError(result.message or "extrinsic failed")
 
@@ -157,9 +214,10 @@ class SubtensorChain:
             return bt.BurnedRegister(netuid=netuid, hotkey_ss58=hotkey)
         coldkey = wallet.coldkeypub.ss58_address
         try:
-            return self._sub.mine_pow_registration(
-                netuid, hotkey, coldkey, workers=self.pow_workers, max_seconds=self.pow_timeout_s
-            )
+            with self._sub.deadline(self.pow_timeout_s + self._sub.call_timeout_s):
+                return self._sub.mine_pow_registration(
+                    netuid, hotkey, coldkey, workers=self.pow_workers, max_seconds=self.pow_timeout_s
+                )
         except TimeoutError as exc:  # no proof in time: not a connection problem, so not retried
             raise ChainError(f"{what}: {exc}") from exc
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import time
 
 import bittensor as bt
 import pytest
@@ -24,6 +26,11 @@ class FakeSubstrate:
     """
 
     def __init__(self, fail_connects: int = 0):
+        self.hang_connects = 0  # the next connects that never answer
+        self.hang_reads = 0  # the next block-number reads that never answer
+        self.drop_reads = 0  # the next block-number reads whose connection drops
+        self.cancelled = 0  # hung calls cancelled by the caller's deadline
+        self.submit_delay_s = 0.0  # how long a submission waits for its block
         self.token_symbols: dict[int, str] = {}
         self.storage: dict[tuple, object] = {("SubtensorModule", "NetworksAdded", (NETUID,)): True}
         self.head = 100
@@ -42,6 +49,16 @@ class FakeSubstrate:
         self.connects += 1
         if self.connects <= self.fail_connects:
             raise bt.RpcConnectionError("could not connect to any endpoint: connection refused")
+        if self.hang_connects:
+            self.hang_connects -= 1
+            await self._hang()
+
+    async def _hang(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
     async def close(self) -> None:
         pass
@@ -50,6 +67,12 @@ class FakeSubstrate:
         return "0x" + (self.head if block is None else block).to_bytes(32, "big").hex()
 
     async def block_number(self) -> int:
+        if self.drop_reads:
+            self.drop_reads -= 1
+            raise bt.RpcConnectionError("connection to ws://node lost (1006)")
+        if self.hang_reads:
+            self.hang_reads -= 1
+            await self._hang()
         return self.head
 
     async def finalized_block_number(self) -> int:
@@ -88,6 +111,7 @@ class FakeSubstrate:
         return b"inner", "0x" + "11" * 32
 
     async def submit(self, call, keypair, **_options) -> bt.ExtrinsicResult:
+        await asyncio.sleep(self.submit_delay_s)
         self.submitted.append(call)
         self.head += 1
         if self.reject is not None:
@@ -281,6 +305,53 @@ def test_transient_connection_failure_is_retried():
     with SubtensorChain("local", substrate=fake, attempts=3, backoff_s=0.001) as chain:
         assert chain.block() == 100
     assert fake.connects == 3
+
+
+def test_a_node_that_stops_answering_costs_one_deadline_per_attempt():
+    """A read the node never answers ends at the call deadline, is cancelled on the SDK's loop (not left
+    pending), and the retry goes through; a node that never answers is a ChainError in bounded time."""
+    fake = FakeSubstrate()
+    with SubtensorChain("local", substrate=fake, attempts=3, backoff_s=0.001, call_timeout_s=0.2) as chain:
+        fake.hang_reads = 1
+        assert chain.block() == 100
+        assert fake.cancelled == 1
+        fake.hang_reads = 99
+        start = time.monotonic()
+        with pytest.raises(ChainError, match="unreachable after 3 attempts: no answer from the chain node in 0.2 s"):
+            chain.block()
+        assert time.monotonic() - start < 3.0
+        until = time.monotonic() + 2.0  # the cancellation runs on the SDK's loop thread
+        while fake.cancelled < 4 and time.monotonic() < until:
+            time.sleep(0.01)
+        assert fake.cancelled == 4
+
+
+def test_a_connect_that_hangs_is_retried():
+    fake = FakeSubstrate()
+    fake.hang_connects = 1
+    with SubtensorChain("local", substrate=fake, attempts=2, backoff_s=0.001, call_timeout_s=0.2) as chain:
+        assert chain.block() == 100
+    assert fake.connects == 2 and fake.cancelled == 1
+
+
+def test_a_dropped_connection_is_retried_on_the_same_client():
+    fake = FakeSubstrate()
+    with SubtensorChain("local", substrate=fake, attempts=3, backoff_s=0.001) as chain:
+        fake.drop_reads = 2
+        assert chain.block() == 100
+        fake.drop_reads = 3
+        with pytest.raises(ChainError, match="unreachable after 3 attempts: connection to ws://node lost"):
+            chain.block()
+        assert chain.block() == 100  # the client still serves once the node is back
+    assert fake.connects == 1  # one long-lived connection: the SDK reconnects underneath, not us
+
+
+def test_a_submission_waits_for_its_block_past_the_read_deadline(fake, wallet):
+    fake.submit_delay_s = 0.5
+    with SubtensorChain("local", substrate=fake, backoff_s=0.001, call_timeout_s=0.2, submit_timeout_s=5.0) as chain:
+        registered(fake, wallet)
+        chain.set_weights(NETUID, wallet, [0], [1.0])
+    assert len(fake.submitted) == 1
 
 
 def test_unreachable_endpoint_becomes_chain_error():
