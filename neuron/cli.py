@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from loguru import logger
 
-from neuron import config as cfg
+from neuron import config as cfg, logs
 from neuron.chain.base import ChainError
 
 
@@ -42,27 +43,11 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def setup_logging(log: cfg.LoggingConfig | None = None, command: str = "neuron") -> None:
-    """stderr, and a rotating file under logging_dir when set; JSON lines with --logging.json."""
-    log = log or cfg.LoggingConfig()
-    level = "TRACE" if log.trace else "DEBUG" if log.debug else "INFO"
-    fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
-    logger.remove()
-    logger.add(sys.stderr, level=level, serialize=log.json, format=fmt)
-    if log.logging_dir:
-        from pathlib import Path
-
-        path = Path(log.logging_dir).expanduser() / f"{command}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        logger.add(str(path), level=level, serialize=log.json, format=fmt, rotation="50 MB", retention=5,
-                   enqueue=True)
-
-
 def _load(cls, command: str, argv: list[str], yaml_path: str | None):
     """Defaults, then the shipped YAML (or --config PATH, which must exist), then flags; logging set up."""
     path = yaml_path if yaml_path is not None else cfg.default_yaml(command)
     c = cfg.load(cls, path, cfg.parse_dotted(argv))
-    setup_logging(c.logging, command)  # the log file is <logging_dir>/<command>.log
+    logs.setup(c.logging, command)  # the log file is <logging_dir>/<command>.log
     return c
 
 
@@ -433,6 +418,14 @@ def _split_config(rest: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `neuron ... | head`: the reader has gone, so nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no error at exit's flush
+        return 141  # as a process killed by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -455,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.config is not None and ("-h" in rest or "--help" in rest):
         print(command_help(command))
         return 0
-    setup_logging()
+    logs.setup()
     try:
         yaml_path, rest = _split_config(rest) if spec.config is not None else (None, rest)
         return spec.run(rest, yaml_path)
@@ -464,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise
     except Exception as exc:
         from neuron.model import ModelNotFound
         from neuron.wallets import WalletError

@@ -32,6 +32,7 @@ from neuron.errors import BadResponse
 from neuron.gateway import openai_api as oa
 from neuron.gateway.keys import ApiKey, KeyLimits, KeyStore, KeyStoreError, Limiter, RateLimited
 from neuron.gateway.openai_api import OpenAIError
+from neuron.logs import clip
 from neuron.model import LoadedModel
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.scoring import GenSpec
@@ -310,7 +311,7 @@ class Gateway:
 
     def _failed_before_first(self, miner: Miner, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, (grpc.aio.AioRpcError, _RpcFailure)):
-            code, what = exc.code(), f"{exc.code().name.lower()}: {(exc.details() or '')[:200]}"
+            code, what = exc.code(), f"{exc.code().name.lower()}: {clip(exc.details() or '', 200)}"
         elif isinstance(exc, asyncio.TimeoutError):
             code, what = grpc.StatusCode.DEADLINE_EXCEEDED, f"no first token within {self.config.first_token_timeout_s} s"
         else:

@@ -16,7 +16,8 @@ from neuron.harness import cheats
 
 
 def main(argv: list[str]) -> int:
-    from neuron.cli import _chain, setup_logging
+    from neuron import logs
+    from neuron.cli import _chain
     from neuron.miner import run_miner
     from neuron.wallets import open_wallet
 
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     c = cfg.load(cfg.MinerConfig, None, cfg.parse_dotted(rest))
     if c.subtensor.network != "local":
         raise cfg.ConfigError("a cheating miner is for the mock network only: it needs --subtensor.network local")
-    setup_logging(c.logging.debug, c.logging.json)
+    logs.setup(c.logging, f"cheat_miner_{kind}")
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet)
     logger.warning(f"this miner cheats ({kind}): for the mock network only")

@@ -16,6 +16,7 @@ from neuron import protocol, scoring
 from neuron.dendrite import PeerResult
 from neuron.engine.types import FinishReason
 from neuron.errors import NeuronError
+from neuron.logs import clip
 from neuron.model import LoadedModel
 from neuron.validator.challenge import Challenge, FwdCheck, GenCheck
 from neuron.validator.reference import Reference
@@ -63,7 +64,7 @@ def transport_failure(what: str, r: PeerResult, require_signature: bool) -> Judg
     if not r.ok:
         outcome = (Outcome.REFUSED if r.code in REFUSED_CODES else
                    Outcome.UNREACHABLE if r.code in UNREACHABLE_CODES else Outcome.WRONG)
-        return Judgement(False, f"{what}: {r.code.name.lower()}: {r.message[:200]}", latency_s=r.latency_s,
+        return Judgement(False, f"{what}: {r.code.name.lower()}: {clip(r.message, 200)}", latency_s=r.latency_s,
                          outcome=outcome)
     if require_signature and not r.signed:
         return Judgement(False, f"{what}: the answer is not signed by the miner's hotkey", latency_s=r.latency_s)

@@ -19,6 +19,7 @@ from neuron.chain.base import Chain, ChainError, Metagraph
 from neuron.config import ValidatorConfig, WalletConfig
 from neuron.dataset import PromptSource
 from neuron.dendrite import Dendrite, Target
+from neuron.logs import clip
 from neuron.model import LoadedModel, load_model
 from neuron.protocol import ForwardAnswer, GenerateAnswer
 from neuron.signals import until_signalled
@@ -270,7 +271,7 @@ async def probe_miners(dendrite: Dendrite, mg: Metagraph, me: str, timeout_s: fl
                                      for n in serving))
     for n, r in zip(serving, results):
         if not r.ok:
-            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon} is unreachable: {r.code.name.lower()}: {r.message[:120]}")
+            logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon} is unreachable: {r.code.name.lower()}: {clip(r.message, 120)}")
         elif r.response.hotkey != n.hotkey:  # another miner on that address: its answers will not verify
             logger.warning(f"uid {n.uid} {n.hotkey} at {n.axon}: the axon there answers as hotkey "
                            f"{r.response.hotkey or '(none)'}")
