@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import collections
+import platform
 import re
 import threading
 import time
 from typing import Callable
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from neuron import __version__
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+RATE_WINDOW_S = 60.0  # the tokens/s gauge's window
+
+
+def registry(role: str) -> CollectorRegistry:
+    """A registry of our own (tests make many), with the process's CPU, memory and file descriptors
+    (`process_*`), the Python build (`python_info`) and `neuron_build_info` (version, role, torch)."""
+    r = CollectorRegistry()
+    r.register(PROCESS_COLLECTOR)
+    r.register(PLATFORM_COLLECTOR)
+    Info("neuron_build", "the running neuron", registry=r).info(
+        {"version": _version(), "role": role, "python": platform.python_version(), "torch": _version("torch")})
+    return r
+
+
+def _version(dist: str = "neuron") -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
 
 # Engine stats that only grow are exported as counters (`_total`); everything else as gauges.
 CUMULATIVE = {"forward_batches", "forward_rows", "generated_tokens", "prompt_tokens", "joins", "finished", "aborted"}
@@ -41,13 +77,15 @@ def refusal_reason(status: str, message: str) -> str:
 class EngineCollector:
     """Exports `stats()` (engine state: queue depth, running rows, batches, tokens) at scrape time.
 
-    Each key becomes `neuron_miner_engine_<key>`, and a generated-tokens count also yields
-    tokens per second since the previous scrape.
+    Each key becomes `neuron_miner_engine_<key>`, and a generated-tokens count also yields tokens per
+    second over the last RATE_WINDOW_S (measured from the scrapes in the window and the last one before
+    it, or from start-up: never 0 just because nobody scraped in between; Prometheus users can take
+    `rate(neuron_miner_engine_generated_tokens_total[1m])` instead).
     """
 
     def __init__(self, stats: Callable[[], dict[str, float]]):
         self.stats = stats
-        self._last: tuple[float, float] | None = None  # (time, generated_tokens) at the previous scrape
+        self._seen = collections.deque([(time.monotonic(), 0.0)])  # (time, generated_tokens) at scrapes
         self._lock = threading.Lock()
 
     def collect(self):
@@ -65,17 +103,20 @@ class EngineCollector:
         if "generated_tokens" in values:
             now, tokens = time.monotonic(), float(values["generated_tokens"])
             with self._lock:
-                last, self._last = self._last, (now, tokens)
-            rate = (tokens - last[1]) / (now - last[0]) if last and now > last[0] else 0.0
+                while len(self._seen) > 1 and self._seen[1][0] <= now - RATE_WINDOW_S:
+                    self._seen.popleft()  # keep one sample at or before the window's start
+                then, before = self._seen[0]
+                self._seen.append((now, tokens))
+            rate = (tokens - before) / (now - then) if now > then else 0.0
             yield GaugeMetricFamily("neuron_miner_engine_tokens_per_second",
-                                    "generated tokens per second since the previous scrape", value=rate)
+                                    f"generated tokens per second over the last {RATE_WINDOW_S:.0f} s", value=rate)
 
 
 class MinerMetrics:
     """Requests by RPC and status, latency, admission refusals, generated tokens, and engine state."""
 
     def __init__(self, stats: Callable[[], dict[str, float]] | None = None):
-        self.registry = CollectorRegistry()
+        self.registry = registry("miner")
         r = self.registry
         self.requests = Counter("neuron_miner_requests_total", "calls by RPC and gRPC status", ["rpc", "status"],
                                 registry=r)
@@ -105,7 +146,7 @@ class ValidatorMetrics:
     """Rounds, verifications by result and reason per uid, weights set."""
 
     def __init__(self):
-        self.registry = CollectorRegistry()
+        self.registry = registry("validator")
         r = self.registry
         self.rounds = Counter("neuron_validator_rounds_total", "rounds run by this process", registry=r)
         self.round_seconds = Histogram("neuron_validator_round_seconds", "time of one round",

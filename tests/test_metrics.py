@@ -104,3 +104,49 @@ def test_failed_calls_are_labelled_by_status_not_by_message():
     assert reason_kind(message) == "forward: unavailable"
     assert reason_kind("generate: deadline_exceeded: Deadline Exceeded") == "generate: deadline_exceeded"
     assert reason_kind("generate: token 3 differs: margin 0.5 > 0.1") == "generate: token"
+
+
+def test_one_scrape_after_tokens_shows_their_rate():
+    """An operator's first curl after traffic: not 0 because nobody scraped before."""
+    stats = {"generated_tokens": 0.0}
+    m = MinerMetrics(lambda: dict(stats))
+    stats["generated_tokens"] = 40.0
+    assert samples(generate_latest(m.registry).decode())[("neuron_miner_engine_tokens_per_second", ())] > 0
+
+
+def test_process_and_build_info_are_exported():
+    got = samples(generate_latest(ValidatorMetrics().registry).decode())
+    assert got[("process_resident_memory_bytes", ())] > 0
+    [build] = [labels for name, labels in got if name == "neuron_build_info"]
+    assert dict(build)["role"] == "validator" and dict(build)["version"]
+
+
+def _exported_samples(tiny) -> set[str]:
+    """Every sample name the miner (over the HF engine's stats), the validator and its gateway export."""
+    from neuron.config import BatchingConfig
+    from neuron.engine.hf import HFEngine
+    from neuron.metrics import GatewayMetrics
+
+    engine = HFEngine(tiny, BatchingConfig(), 512)
+    validator = ValidatorMetrics()
+    GatewayMetrics(validator.registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",),
+                "gauge": ("",), "unknown": ("",)}
+    return {family.name + s for registry in (MinerMetrics(engine.stats).registry, validator.registry)
+            for family in registry.collect() for s in suffixes[family.type]}
+
+
+def test_the_grafana_dashboard_names_only_exported_metrics(tiny):
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "neuron.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert len(exprs) >= 20
+    named = {m for e in exprs for m in re.findall(r"\b(?:neuron|process)_[a-z_]+\b", e)}
+    exported = _exported_samples(tiny)
+    assert named - exported == set()
+    # and each part has its panels: the miner, the validator, the gateway, the process
+    assert {n.split("_")[0] + "_" + n.split("_")[1] for n in named} >= {
+        "neuron_miner", "neuron_validator", "neuron_gateway", "process_cpu"}
