@@ -59,9 +59,10 @@ def setup_logging(log: cfg.LoggingConfig | None = None, command: str = "neuron")
 
 
 def _load(cls, command: str, argv: list[str], yaml_path: str | None):
-    """Defaults, then the shipped YAML (or --config PATH, which must exist), then flags; logging set up."""
-    path = yaml_path if yaml_path is not None else cfg.default_yaml(command)
-    c = cfg.load(cls, path, cfg.parse_dotted(argv))
+    """Defaults, then the shipped YAML, then --config PATH laid over it (it must exist; it may set only a few
+    keys), then flags; logging set up."""
+    layers = (yaml_path,) if yaml_path is not None else ()
+    c = cfg.load(cls, cfg.default_yaml(command), cfg.parse_dotted(argv), layers=layers)
     setup_logging(c.logging, command)  # the log file is <logging_dir>/<command>.log
     return c
 
