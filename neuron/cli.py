@@ -12,6 +12,7 @@ from typing import Callable
 from loguru import logger
 
 from neuron import config as cfg
+from neuron import preflight
 from neuron.chain.base import ChainError
 
 
@@ -117,7 +118,7 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
     from neuron.miner import run_miner
     from neuron.wallets import open_wallet
 
-    c = _load(cfg.MinerConfig, "miner", argv, yaml_path)
+    c = preflight.miner(_load(cfg.MinerConfig, "miner", argv, yaml_path))  # before the model loads
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
     asyncio.run(run_miner(c, chain, wallet))
@@ -129,9 +130,8 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
     from neuron.wallets import open_wallet
 
     c = _load(cfg.ValidatorConfig, "validator", argv, yaml_path)
+    preflight.validator(c)  # before the model loads
     chain = _chain(c.subtensor)
-    if chain is None:
-        raise cfg.ConfigError("the validator needs a chain: set --subtensor.network")
     wallet = open_wallet(c.wallet)
     metrics = server = None
     if c.metrics.port:
