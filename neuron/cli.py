@@ -158,8 +158,16 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
 def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
     from neuron import wallets
 
-    action, argv = _positional(argv, ("create", "list"), "wallet")
+    action, argv = _positional(argv, ("create", "list", "regen", "password-env"), "wallet")
     c = _load(cfg.WalletCommandConfig, "wallet", argv, yaml_path)
+    if action == "password-env":
+        line = wallets.password_env_line(c.wallet)
+        print(line)
+        print(f"the SDK, btcli and neuron decode this {line.split('=')[0]}; put the line in the service's "
+              "environment file (mode 600), e.g. /etc/neuron/validator.env", file=sys.stderr)
+        return 0
+    if action == "regen":
+        return _wallet_regen(c)
     if action == "list":
         found = wallets.list_wallets(c.wallet.path)
         if not found:
@@ -192,8 +200,31 @@ def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
     print(f"coldkey {wallet.coldkeypub.ss58_address}")
     print(f"hotkey  {wallet.hotkey.ss58_address}")
     if "coldkey" in created and password is not None:
-        print(f"the coldkey is encrypted; for unattended use the SDK reads its password from "
-              f"${wallets.coldkey_password_env(w)}")
+        print(f"the coldkey is encrypted; for unattended use (neuron stake, btcli, the SDK) put its password in "
+              f"${wallets.coldkey_password_env(w)}, in the SDK's encoded form, written by: "
+              f"{wallets.password_env_command(w)}")
+    return 0
+
+
+def _wallet_regen(c: cfg.WalletCommandConfig) -> int:
+    """Restore a key from its mnemonic with the SDK (btcli's `wallet regen-coldkey` does the same)."""
+    from neuron import wallets
+
+    if c.key not in ("coldkey", "hotkey"):
+        raise cfg.ConfigError(f"--key {c.key}: expected coldkey or hotkey")
+    mnemonic = wallets.read_secret(f"mnemonic of the {c.key} (12 or 24 words): ")
+    password = None
+    if c.key == "coldkey" and not c.no_password:
+        password = wallets.new_password(c.wallet)
+    elif c.key == "coldkey":
+        logger.warning("--no_password: the coldkey is stored unencrypted (development only)")
+    wallet = wallets.regenerate(c.wallet, c.key, mnemonic, password)
+    w = c.wallet
+    if c.key == "coldkey":
+        print(f"restored the coldkey of {w.name} in {w.path}: {wallet.coldkeypub.ss58_address}"
+              f"{' (encrypted)' if password is not None else ' (NOT ENCRYPTED)'}")
+    else:
+        print(f"restored hotkey {w.name}/{w.hotkey} in {w.path}: {wallet.hotkey.ss58_address}")
     return 0
 
 
@@ -393,8 +424,8 @@ COMMANDS: dict[str, Command] = {
     "validator": Command(cmd_validator, cfg.ValidatorConfig, "query, verify and score miners; set weights", "validator"),
     "mocknet": Command(cmd_mocknet, cfg.MocknetConfig, "a local chain, miners and a validator on this machine",
                        "mocknet"),
-    "wallet": Command(cmd_wallet, cfg.WalletCommandConfig, "create (encrypted coldkey, mnemonic once) or list wallets",
-                      positional="create|list"),
+    "wallet": Command(cmd_wallet, cfg.WalletCommandConfig, "create (encrypted coldkey, mnemonic once), list, "
+                      "regen from a mnemonic; password-env: unattended unlock", positional="create|list|regen|password-env"),
     "register": Command(cmd_register, cfg.RegisterConfig, "register a hotkey on a subnet (shows the cost, asks)"),
     "stake": Command(cmd_stake, cfg.StakeConfig, "add or remove stake (a validator permit needs stake)",
                      positional="add|remove"),

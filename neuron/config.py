@@ -225,11 +225,13 @@ class MetagraphConfig:
 
 @dataclass(frozen=True)
 class WalletCommandConfig:
-    """Create or list wallets: `neuron wallet create|list` (btcli's layout; the coldkey is encrypted)."""
+    """Create, list or restore wallets, and write the coldkey's password variable for unattended use:
+    `neuron wallet create|list|regen|password-env` (btcli's layout; the coldkey is encrypted)."""
 
     wallet: WalletConfig = field(default_factory=WalletConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     no_password: bool = False  # development only: store the coldkey unencrypted (no password asked)
+    key: str = "coldkey"  # regen: the key its mnemonic (asked, or one line of stdin) restores: coldkey or hotkey
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,9 @@ def test_wallet_create_encrypts_the_coldkey_shows_mnemonics_once_and_lists(tmp_p
     variable = line.split("set ")[1].split(",")[0]
     assert variable.startswith("BT_PW_") and "--no_password" in line and not (path / "bob").exists()
 
-    env = {**ENV, variable: "correct horse battery"}
+    from neuron.wallets import encode_password_env
+
+    env = {**ENV, variable: encode_password_env(variable, "correct horse battery")}  # as password-env writes it
     created = subprocess.run([*NEURON, "wallet", "create", *wallet], env=env, cwd=REPO, capture_output=True,
                              text=True, timeout=60)
     assert created.returncode == 0, created.stderr
