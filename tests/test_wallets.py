@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from neuron import wallets
 from neuron.config import WalletConfig
 
