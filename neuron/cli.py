@@ -12,7 +12,7 @@ from typing import Callable
 
 from loguru import logger
 
-from neuron import config as cfg, logs
+from neuron import config as cfg, logs, preflight
 from neuron.chain.base import ChainError
 
 
@@ -44,9 +44,10 @@ def version() -> str:
 
 
 def _load(cls, command: str, argv: list[str], yaml_path: str | None):
-    """Defaults, then the shipped YAML (or --config PATH, which must exist), then flags; logging set up."""
-    path = yaml_path if yaml_path is not None else cfg.default_yaml(command)
-    c = cfg.load(cls, path, cfg.parse_dotted(argv))
+    """Defaults, then the shipped YAML, then --config PATH laid over it (it must exist; it may set only a few
+    keys), then flags; logging set up."""
+    layers = (yaml_path,) if yaml_path is not None else ()
+    c = cfg.load(cls, cfg.default_yaml(command), cfg.parse_dotted(argv), layers=layers)
     logs.setup(c.logging, command)  # the log file is <logging_dir>/<command>.log
     return c
 
@@ -101,7 +102,7 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
     from neuron.miner import run_miner
     from neuron.wallets import open_wallet
 
-    c = _load(cfg.MinerConfig, "miner", argv, yaml_path)
+    c = preflight.miner(_load(cfg.MinerConfig, "miner", argv, yaml_path))  # before the model loads
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
     asyncio.run(run_miner(c, chain, wallet))
@@ -113,9 +114,8 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
     from neuron.wallets import open_wallet
 
     c = _load(cfg.ValidatorConfig, "validator", argv, yaml_path)
+    preflight.validator(c)  # before the model loads
     chain = _chain(c.subtensor)
-    if chain is None:
-        raise cfg.ConfigError("the validator needs a chain: set --subtensor.network")
     wallet = open_wallet(c.wallet)
     metrics = server = None
     if c.metrics.port:
@@ -142,8 +142,16 @@ def cmd_validator(argv: list[str], yaml_path: str | None) -> int:
 def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
     from neuron import wallets
 
-    action, argv = _positional(argv, ("create", "list"), "wallet")
+    action, argv = _positional(argv, ("create", "list", "regen", "password-env"), "wallet")
     c = _load(cfg.WalletCommandConfig, "wallet", argv, yaml_path)
+    if action == "password-env":
+        line = wallets.password_env_line(c.wallet)
+        print(line)
+        print(f"the SDK, btcli and neuron decode this {line.split('=')[0]}; put the line in the service's "
+              "environment file (mode 600), e.g. /etc/neuron/validator.env", file=sys.stderr)
+        return 0
+    if action == "regen":
+        return _wallet_regen(c)
     if action == "list":
         found = wallets.list_wallets(c.wallet.path)
         if not found:
@@ -176,8 +184,31 @@ def cmd_wallet(argv: list[str], yaml_path: str | None) -> int:
     print(f"coldkey {wallet.coldkeypub.ss58_address}")
     print(f"hotkey  {wallet.hotkey.ss58_address}")
     if "coldkey" in created and password is not None:
-        print(f"the coldkey is encrypted; for unattended use the SDK reads its password from "
-              f"${wallets.coldkey_password_env(w)}")
+        print(f"the coldkey is encrypted; for unattended use (neuron stake, btcli, the SDK) put its password in "
+              f"${wallets.coldkey_password_env(w)}, in the SDK's encoded form, written by: "
+              f"{wallets.password_env_command(w)}")
+    return 0
+
+
+def _wallet_regen(c: cfg.WalletCommandConfig) -> int:
+    """Restore a key from its mnemonic with the SDK (btcli's `wallet regen-coldkey` does the same)."""
+    from neuron import wallets
+
+    if c.key not in ("coldkey", "hotkey"):
+        raise cfg.ConfigError(f"--key {c.key}: expected coldkey or hotkey")
+    mnemonic = wallets.read_secret(f"mnemonic of the {c.key} (12 or 24 words): ")
+    password = None
+    if c.key == "coldkey" and not c.no_password:
+        password = wallets.new_password(c.wallet)
+    elif c.key == "coldkey":
+        logger.warning("--no_password: the coldkey is stored unencrypted (development only)")
+    wallet = wallets.regenerate(c.wallet, c.key, mnemonic, password)
+    w = c.wallet
+    if c.key == "coldkey":
+        print(f"restored the coldkey of {w.name} in {w.path}: {wallet.coldkeypub.ss58_address}"
+              f"{' (encrypted)' if password is not None else ' (NOT ENCRYPTED)'}")
+    else:
+        print(f"restored hotkey {w.name}/{w.hotkey} in {w.path}: {wallet.hotkey.ss58_address}")
     return 0
 
 
@@ -377,8 +408,8 @@ COMMANDS: dict[str, Command] = {
     "validator": Command(cmd_validator, cfg.ValidatorConfig, "query, verify and score miners; set weights", "validator"),
     "mocknet": Command(cmd_mocknet, cfg.MocknetConfig, "a local chain, miners and a validator on this machine",
                        "mocknet"),
-    "wallet": Command(cmd_wallet, cfg.WalletCommandConfig, "create (encrypted coldkey, mnemonic once) or list wallets",
-                      positional="create|list"),
+    "wallet": Command(cmd_wallet, cfg.WalletCommandConfig, "create (encrypted coldkey, mnemonic once), list, "
+                      "regen from a mnemonic; password-env: unattended unlock", positional="create|list|regen|password-env"),
     "register": Command(cmd_register, cfg.RegisterConfig, "register a hotkey on a subnet (shows the cost, asks)"),
     "stake": Command(cmd_stake, cfg.StakeConfig, "add or remove stake (a validator permit needs stake)",
                      positional="add|remove"),

@@ -187,7 +187,7 @@ class ValidatorConfig:
     alpha: float = 0.1  # moving-average weight of a new reward
     max_weight: float = 0.5  # cap on one uid's share of the weights
     epoch_rounds: int = 5  # rounds between weight-sets
-    state_path: str = "~/.neuron/validator_state.pt"  # moving averages, saved atomically after each round
+    state_path: str = "~/.neuron/validator_state.json"  # moving averages (JSON), saved atomically after each round
     rounds: int = 0  # stop after this many rounds of this process (a restart counts afresh); 0 runs until stopped
 
 
@@ -225,11 +225,13 @@ class MetagraphConfig:
 
 @dataclass(frozen=True)
 class WalletCommandConfig:
-    """Create or list wallets: `neuron wallet create|list` (btcli's layout; the coldkey is encrypted)."""
+    """Create, list or restore wallets, and write the coldkey's password variable for unattended use:
+    `neuron wallet create|list|regen|password-env` (btcli's layout; the coldkey is encrypted)."""
 
     wallet: WalletConfig = field(default_factory=WalletConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     no_password: bool = False  # development only: store the coldkey unencrypted (no password asked)
+    key: str = "coldkey"  # regen: the key its mnemonic (asked, or one line of stdin) restores: coldkey or hotkey
 
 
 @dataclass(frozen=True)
@@ -363,22 +365,42 @@ def resolve_flags(cls: type, dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(cls: type, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Build `cls` from its dataclass defaults, then the YAML file, then dotted overrides."""
+def _deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(yaml_path: str | os.PathLike) -> dict:
+    """A config file's mapping, or a ConfigError saying why it cannot be used."""
+    path = Path(yaml_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                          f"config {path} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    return data
+
+
+def load(cls: type, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+         layers: tuple[str | os.PathLike, ...] = ()) -> Any:
+    """Build `cls` from its dataclass defaults, then the YAML file, then each of `layers` (a partial file sets only
+    what it names), then dotted overrides."""
     data: dict = {}
-    if yaml_path is not None:
-        path = Path(yaml_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
-                              f"config {path} is not a file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path}: expected a mapping at the top level")
+    for path in (yaml_path, *layers):
+        if path is not None:
+            data = _deep_merge(data, read_yaml(path))
     return _build(cls, _merge(data, resolve_flags(cls, overrides or {})))
 
 

@@ -78,7 +78,7 @@ def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "
     out = [f"usage: neuron {command} {usage or (positional + ' ' if positional else '') + '[options]'}", "", doc, ""]
     if yaml_path is not None:
         out += [f"Defaults: the dataclass, then {yaml_path} (shipped in the package), then --config PATH "
-                "(--config=PATH), then flags (--section.name VALUE or --section.name=VALUE).", ""]
+                "(--config=PATH: only the keys it names), then flags (--section.name VALUE or --section.name=VALUE).", ""]
     else:
         out += ["Flags: --section.name VALUE or --section.name=VALUE; booleans alone mean true.", ""]
     out[-1:-1] = ["Dashes and underscores in a flag are the same (--max-new-tokens = --max_new_tokens)."]
@@ -99,6 +99,7 @@ def render(command: str, cls: type, yaml_name: str | None = None, usage: str = "
         out.append("aliases (btcli and subnet-template names): "
                    + ", ".join(f"--{a} = --{c}" for a, c in sorted(aliases.items())))
         out.append("")
-    out.append(f"  {'--config PATH':<{width - 2}}read defaults from this YAML file instead (an error if missing)")
+    out.append(f"  {'--config PATH':<{width - 2}}a YAML file laid over these defaults: it sets only the keys it names")
+    out.append(f"{'':<{width}}(an error if missing)")
     out.append(f"  {'-h, --help':<{width - 2}}show this help")
     return "\n".join(out).rstrip() + "\n"

@@ -94,7 +94,7 @@ def _check_source(name: str, source: str, offline: bool) -> bool:
         return offline or not _hub_reachable()  # cached and no hub: load it without the hub's retries
     # "models/opt" may be a repo id or a mistyped directory: say it is neither.
     nowhere = f"there is no local directory {source!r}, and " if "/" in name or os.sep in name else ""
-    fix = (f"download it where the hub is reachable (`huggingface-cli download {name}`) and copy the Hugging Face "
+    fix = (f"download it where the hub is reachable (`hf download {name}`) and copy the Hugging Face "
            f"cache (~/.cache/huggingface) here, or pass a local directory with --model.name /path/to/model")
     if offline:
         raise ModelNotFound(f"model {name!r}: {nowhere}it is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "

@@ -1,7 +1,9 @@
-"""Wallets are the SDK's, at btcli's path: an encrypted coldkey, its mnemonic shown once, never overwritten."""
+"""Wallets are the SDK's, at btcli's path: an encrypted coldkey, its mnemonic shown once, never overwritten;
+its password for unattended use in the SDK's own encoded BT_PW_ variable."""
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import os
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import bittensor as bt
-from bittensor.keyfiles import Keyfile
+from bittensor.keyfiles import Keyfile, KeyfileError, Keypair, WrongPasswordError
+from bittensor.sp_core import get_password_from_environment, save_password_to_environment
 
 from neuron.config import WalletConfig
 
@@ -31,27 +34,136 @@ def open_wallet(cfg: WalletConfig) -> bt.Wallet:
     return wallet
 
 
+# One rule on every path (prompt, variable, password-env, regen): the SDK's own prompt refuses only an empty one.
+MIN_PASSWORD_LEN = 8
+
+
 def coldkey_password_env(cfg: WalletConfig) -> str:
     """The environment variable the SDK reads the coldkey's password from (for automation)."""
-    return bt.Wallet(name=cfg.name, hotkey=cfg.hotkey, path=os.path.expanduser(cfg.path)).coldkey_file.env_var_name()
+    return _wallet(cfg).coldkey_file.env_var_name()
+
+
+def _wallet(cfg: WalletConfig) -> bt.Wallet:
+    return bt.Wallet(name=cfg.name, hotkey=cfg.hotkey, path=os.path.expanduser(cfg.path))
+
+
+def check_password(password: str, where: str = "the password") -> str:
+    if len(password) < MIN_PASSWORD_LEN:
+        raise WalletError(f"{where} is too short: use at least {MIN_PASSWORD_LEN} characters")
+    return password
+
+
+def encode_password_env(name: str, password: str) -> str:
+    """The value of `name` that the SDK (and btcli) decode to `password`, made by the SDK's own encoder.
+
+    The SDK's encoder sets the variable in the C environment only (not os.environ); it is read back from there
+    and the environment is restored, so this process's environment is unchanged.
+    """
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    before = libc.getenv(name.encode())
+    save_password_to_environment(name, password)
+    value = libc.getenv(name.encode())
+    if before is None:
+        libc.unsetenv(name.encode())
+    else:
+        libc.setenv(name.encode(), before, 1)
+    if value is None:
+        raise WalletError(f"the SDK did not set ${name}")
+    return value.decode()
+
+
+def env_password(cfg: WalletConfig) -> str | None:
+    """The coldkey password from its BT_PW_ variable, decoded as the SDK decodes it; None when unset."""
+    env = coldkey_password_env(cfg)
+    if not os.environ.get(env):
+        return None
+    fix = password_env_command(cfg)
+    try:
+        password = get_password_from_environment(env)
+    except KeyfileError as exc:
+        raise WalletError(f"${env} is not in the SDK's encoded form ({exc}); it holds the plain password? "
+                          f"Write the variable with: {fix}") from None
+    return check_password(password or "", f"the password in ${env}")
+
+
+def password_env_command(cfg: WalletConfig) -> str:
+    line = f"neuron wallet password-env --wallet.name {cfg.name}"
+    return line + (f" --wallet.path {cfg.path}" if cfg.path != WalletConfig().path else "")
 
 
 def new_password(cfg: WalletConfig, ask: Callable[[str], str] = getpass.getpass) -> str:
-    """The coldkey password: from its environment variable, else asked twice on a terminal."""
-    env = coldkey_password_env(cfg)
-    if os.environ.get(env):
-        return os.environ[env]
+    """The coldkey password: from its environment variable (the SDK's encoded form), else asked twice on a
+    terminal."""
+    from_env = env_password(cfg)
+    if from_env is not None:
+        return from_env
     if not sys.stdin.isatty():
-        raise WalletError(f"the coldkey needs a password and there is no terminal to ask for one: set {env}, "
-                          "or pass --no_password to store it unencrypted (development only)")
+        raise WalletError(f"the coldkey needs a password and there is no terminal to ask for one: set "
+                          f"{coldkey_password_env(cfg)}, in the SDK's encoded form that `{password_env_command(cfg)}` "
+                          "writes; or pass --no_password to store it unencrypted (development only)")
+    return _ask_twice(f"password for the coldkey {cfg.name}: ", ask)
+
+
+def _ask_twice(prompt: str, ask: Callable[[str], str]) -> str:
     while True:
-        first = ask(f"password for the coldkey {cfg.name}: ")
-        if len(first) < 8:
-            print("use at least 8 characters", file=sys.stderr)
+        first = ask(prompt)
+        if len(first) < MIN_PASSWORD_LEN:
+            print(f"use at least {MIN_PASSWORD_LEN} characters", file=sys.stderr)
             continue
         if ask("again: ") == first:
             return first
         print("the passwords differ; try again", file=sys.stderr)
+
+
+def read_secret(prompt: str, ask: Callable[[str], str] = getpass.getpass) -> str:
+    """Asked on a terminal without echo, or one line of stdin (scripts); never from a flag (shell history)."""
+    if sys.stdin.isatty():
+        return ask(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise WalletError(f"{prompt.rstrip(': ')}: nothing on stdin and no terminal to ask on")
+    return line.rstrip("\r\n")
+
+
+def password_env_line(cfg: WalletConfig, ask: Callable[[str], str] = getpass.getpass) -> str:
+    """`BT_PW_...=<encoded>` for the coldkey: the password is checked against the coldkey when it exists."""
+    env = coldkey_password_env(cfg)
+    coldkey = _wallet(cfg).coldkey_file
+    if coldkey.exists_on_device():
+        if not coldkey.is_encrypted():
+            raise WalletError(f"the coldkey {coldkey.path} is not encrypted: it needs no password")
+        password = read_secret(f"password of the coldkey {cfg.name}: ", ask)
+        try:
+            coldkey.get_keypair(password)
+        except (WrongPasswordError, KeyfileError, ValueError) as exc:
+            raise WalletError(f"that password does not unlock {coldkey.path} ({exc})") from None
+    elif sys.stdin.isatty():  # for a coldkey still to be made (neuron wallet create reads the variable)
+        password = _ask_twice(f"password for the new coldkey {cfg.name}: ", ask)
+    else:
+        password = read_secret("password", ask)
+    check_password(password)
+    return f"{env}={encode_password_env(env, password)}"
+
+
+def regenerate(cfg: WalletConfig, key: str, mnemonic: str, password: str | None) -> bt.Wallet:
+    """Restore the coldkey (encrypted unless `password` is None) or the hotkey from its mnemonic, with the SDK;
+    an existing key file is never overwritten."""
+    wallet = _wallet(cfg)
+    target = wallet.coldkey_file if key == "coldkey" else wallet.hotkey_file
+    if target.exists_on_device():
+        raise WalletError(f"{key} {target.path} already exists; refusing to overwrite it (move it away first)")
+    words = " ".join(mnemonic.split())
+    try:
+        Keypair.create_from_mnemonic(words)
+    except Exception as exc:  # the SDK's binding raises its own types for bad words or checksums
+        raise WalletError(f"not a valid mnemonic ({exc})") from None
+    if key == "coldkey":
+        wallet.regenerate_coldkey(mnemonic=words, use_password=password is not None, coldkey_password=password,
+                                  overwrite=False, suppress=True)
+    else:
+        wallet.regenerate_hotkey(mnemonic=words, use_password=False, overwrite=False, suppress=True)
+    return wallet
 
 
 def create_wallet(cfg: WalletConfig, password: str | None,

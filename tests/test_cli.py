@@ -256,7 +256,9 @@ def test_wallet_create_encrypts_the_coldkey_shows_mnemonics_once_and_lists(tmp_p
     variable = line.split("set ")[1].split(",")[0]
     assert variable.startswith("BT_PW_") and "--no_password" in line and not (path / "bob").exists()
 
-    env = {**ENV, variable: "correct horse battery"}
+    from neuron.wallets import encode_password_env
+
+    env = {**ENV, variable: encode_password_env(variable, "correct horse battery")}  # as password-env writes it
     created = subprocess.run([*NEURON, "wallet", "create", *wallet], env=env, cwd=REPO, capture_output=True,
                              text=True, timeout=60)
     assert created.returncode == 0, created.stderr
@@ -353,3 +355,15 @@ def test_a_dev_miner_without_auth_on_a_public_address_warns_and_logs_to_a_file(t
     warnings = [r["message"] for r in records if r["level"] == "WARNING"]
     assert any("auth is off" in w and "0.0.0.0" in w for w in warnings), warnings
     assert any("axon stopped" in r["message"] for r in records)
+
+
+def test_a_bad_state_path_is_one_line_naming_the_flag_before_the_model_loads(tmp_path):
+    make_wallet(tmp_path / "wallets", "validator")
+    LocalChain(tmp_path / "chain.db").create_subnet(1)
+    (tmp_path / "state").mkdir()
+    run = neuron("validator", "--model.name", "tiny", *flags(tmp_path, "validator"), "--state_path",
+                 str(tmp_path / "state"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    [line] = error_lines(run.stderr)
+    assert f"--state_path {tmp_path / 'state'}" in line and "is not a file" in line
+    assert len(run.stderr.strip().splitlines()) == 1  # nothing loaded, no round ran, no "state saved"

@@ -94,3 +94,35 @@ def test_the_deploy_environment_files_hold_valid_flags():
         assert c.metrics.port and c.metrics.ip == "127.0.0.1" and c.subtensor.netuid == 1
         unit = (deploy / "systemd" / f"neuron-{name}.service").read_text()
         assert f"EnvironmentFile=/etc/neuron/{name}.env" in unit and f"${var}" in unit
+
+
+@pytest.mark.parametrize("cls, name", [(cfg.MinerConfig, "miner"), (cfg.ValidatorConfig, "validator"),
+                                       (cfg.MocknetConfig, "mocknet")])
+def test_one_default_per_field_the_shipped_yaml_agrees_with_the_dataclass(cls, name):
+    # The YAML is the operator's annotated copy of the defaults: a value there that differs from the dataclass
+    # would make the help, the code and a config-less run disagree (the validator's state path once did).
+    assert cfg.load(cls, cfg.default_yaml(name)) == cls()
+
+
+def test_a_partial_config_file_layers_on_the_shipped_defaults(tmp_path):
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("axon:\n  port: 9000\nsubtensor:\n  netuid: 7\n")
+    shipped = cfg.default_yaml("miner")
+    c = cfg.load(cfg.MinerConfig, shipped, cfg.parse_dotted(["--axon.ip", "127.0.0.1"]), layers=(partial,))
+    assert c.axon.port == 9000 and c.axon.ip == "127.0.0.1" and c.subtensor.netuid == 7
+    base = cfg.load(cfg.MinerConfig, shipped)
+    # Everything the partial file does not name keeps its shipped value, in the same section too.
+    assert c.subtensor.network == base.subtensor.network and c.axon.grace_s == base.axon.grace_s
+    assert c.model == base.model and c.limits == base.limits
+    assert cfg.ValidatorConfig().state_path.endswith(".json")
+
+
+def test_the_cli_lays_config_on_the_shipped_yaml(tmp_path):
+    from neuron import cli
+
+    partial = tmp_path / "validator.yaml"
+    partial.write_text("sample_size: 4\n")
+    c = cli._load(cfg.ValidatorConfig, "validator", ["--rounds", "2"], str(partial))
+    assert c.sample_size == 4 and c.rounds == 2
+    assert c.state_path == cfg.load(cfg.ValidatorConfig, cfg.default_yaml("validator")).state_path
+    assert c.model.name == cfg.ModelConfig().name and c.subtensor == cfg.SubtensorConfig()
