@@ -3,10 +3,7 @@ whose engine dies or hangs goes NOT_SERVING, fails its calls with UNAVAILABLE, s
 
 import asyncio
 import dataclasses
-import socket
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,22 +13,9 @@ from conftest import FailsOn, HangsOn, miner_config
 from neuron.dendrite import Dendrite, Target
 from neuron.miner import EXIT_ENGINE_DEAD, run_miner
 from neuron.pb.neuron.v1 import axon_pb2 as pb
+from test_metrics import free_port, readiness
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def readiness(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 async def wait_serving(health, miner: asyncio.Task, timeout: float = 60) -> None:
