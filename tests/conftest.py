@@ -68,16 +68,18 @@ class PoisonRows(torch.nn.Module):
 
 
 class FailsOn(torch.nn.Module):
-    """The real model, except that a batch holding token `poison` fails as a broken GPU does (a CUDA
-    error other than out-of-memory: the device is unusable until the process ends)."""
+    """The real model, except that a batch holding token `poison` raises `error`; by default as a broken GPU
+    does (a CUDA error other than out-of-memory: the device is unusable until the process ends)."""
 
-    def __init__(self, inner: torch.nn.Module, poison: int):
+    def __init__(self, inner: torch.nn.Module, poison: int, error: type[Exception] = torch.AcceleratorError,
+                 message: str = "CUDA error: an illegal memory access was encountered"):
         super().__init__()
         self.inner, self.config, self.poison = inner, inner.config, poison
+        self.error, self.message = error, message
 
     def forward(self, input_ids, **kwargs):
         if (input_ids == self.poison).any():
-            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            raise self.error(self.message)
         return self.inner(input_ids=input_ids, **kwargs)
 
 
