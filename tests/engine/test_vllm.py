@@ -271,7 +271,7 @@ from neuron.engine.vllm_config import VllmConfig
 async def main():
     config = VllmConfig(max_model_len=512, kv_cache_memory_bytes=512 << 20, gpu_memory_utilization=0.1, max_num_seqs=8)
     await VllmEngine(sys.argv[1], config).start()
-    print(*(p.pid for p in psutil.Process().children(recursive=True)), flush=True)
+    print("engine processes:", *(p.pid for p in psutil.Process().children(recursive=True)), flush=True)
     await asyncio.sleep(600)
 
 if __name__ == "__main__":
@@ -289,7 +289,10 @@ def test_a_killed_miner_takes_its_engine_processes_with_it(tmp_path):
     timer.start()
     pids: list[int] = []
     try:
-        pids = [int(p) for p in holder.stdout.readline().split()]
+        for line in holder.stdout:  # vLLM logs to stdout too
+            if line.startswith("engine processes:"):
+                pids = [int(p) for p in line.split(":")[1].split()]
+                break
         assert pids and all(alive(p) for p in pids), "the engine did not start"
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(10)
