@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import itertools
 import math
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -77,12 +79,18 @@ class GumbelV1LogitsProcessor(LogitsProcessor):
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MINER_PID = "NEURON_MINER_PID"  # set by the engine in the miner, inherited by the processes vLLM starts
 
 
+@functools.cache  # once per process
 def _die_with_parent() -> None:
     """In a process that vLLM started: the kernel SIGKILLs it when its parent ends, however that ends
-    (kill -9 and the OOM killer included), so no engine process outlives the miner holding device memory.
-    vLLM (0.32) does not: its engine core outlives a killed parent. Linux only; elsewhere a no-op."""
+    (kill -9 and the OOM killer included), so no engine process outlives the miner holding memory; vLLM
+    (0.32) alone leaves its engine core and workers running. Linux only; elsewhere a no-op.
+
+    Where the model runs in a worker under the engine core (vLLM's multiprocess executor, used even for
+    one device on the CPU), none of the miner's code runs in the engine core itself, so the worker also
+    watches it: once the miner has ended, the engine core is ended, and the worker with it."""
     parent = multiprocessing.parent_process()
     if parent is None or not sys.platform.startswith("linux"):
         return  # the miner's own process (vLLM without multiprocessing), or no prctl
@@ -91,6 +99,26 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent.pid:  # the parent ended before the prctl: no signal would ever come
         os.kill(os.getpid(), signal.SIGKILL)
+    miner = int(os.environ.get(MINER_PID, "0"))
+    if miner and parent.pid != miner:
+        threading.Thread(target=_end_with_miner, args=(parent.pid, miner), name="neuron-lifeline", daemon=True).start()
+
+
+def _end_with_miner(core: int, miner: int) -> None:
+    """SIGKILL the engine core `core` once its parent is no longer `miner` (the miner ended: it was reparented)."""
+    while (parent := _parent_of(core)) == miner:
+        time.sleep(0.5)
+    if parent is not None:
+        os.kill(core, signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent's pid, from /proc; None once `pid` has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def _source(model: str) -> str:
@@ -180,6 +208,7 @@ class VllmEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
+        os.environ[MINER_PID] = str(os.getpid())  # for _die_with_parent, in the processes vLLM starts
         self._llm = AsyncLLM.from_engine_args(engine_args(self.model, self.config))
         mc = self._llm.model_config
         hf = mc.hf_config

@@ -263,15 +263,17 @@ async def test_a_killed_engine_core_makes_the_engine_dead(smollm2):
 
 
 HOLDER = """
-import asyncio, sys
+import asyncio, multiprocessing, sys
 import psutil
 from neuron.engine.vllm import VllmEngine
 from neuron.engine.vllm_config import VllmConfig
 
 async def main():
     config = VllmConfig(max_model_len=512, kv_cache_memory_bytes=512 << 20, gpu_memory_utilization=0.1, max_num_seqs=8)
-    await VllmEngine(sys.argv[1], config).start()
-    print("engine processes:", *(p.pid for p in psutil.Process().children(recursive=True)), flush=True)
+    engine = VllmEngine(sys.argv[1], config)  # held: a collected AsyncLLM shuts its engine core down
+    await engine.start()
+    cores = [psutil.Process(p.pid) for p in multiprocessing.active_children()]  # and their workers, if any
+    print("engine processes:", *(p.pid for core in cores for p in [core, *core.children(recursive=True)]), flush=True)
     await asyncio.sleep(600)
 
 if __name__ == "__main__":
@@ -305,6 +307,7 @@ def test_a_killed_miner_takes_its_engine_processes_with_it(tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        holder.stdout.close()
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
