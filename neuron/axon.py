@@ -271,6 +271,7 @@ class Axon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
+        self.down: str | None = "starting"  # why the axon does not serve (the readiness probe's answer); None: serving
 
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.axon.ip}:{self.config.axon.port}")
@@ -280,11 +281,14 @@ class Axon:
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.down = None
         logger.info(f"axon serving {SERVICE} on {self.config.axon.ip}:{self.port}")
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish for `grace` seconds, then stop the model worker."""
+    async def stop(self, grace: float | None = None, why: str = "shutting down") -> None:
+        """Health NOT_SERVING (watchers told at once), refuse new calls, let in-flight ones finish for `grace`
+        seconds, then stop the model worker."""
+        self.down = why
         await self.health.enter_graceful_shutdown()
         grace = self.config.axon.grace_s if grace is None else grace
         await self.server.stop(grace)

@@ -105,8 +105,7 @@ def cmd_miner(argv: list[str], yaml_path: str | None) -> int:
     c = preflight.miner(_load(cfg.MinerConfig, "miner", argv, yaml_path))  # before the model loads
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet) if (chain is not None or c.auth.required) else None
-    asyncio.run(run_miner(c, chain, wallet))
-    return 0
+    return asyncio.run(run_miner(c, chain, wallet))
 
 
 def cmd_validator(argv: list[str], yaml_path: str | None) -> int:

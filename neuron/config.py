@@ -56,6 +56,7 @@ class BatchingConfig:
     queue_size: int = 256  # requests waiting for the model; beyond it RESOURCE_EXHAUSTED
     kv_cache_mb: int = 0  # generation: KV-cache budget admitted against, in MiB; 0: every slot at max_seq_len
     cuda_graphs: bool = True  # generation on CUDA: replay the decode step from CUDA graphs (eager on CPU or failure)
+    stall_timeout_s: float = 120.0  # watchdog: no engine step for this long while work waits means a hang (0: off)
 
 
 @dataclass(frozen=True)

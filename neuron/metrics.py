@@ -1,13 +1,17 @@
-"""Prometheus metrics of the miner and the validator, each on its own registry, served at --metrics.port."""
+"""Prometheus metrics of the miner and the validator, each on its own registry, served at --metrics.port,
+with the miner's readiness beside them at /health (200 while it serves, 503 otherwise, as TGI and vLLM)."""
 
 from __future__ import annotations
 
 import collections
 import platform
 import re
+import socket
 import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -18,7 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -182,14 +186,39 @@ class GatewayMetrics:
         self.queue = Gauge("neuron_gateway_judging_queue", "user answers waiting to be judged", registry=r)
 
 
-def serve(registry: CollectorRegistry, ip: str, port: int):
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        """Scrapes and probes are not worth a log line each."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def serve(registry: CollectorRegistry, ip: str, port: int, not_ready: Callable[[], str | None] | None = None):
     """Serve `registry` at http://ip:port/metrics in a daemon thread; returns the server (its port: .server_port).
 
+    With `not_ready` (None while serving, else why not), /health answers 200 "ok" or 503 and the reason.
     A busy port is an OSError naming it and the flag to change.
     """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if not_ready is None or environ.get("PATH_INFO") != "/health":
+            return metrics_app(environ, start_response)
+        why = not_ready()
+        start_response("200 OK" if why is None else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"ok\n" if why is None else f"{why}\n".encode()]
+
     try:
-        server, _thread = start_http_server(port, addr=ip, registry=registry)
+        server = make_server(ip, port, app, _Server6 if ":" in ip else _Server, handler_class=_Quiet)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {ip}:{port}: {exc.strerror or exc}; pick another with "
                       f"--metrics.port") from None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -1,4 +1,5 @@
-"""The miner: wiring only. Engine + axon + chain registration, address and metagraph refresh."""
+"""The miner: wiring only. Engine + axon + chain registration, address and metagraph refresh, and the
+engine's liveness: a dead or hung engine ends the miner with EXIT_ENGINE_DEAD, for its supervisor to restart."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from neuron.axon import Axon, AxonServicer
 from neuron.chain.base import Chain, Metagraph, NotRegistered
 from neuron.config import MinerConfig, WalletConfig
 from neuron.engine import open_engine
+from neuron.engine.types import Engine
 from neuron.signals import until_signalled
 from neuron.model import load_model
 
@@ -27,6 +29,10 @@ def external_ip(configured: str) -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+EXIT_ENGINE_DEAD = 75  # sysexits' EX_TEMPFAIL: the engine failed; a restart may well serve again
+ENGINE_POLL_S = 0.25  # how often the miner asks its engine whether it still serves
 
 
 class PortInUse(OSError):
@@ -81,12 +87,31 @@ class MetagraphCache:
                                f"{self.current.block if self.current else '-'}: {exc}")
 
 
+async def engine_death(engine: Engine) -> str:
+    """Why the engine stopped serving, once it has (it never comes back)."""
+    while (why := engine.dead_reason()) is None:
+        await asyncio.sleep(ENGINE_POLL_S)
+    return why
+
+
+async def stopped_or_dead(stop: asyncio.Event, engine: Engine) -> str | None:
+    """Wait for a stop signal (None) or the engine's death (why)."""
+    signalled, dead = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine_death(engine))
+    try:
+        await asyncio.wait((signalled, dead), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        dead.cancel()
+    return dead.result() if dead.done() and not dead.cancelled() else None
+
+
 async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyncio.Event | None = None,
-                    servicer_factory=AxonServicer, model_transform=None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully. servicer_factory and
-    model_transform (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
+                    servicer_factory=AxonServicer, model_transform=None) -> int:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully, and return 0; or until the
+    engine can no longer serve, then return EXIT_ENGINE_DEAD. servicer_factory and model_transform
+    (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
     stop = stop or asyncio.Event()
-    axon = refresher = metrics_server = None
+    axon = refresher = metrics_server = died = None
     # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
     with until_signalled(stop):
         try:
@@ -123,8 +148,10 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 from neuron import metrics
 
                 server.guard.metrics = metrics.MinerMetrics(engine.stats)
-                metrics_server = metrics.serve(server.guard.metrics.registry, config.metrics.ip, config.metrics.port)
-                logger.info(f"metrics at http://{config.metrics.ip}:{metrics_server.server_port}/metrics")
+                metrics_server = metrics.serve(server.guard.metrics.registry, config.metrics.ip, config.metrics.port,
+                                               not_ready=lambda: server.down)
+                logger.info(f"metrics at http://{config.metrics.ip}:{metrics_server.server_port}/metrics, "
+                            "readiness at /health")
             try:
                 port = await server.start()
             except RuntimeError as exc:  # gRPC's "Failed to bind": taken between the check and now
@@ -136,16 +163,21 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 await asyncio.to_thread(chain.serve_axon, netuid, wallet, ip, public_port)
                 logger.info(f"served axon address {ip}:{public_port} on the chain")
                 refresher = asyncio.create_task(metagraph.keep_fresh(config.auth.metagraph_refresh_s))
-            await stop.wait()
-            logger.info("stopping: finishing in-flight requests")
+            died = await stopped_or_dead(stop, engine)
+            if died is None:
+                logger.info("stopping: finishing in-flight requests")
+            else:
+                logger.error(f"the engine can no longer serve: {died}; exiting with code {EXIT_ENGINE_DEAD} for the "
+                             "supervisor to restart the miner")
         finally:
             if refresher is not None:
                 refresher.cancel()
             if axon is not None:
-                await axon.stop()
+                await axon.stop(why=f"the engine can no longer serve: {died}" if died else "shutting down")
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
+    return 0 if died is None else EXIT_ENGINE_DEAD
 
 
 def register_command(config: MinerConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,36 @@ class PoisonRows(torch.nn.Module):
         bad = input_ids[:, -1] == self.poison
         out.logits = torch.where(bad[:, None, None], torch.full_like(out.logits, float("nan")), out.logits)
         return out
+
+
+class FailsOn(torch.nn.Module):
+    """The real model, except that a batch holding token `poison` raises `error`; by default as a broken GPU
+    does (a CUDA error other than out-of-memory: the device is unusable until the process ends)."""
+
+    def __init__(self, inner: torch.nn.Module, poison: int, error: type[Exception] = torch.AcceleratorError,
+                 message: str = "CUDA error: an illegal memory access was encountered"):
+        super().__init__()
+        self.inner, self.config, self.poison = inner, inner.config, poison
+        self.error, self.message = error, message
+
+    def forward(self, input_ids, **kwargs):
+        if (input_ids == self.poison).any():
+            raise self.error(self.message)
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+class HangsOn(torch.nn.Module):
+    """The real model, except that a batch holding token `poison` waits until `release` is set (a hung step)."""
+
+    def __init__(self, inner: torch.nn.Module, poison: int):
+        super().__init__()
+        self.inner, self.config, self.poison = inner, inner.config, poison
+        self.release = threading.Event()
+
+    def forward(self, input_ids, **kwargs):
+        if (input_ids == self.poison).any():
+            self.release.wait(60)
+        return self.inner(input_ids=input_ids, **kwargs)
 
 
 def make_wallet(path: Path, name: str, hotkey: str = "default"):

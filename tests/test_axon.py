@@ -290,13 +290,16 @@ async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
 
 async def test_stop_refuses_new_calls_and_lets_in_flight_ones_finish(tiny):
     axon = make_axon(tiny, miner_config())
+    assert axon.down == "starting"  # what the readiness probe answers until the axon serves
     port = await axon.start()
+    assert axon.down is None
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     in_flight = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=50), 30))
     await asyncio.sleep(0.05)
     started = time.monotonic()
     await axon.stop(grace=5)
+    assert axon.down == "shutting down"
     assert (await in_flight).ok
     assert time.monotonic() - started < 5
     after = await d.call(t, "Info", pb.InfoRequest(), 2)

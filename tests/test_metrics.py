@@ -1,13 +1,15 @@
-"""Prometheus metrics: scraped from a real miner process, and the validator's and the engine's exporters."""
+"""Prometheus metrics and the readiness probe: scraped from a real miner process, and the validator's and the
+engine's exporters."""
 
 import json
 import socket
+import urllib.error
 import urllib.request
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuron.metrics import MinerMetrics, ValidatorMetrics, refusal_reason
+from neuron.metrics import MinerMetrics, ValidatorMetrics, refusal_reason, serve
 from test_cli import neuron, start, stop, wait_serving
 
 
@@ -28,6 +30,15 @@ def scrape(port: int) -> dict:
         return samples(response.read().decode())
 
 
+def readiness(port: int) -> tuple[int, str]:
+    """GET /health: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
     axon_port, metrics_port = free_port(), free_port()
     log = tmp_path / "miner.log"
@@ -36,6 +47,7 @@ def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
                   "--metrics.port", str(metrics_port), log=log)
     try:
         wait_serving(miner, log)
+        assert readiness(metrics_port) == (200, "ok\n")
         before = scrape(metrics_port)
         assert ("neuron_miner_requests_total", (("rpc", "Generate"), ("status", "OK"))) not in before
         assert before[("neuron_miner_engine_queued", ())] == 0.0
@@ -59,6 +71,23 @@ def test_a_real_miner_serves_request_engine_and_refusal_metrics(tmp_path):
             miner.kill()
             miner.wait()
     assert "auth is off" not in log.read_text()  # loopback: only this machine can reach it
+
+
+def test_readiness_is_200_while_serving_and_503_with_the_reason_otherwise():
+    down = ["starting"]
+    server = serve(MinerMetrics().registry, "127.0.0.1", 0, not_ready=lambda: down[0])
+    try:
+        port = server.server_port
+        assert readiness(port) == (503, "starting\n")
+        down[0] = None
+        assert readiness(port) == (200, "ok\n")
+        down[0] = "the engine can no longer serve: the engine thread died"
+        assert readiness(port) == (503, "the engine can no longer serve: the engine thread died\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert b"# TYPE neuron_miner_requests_total counter" in response.read()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_engine_stats_become_counters_gauges_and_a_token_rate():

@@ -24,5 +24,6 @@ def open_engine(config: "MinerConfig") -> Engine:
     if backend == "vllm":
         from neuron.engine.vllm import VllmEngine
 
-        return VllmEngine(config.model.name, config.engine.vllm, queue_size=config.batching.queue_size)
+        return VllmEngine(config.model.name, config.engine.vllm, queue_size=config.batching.queue_size,
+                          stall_timeout_s=config.batching.stall_timeout_s)
     raise ValueError(f"unknown engine backend {backend!r}: expected one of {', '.join(BACKENDS)}")

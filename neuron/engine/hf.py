@@ -3,6 +3,10 @@
 Each step: apply what the scheduler planned (expired, cancelled, timed-out requests leave), run the
 merged forward batches, one decode step for the running generations, the prefill of the joining ones,
 then hand every answer of the step to the event loop in one call.
+
+An error in a step fails that step's callers and the engine serves on, except an accelerator error
+(CUDA's are sticky: the device is unusable until the process ends) or an error outside the step: then
+the engine is dead (`dead_reason()`), and so is one whose step has hung past the watchdog's timeout.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import torch
 from loguru import logger
 
 from neuron.config import BatchingConfig
 from neuron.engine import sampler as S
 from neuron.engine.runner import Runner, StepOutput
-from neuron.engine.scheduler import FORWARD, GENERATE, Request, Scheduler
+from neuron.engine.scheduler import FORWARD, GENERATE, Plan, Request, Scheduler
 from neuron.engine.types import EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, TokenStep
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, Unavailable
 from neuron.model import LoadedModel, forward_batch
@@ -114,6 +119,11 @@ class HFEngine:
         self._by_slot: dict[int, Request] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._stop_by = 0.0  # with _stopping: running generations may finish until then
+        self._dead: str | None = None  # why the engine can no longer serve; set once, by _die
+        self._dead_lock = threading.Lock()
+        self._beat = time.monotonic()  # when the step loop last went round (the watchdog reads it)
+        self._plan = Plan()  # the step in hand
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._counts: Counter[str] = Counter(dict.fromkeys(
             ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins", "cancelled"), 0))
@@ -133,14 +143,27 @@ class HFEngine:
                 "kv_bytes_reserved": self.scheduler.kv_reserved, "kv_bytes_capacity": self.scheduler.kv_bytes,
                 "slots": self.runner.slots, **{k: float(v) for k, v in self._counts.items()}}
 
+    def dead_reason(self) -> str | None:
+        """Also the watchdog: the loop goes round at least every 0.5 s when idle and after every step, so
+        one that has not for stall_timeout_s is stuck in a step."""
+        timeout = self.config.stall_timeout_s
+        if self._dead is None and timeout and self._thread.is_alive() and not self._stopping.is_set():
+            if (stuck := time.monotonic() - self._beat) > timeout:
+                self._die(f"an engine step has made no progress for {stuck:.0f} s "
+                          f"(over batching.stall_timeout_s {timeout:g})")
+        return self._dead
+
     async def start(self) -> None:
         if self._thread.ident is None:  # idempotent: the miner starts it before the axon does
+            self._beat = time.monotonic()
             self._thread.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Refuse new work, fail the queued, let running generations finish within `timeout`."""
         for r in self.scheduler.close():
             self._deliver([(r, Unavailable("the miner is shutting down"))])
+        if self._dead is not None:
+            return  # its work was failed when it died; a hung thread is not waited for (it is a daemon)
         self._stop_by = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
@@ -168,6 +191,8 @@ class HFEngine:
         return Generation(self, req)
 
     def _submit(self, req: Request) -> None:
+        if self._dead is not None:
+            raise Unavailable(f"the engine has stopped: {self._dead}")
         if self._stopping.is_set():
             raise Unavailable("the miner is shutting down")
         self.scheduler.add(req, time.monotonic())
@@ -180,7 +205,29 @@ class HFEngine:
     # ---- the engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop itself failed (or the device did): nothing can be served now
+            logger.opt(exception=exc).debug("the engine thread ended")
+            self._die(f"the engine thread died: {type(exc).__name__}: {exc}")
+
+    def _die(self, reason: str) -> None:
+        """From any thread, once: refuse new work, fail the queued and the running with Unavailable."""
+        with self._dead_lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
+        self._stop_by = 0.0
+        self._stopping.set()
+        self._wake.set()
+        plan = self._plan  # the step in hand: its forwards are neither queued nor running
+        failed = [*self.scheduler.close(), *self.scheduler.running.values(), *plan.expired, *plan.timed_out,
+                  *(r for batch in plan.forwards for r in batch)]
+        self._deliver([(r, Unavailable(f"the engine has stopped: {reason}")) for r in failed])
+
+    def _loop(self) -> None:
         while True:
+            self._beat = time.monotonic()
             if self._stopping.is_set() and (not self.scheduler.running or time.monotonic() > self._stop_by):
                 break
             self._wait_for_forwards()
@@ -188,6 +235,8 @@ class HFEngine:
             try:
                 self._step(out)
             except Exception as exc:  # a bug or out-of-memory in the decode step: fail what ran, keep serving
+                if _fatal(exc):
+                    raise
                 logger.exception(f"decode step over {len(self._gens)} sequences failed")
                 for req in list(self.scheduler.running.values()):
                     out.append((req, NeuronError("the generation failed on the miner (logged there)")))
@@ -209,7 +258,7 @@ class HFEngine:
             time.sleep(self.scheduler.max_wait_s - age)
 
     def _step(self, out: list) -> None:
-        plan = self.scheduler.plan(time.monotonic())
+        self._plan = plan = self.scheduler.plan(time.monotonic())
         now = time.monotonic()
         for r in plan.expired:
             out.append((r, DeadlineExceeded("the deadline passed while the request was queued; it was not run")))
@@ -235,7 +284,9 @@ class HFEngine:
     def _forward(self, batch: list[Request]) -> list[tuple[Request, object]]:
         try:
             results = forward_batch(self.lm, [r.payload.job for r in batch])
-        except Exception:  # a bug or an out-of-memory: fail these callers, keep serving
+        except Exception as exc:  # a bug or an out-of-memory: fail these callers, keep serving
+            if _fatal(exc):
+                raise
             logger.exception(f"forward batch of {len(batch)} failed")
             return [(r, NeuronError("the forward pass failed on the miner (logged there)")) for r in batch]
         rows = sum(r.rows for r in batch)
@@ -258,7 +309,9 @@ class HFEngine:
         try:
             step = self.runner.prefill(slots, [list(j.prompt_ids) for j in jobs], [j.sampling for j in jobs],
                                        [j.logprobs_topn for j in jobs], seeds)
-        except Exception:
+        except Exception as exc:
+            if _fatal(exc):
+                raise
             logger.exception(f"prefill of {len(joins)} prompts failed")
             for r in joins:
                 self._leave(r)
@@ -312,3 +365,8 @@ class HFEngine:
                 loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:
                 pass  # that loop is closed: nobody is waiting for these answers
+
+
+def _fatal(exc: Exception) -> bool:
+    """An error after which the device cannot serve: CUDA errors other than out-of-memory are sticky."""
+    return isinstance(exc, torch.AcceleratorError)

@@ -142,6 +142,12 @@ class Engine(Protocol):
         """Counters and gauges: queued, running, forward_batches, forward_rows, generated_tokens, ..."""
         ...
 
+    def dead_reason(self) -> str | None:
+        """None while the engine can serve; else why it cannot (its worker died, or a step hung past
+        `batching.stall_timeout_s`). Death is final: work in hand and new work get Unavailable, and the
+        miner exits so that its supervisor restarts it. Cheap: the miner polls it on the event loop."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self, timeout: float = 5.0) -> None:

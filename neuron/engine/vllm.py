@@ -6,14 +6,22 @@ from one greedy step), Generate streams vLLM's tokens with raw log-probabilities
 leaves only the spec's token finite, so the choice is exactly docs/sampling.md's. No hidden states.
 
 vLLM runs its engine core in a spawned process: a script that builds this engine needs the
-`if __name__ == "__main__":` guard.
+`if __name__ == "__main__":` guard. That process dies with the miner, however the miner ends
+(`_die_with_parent`), and a dead or hung engine core makes the engine dead (`dead_reason`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import itertools
 import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -43,6 +51,9 @@ class GumbelV1LogitsProcessor(LogitsProcessor):
     tokens, read from the live list vLLM hands over when the request joins the batch."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        # vLLM builds its processors in the process that holds the model (the engine core, or each
+        # tensor-parallel worker): the one place where the miner's code runs in there.
+        _die_with_parent()
         # batch row -> (temperature, top_k, top_p, seed, the request's output token ids, kept up to date by vLLM)
         self.rows: dict[int, tuple[float, int, float, int, list[int]]] = {}
 
@@ -65,6 +76,49 @@ class GumbelV1LogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows = {i: (t, k, p, s, len(out)) for i, (t, k, p, s, out) in self.rows.items() if i < logits.shape[0]}
         return vllm_sampler.force_choice(logits, rows)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MINER_PID = "NEURON_MINER_PID"  # set by the engine in the miner, inherited by the processes vLLM starts
+
+
+@functools.cache  # once per process
+def _die_with_parent() -> None:
+    """In a process that vLLM started: the kernel SIGKILLs it when its parent ends, however that ends
+    (kill -9 and the OOM killer included), so no engine process outlives the miner holding memory; vLLM
+    (0.32) alone leaves its engine core and workers running. Linux only; elsewhere a no-op.
+
+    Where the model runs in a worker under the engine core (vLLM's multiprocess executor, used even for
+    one device on the CPU), none of the miner's code runs in the engine core itself, so the worker also
+    watches it: once the miner has ended, the engine core is ended, and the worker with it."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # the miner's own process (vLLM without multiprocessing), or no prctl
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent.pid:  # the parent ended before the prctl: no signal would ever come
+        os.kill(os.getpid(), signal.SIGKILL)
+    miner = int(os.environ.get(MINER_PID, "0"))
+    if miner and parent.pid != miner:
+        threading.Thread(target=_end_with_miner, args=(parent.pid, miner), name="neuron-lifeline", daemon=True).start()
+
+
+def _end_with_miner(core: int, miner: int) -> None:
+    """SIGKILL the engine core `core` once its parent is no longer `miner` (the miner ended: it was reparented)."""
+    while (parent := _parent_of(core)) == miner:
+        time.sleep(0.5)
+    if parent is not None:
+        os.kill(core, signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent's pid, from /proc; None once `pid` has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def _source(model: str) -> str:
@@ -126,12 +180,13 @@ class VllmEngine:
     """The engine contract over vLLM's AsyncLLM; `queue_size` requests at most are in hand at once."""
 
     def __init__(self, model: str, config: VllmConfig = VllmConfig(), *, queue_size: int = 256,
-                 model_id: str | None = None):
+                 model_id: str | None = None, stall_timeout_s: float = 0.0):
         from transformers import AutoTokenizer
 
         self.model = model
         self.config = config
         self.queue_size = queue_size
+        self.stall_timeout_s = stall_timeout_s  # no output for this long with work in hand: hung (0: off)
         self.model_id = model_id or model
         self.tokenizer = AutoTokenizer.from_pretrained(_source(model), padding_side="left")
         self._llm: AsyncLLM | None = None
@@ -141,6 +196,8 @@ class VllmEngine:
         self._aborts: set[asyncio.Future] = set()
         self._active: set[str] = set()  # vLLM request ids in flight, aborted by stop() after its timeout
         self._stopping = False
+        self._dead: str | None = None
+        self._last_output = time.monotonic()  # when vLLM last answered anything (or work arrived at an idle engine)
         self._idle = asyncio.Event()
         self._idle.set()
         self._stats = {"forward_batches": 0.0, "forward_rows": 0.0, "generated_tokens": 0.0, "generations": 0.0,
@@ -151,6 +208,7 @@ class VllmEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
+        os.environ[MINER_PID] = str(os.getpid())  # for _die_with_parent, in the processes vLLM starts
         self._llm = AsyncLLM.from_engine_args(engine_args(self.model, self.config))
         mc = self._llm.model_config
         hf = mc.hf_config
@@ -183,6 +241,24 @@ class VllmEngine:
         llm, self._llm = self._llm, None
         llm.shutdown()
 
+    def dead_reason(self) -> str | None:
+        """vLLM's engine core gone (a crash, kill -9, an RPC timeout), or silent past stall_timeout_s with
+        work in hand."""
+        llm = self._llm
+        if self._dead is not None or llm is None:
+            return self._dead
+        if llm.errored:
+            manager = getattr(llm.engine_core.resources, "engine_manager", None)
+            exits = getattr(manager, "finished_procs", dict)()
+            codes = ", ".join(f"{name} exit code {code}" for name, code in exits.items())
+            self._dead = "the vLLM engine core has stopped" + (f" ({codes})" if codes else "")
+        elif self.stall_timeout_s and self._in_hand and time.monotonic() - self._last_output > self.stall_timeout_s:
+            quiet = time.monotonic() - self._last_output
+            self._dead = (f"the vLLM engine has answered nothing for {quiet:.0f} s with {self._in_hand} requests "
+                          f"in hand (over batching.stall_timeout_s {self.stall_timeout_s:g})")
+            llm.output_processor.propagate_error(EngineDeadError())  # what vLLM does when its core fails
+        return self._dead
+
     @property
     def async_llm(self) -> AsyncLLM | None:
         """vLLM's own engine (for benches that compare against it); None before start and after stop."""
@@ -204,6 +280,8 @@ class VllmEngine:
     # admission: the miner's own bound in front of vLLM's unbounded waiting queue
 
     def _check_admissible(self, deadline: float | None) -> None:
+        if self._dead is not None:
+            raise Unavailable(f"the engine has stopped: {self._dead}")
         if self._stopping or self._llm is None:
             raise Unavailable("the engine is shutting down" if self._stopping else "the engine is not started")
         if self._in_hand >= self.queue_size:
@@ -214,6 +292,8 @@ class VllmEngine:
             raise DeadlineExceeded("the deadline passed before the work could start")
 
     def _take(self) -> None:
+        if self._in_hand == 0:  # the watchdog counts silence from here, not from the last busy moment
+            self._last_output = time.monotonic()
         self._in_hand += 1
         self._idle.clear()
 
@@ -293,6 +373,7 @@ class VllmEngine:
         try:
             async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid,
                                                 priority=_priority(priority)):
+                self._last_output = time.monotonic()
                 last = out
         except VLLMError as exc:
             raise _neuron_error(exc) from exc
@@ -363,6 +444,7 @@ class VllmEngine:
                     raise Unavailable("the engine stopped during generation") from None
                 except VLLMError as exc:
                     raise _neuron_error(exc) from exc
+                self._last_output = time.monotonic()
                 if expired or out.outputs[0].finish_reason == "abort":
                     if expired:
                         self._stats["deadline_exceeded"] += 1

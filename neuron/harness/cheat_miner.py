@@ -35,9 +35,8 @@ def main(argv: list[str]) -> int:
     chain = _chain(c.subtensor)
     wallet = open_wallet(c.wallet)
     logger.warning(f"this miner cheats ({kind}): for the mock network only")
-    asyncio.run(run_miner(c, chain, wallet, servicer_factory=cheats.servicer_for(kind),
-                          model_transform=lambda lm: cheats.cheat_model(kind, lm)))
-    return 0
+    return asyncio.run(run_miner(c, chain, wallet, servicer_factory=cheats.servicer_for(kind),
+                                 model_transform=lambda lm: cheats.cheat_model(kind, lm)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What the HF engine promises beyond the contract: merged forwards, slots that free and never drift,
-one bad sequence failing alone."""
+one bad sequence failing alone, and a broken device taking the whole engine down."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import PoisonRows
+from conftest import FailsOn, PoisonRows
 from neuron.config import BatchingConfig
 from neuron.engine.hf import HFEngine
 from neuron.engine.types import FinishReason, ForwardJob, GenerateJob
-from neuron.errors import NeuronError
+from neuron.errors import NeuronError, Unavailable
 from neuron.model import forward_topk
 
 
@@ -102,6 +102,32 @@ async def test_a_sequence_whose_logits_break_fails_alone(tiny):
         assert [s.token_id for s in results[1]] == alone
         assert [first.token_id] + [s.token_id for s in results[2]] == alone
         assert engine.stats()["running"] == 0
+    finally:
+        await engine.stop()
+
+
+async def test_a_bug_fails_its_callers_but_a_device_error_kills_the_engine(tiny):
+    """An ordinary error in a step fails that step's callers and the engine serves on; a CUDA error leaves
+    the device unusable, so the engine is dead: the running, the queued and any new work get Unavailable."""
+    bug, device = ids_of(tiny, "~")[-1], ids_of(tiny, "zq")[-1]
+    model = FailsOn(FailsOn(tiny.model, device), bug, RuntimeError, "a bug")
+    engine = HFEngine(dataclasses.replace(tiny, model=model), BatchingConfig(max_generate_batch=1), 128)
+    await engine.start()
+    try:
+        with pytest.raises(NeuronError, match="the forward pass failed"):
+            await engine.forward(ForwardJob(torch.tensor([ids_of(tiny, "~")]), None, 1))
+        assert engine.dead_reason() is None
+        assert len(await collect(engine.generate(GenerateJob(ids_of(tiny, "Fine"), 3)))) == 3
+
+        running = engine.generate(GenerateJob(ids_of(tiny, "Fine"), 120))
+        await running.__anext__()
+        queued = engine.generate(GenerateJob(ids_of(tiny, "Fine"), 3))  # waits: one generation at a time
+        fatal = engine.forward(ForwardJob(torch.tensor([ids_of(tiny, "zq")]), None, 1))
+        results = await asyncio.gather(collect(running), collect(queued), fatal, return_exceptions=True)
+        assert [type(r) for r in results] == [Unavailable] * 3, results
+        assert "AcceleratorError: CUDA error" in engine.dead_reason()
+        with pytest.raises(Unavailable, match="the engine has stopped"):
+            engine.generate(GenerateJob(ids_of(tiny, "Fine"), 3))
     finally:
         await engine.stop()
 

@@ -7,8 +7,13 @@ missing vLLM is an error, never a skip.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 import time
 import warnings
 
@@ -220,6 +225,92 @@ def test_vllm_errors_become_the_contracts():
     assert isinstance(_neuron_error(VLLMValidationError("too long")), InvalidArgument)
     assert isinstance(_neuron_error(QueueOverflowError()), ResourceExhausted)
     assert type(_neuron_error(vllm.exceptions.VLLMServerError("boom"))) is NeuronError
+
+
+def alive(pid: int) -> bool:
+    """Whether a process has not ended (a zombie has: only its reaping is left)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_killed_engine_core_makes_the_engine_dead(smollm2):
+    before = {p.pid for p in multiprocessing.active_children()}
+    e = VllmEngine(str(SMOLLM2), CONFIG, queue_size=QUEUE)
+    await e.start()
+    try:
+        cores = {p.pid for p in multiprocessing.active_children()} - before
+        assert cores and e.dead_reason() is None
+        prompt = tuple(prompts(smollm2, 1, seed=5)[0])
+        stream = e.generate(GenerateJob(prompt, 400, SamplingParams()))
+        await stream.__anext__()
+        for pid in cores:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(Unavailable):
+            async for _ in stream:
+                pass
+        while e.dead_reason() is None and time.monotonic() - killed < 10:
+            await asyncio.sleep(0.1)
+        assert "engine core has stopped" in (e.dead_reason() or ""), e.dead_reason()
+        with pytest.raises(Unavailable, match="the engine has stopped"):
+            e.generate(GenerateJob(prompt, 4, SamplingParams()))
+    finally:
+        await e.stop(timeout=0.2)
+
+
+HOLDER = """
+import asyncio, multiprocessing, sys
+import psutil
+from neuron.engine.vllm import VllmEngine
+from neuron.engine.vllm_config import VllmConfig
+
+async def main():
+    config = VllmConfig(max_model_len=512, kv_cache_memory_bytes=512 << 20, gpu_memory_utilization=0.1, max_num_seqs=8)
+    engine = VllmEngine(sys.argv[1], config)  # held: a collected AsyncLLM shuts its engine core down
+    await engine.start()
+    cores = [psutil.Process(p.pid) for p in multiprocessing.active_children()]  # and their workers, if any
+    print("engine processes:", *(p.pid for core in cores for p in [core, *core.children(recursive=True)]), flush=True)
+    await asyncio.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_killed_miner_takes_its_engine_processes_with_it(tmp_path):
+    """kill -9 of the process that started vLLM (a miner, here a script holding an engine) leaves none of
+    vLLM's processes running (vLLM 0.32 alone leaves its engine core, holding the model's memory)."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), str(SMOLLM2)], stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(300, holder.kill)  # a start-up that never ends ends the read below
+    timer.start()
+    pids: list[int] = []
+    try:
+        for line in holder.stdout:  # vLLM logs to stdout too
+            if line.startswith("engine processes:"):
+                pids = [int(p) for p in line.split(":")[1].split()]
+                break
+        assert pids and all(alive(p) for p in pids), "the engine did not start"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        killed = time.monotonic()
+        while any(alive(p) for p in pids) and time.monotonic() - killed < 10:
+            time.sleep(0.2)
+        assert [p for p in pids if alive(p)] == []
+    finally:
+        timer.cancel()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        holder.stdout.close()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 # vLLM's shutdown leaves a ZeroMQ context to the garbage collector, which complains as it goes.
