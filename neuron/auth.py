@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from typing import Callable, Iterable, Mapping
 
 import bittensor as bt
@@ -145,6 +145,21 @@ class Admission:
         self._buckets = TokenBucket(config.rate_per_s, config.burst)
         self.nonces = BoundedNonceStore(retention=config.max_age_s + config.allowed_skew_s + 1.0)
         self.refused = 0  # requests refused here (a test counts them against model work)
+        self._in_flight: Counter[str] = Counter()  # admitted calls not yet answered, per hotkey
+
+    def enter(self, hotkey: str) -> None:
+        """Count an admitted call in flight; ResourceExhausted when the hotkey already has its share."""
+        cap = self.config.max_in_flight
+        if cap and self._in_flight[hotkey] >= cap:
+            self.refused += 1
+            raise ResourceExhausted(f"this hotkey already has {cap} calls in flight (the miner's share per caller: "
+                                    "--auth.max_in_flight); read or cancel them first")
+        self._in_flight[hotkey] += 1
+
+    def leave(self, hotkey: str) -> None:
+        self._in_flight[hotkey] -= 1
+        if self._in_flight[hotkey] <= 0:
+            del self._in_flight[hotkey]
 
     def admit(self, hotkey: str, nonce_ns: int) -> float:
         """The caller's stake (its priority), or PermissionDenied / Unauthenticated / ResourceExhausted."""

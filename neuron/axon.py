@@ -136,11 +136,19 @@ class Guard(grpc.aio.ServerInterceptor):
             raise InvalidArgument(f"the request has {len(raw)} bytes; no valid {_short(call.method)} request "
                                   f"has more than {limit} under this miner's limits")
         call.peer, nonce = self._admit(call.method, raw, context)
+        if self.config.auth.required and not call.method.endswith("/Info"):  # a verified hotkey: its share
+            self.admission.enter(call.peer.hotkey)
+            call.held = True
         _PEER.set(call.peer)
         try:
             return deserialize(raw), nonce
         except DecodeError:
             raise InvalidArgument("the request is not a valid protobuf message") from None
+
+    def _leave(self, call: "_Call") -> None:
+        if call.held:
+            self.admission.leave(call.peer.hotkey)
+            call.held = False
 
     def _sign(self, method: str, nonce: str, body: bytes, peer: Peer) -> list[tuple[str, str]]:
         if self.keypair is None or not peer.hotkey or method.endswith("/Info"):
@@ -163,6 +171,7 @@ class Guard(grpc.aio.ServerInterceptor):
                 if call.status is None:
                     raise  # cancelled: there is nobody to answer
             finally:
+                self._leave(call)
                 call.log(context, self.metrics)
             call.answer(context)
             return None  # with a status set, gRPC sends it and no message
@@ -192,6 +201,7 @@ class Guard(grpc.aio.ServerInterceptor):
                 if call.status is None:
                     raise
             finally:
+                self._leave(call)
                 call.detail = call.detail or f"{len(sent)} chunks"
                 call.log(context, self.metrics)
             call.answer(context)
@@ -207,6 +217,7 @@ class _Call:
         self.status: grpc.StatusCode | None = None
         self.message = ""
         self.tokens = 0  # generated tokens answered
+        self.held = False  # counted in its hotkey's calls in flight
 
     def failed(self, exc: BaseException, context) -> None:
         """Record what `exc` means for the caller; status stays None when nobody is left to answer."""

@@ -39,9 +39,12 @@ class LoadSizes:
     prompt_len: int = 16
     new_tokens: int = 32
     solo_calls: int = 5  # calls of each kind alone, before the load, for the baseline latency
+    unread: int = 100  # streams opened and never read past their first chunk
+    probes: int = 20  # another caller's streams, one after another, timed alone and beside the unread ones
 
 
-QUICK_LOAD = LoadSizes(max_generate_batch=2, queue_size=4, seq_len=16, prompt_len=8, new_tokens=8, solo_calls=2)
+QUICK_LOAD = LoadSizes(max_generate_batch=2, queue_size=4, seq_len=16, prompt_len=8, new_tokens=8, solo_calls=2,
+                       unread=20, probes=5)
 
 
 @dataclass
@@ -106,6 +109,38 @@ async def _timed(kind: str, call) -> Outcome:
     return Outcome(kind, code, time.perf_counter() - start)
 
 
+async def _probe_ms(stream, body: bytes, n: int) -> list[float]:
+    """Another caller's streams, one after another: the latency of each answered one, in ms."""
+    out = [await _timed("stream", stream(body, timeout=600)) for _ in range(n)]
+    return [o.seconds * 1000 for o in out if o.code == grpc.StatusCode.OK]
+
+
+async def _beside_crowd(stream, body: bytes, sizes: LoadSizes, read: bool) -> tuple[list[float], dict[str, int]]:
+    """The probes while `sizes.unread` streams arrive at once and are read to the end, or read for one chunk
+    and then left unread (held open until the probes are done); and how the crowd's calls were answered."""
+    calls = [stream(body, timeout=600) for _ in range(sizes.unread)]
+    codes: dict[str, int] = {}
+
+    async def one(call) -> None:
+        try:
+            if read:
+                async for _ in call:
+                    pass
+            else:
+                await call.read()  # the first chunk; the rest is never asked for
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        codes[code] = codes.get(code, 0) + 1
+
+    crowd = asyncio.gather(*(one(c) for c in calls))
+    probes = await _probe_ms(stream, body, sizes.probes)
+    await crowd
+    for c in calls:
+        c.cancel()
+    return probes, codes
+
+
 async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: LoadSizes,
                    workdir: Path) -> tuple[list[Figure], list[str]]:
     """The load figures and a note with the raw numbers."""
@@ -137,6 +172,9 @@ async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: 
         peak = miner.rss_mib("VmHWM")
         await asyncio.sleep(1.0)  # let the miner finish its bookkeeping before reading its memory
         after = miner.rss_mib()
+        idle = await _probe_ms(stream, stream_body, sizes.probes)
+        unread, unread_codes = await _beside_crowd(stream, stream_body, sizes, read=False)
+        read, read_codes = await _beside_crowd(stream, stream_body, sizes, read=True)
         await channel.close()
     finally:
         miner.stop()
@@ -170,4 +208,13 @@ async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: 
                        "MiB", "<= 1.10")]
     note.append(f"load memory: RSS {before:.0f} MiB before (peak so far {peak_before:.0f}), peak {peak:.0f} MiB, "
                 f"{after:.0f} MiB after")
+    figures += [Figure("unread_probe_p99_vs_idle", f"another caller's stream p99 beside {sizes.unread} unread streams "
+                       "/ on an idle miner", _percentile(unread, 0.99), _percentile(idle, 0.99),
+                       _percentile(unread, 0.99) / _percentile(idle, 0.99), "ms", "<= 2"),
+                Figure("unread_probe_p99_vs_read", f"another caller's stream p99 beside {sizes.unread} unread streams "
+                       f"/ beside {sizes.unread} streams read to the end", _percentile(unread, 0.99),
+                       _percentile(read, 0.99), _percentile(unread, 0.99) / _percentile(read, 0.99), "ms")]
+    for label, xs, codes in (("idle", idle, {}), ("unread", unread, unread_codes), ("read", read, read_codes)):
+        note.append(f"probes {label}: {len(xs)} of {sizes.probes} answered, p50 {_percentile(xs, 0.5):.0f} ms, "
+                    f"p99 {_percentile(xs, 0.99):.0f} ms" + (f"; the {sizes.unread} crowd streams: {codes}" if codes else ""))
     return figures, note

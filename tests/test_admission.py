@@ -15,7 +15,7 @@ import pytest
 import torch
 from bittensor import http_auth
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import HangsOn, make_axon, make_wallet, miner_config
 from neuron import auth, wire
 from neuron.chain.local import LocalChain
 from neuron.config import BatchingConfig
@@ -136,6 +136,31 @@ async def test_the_rate_limit_answers_resource_exhausted_before_the_model(tiny, 
         assert work(axon) == (2, 2) and axon.guard.admission.refused == 1
         other = await dendrites["high"].call(target, "Forward", forward_request(), 10)
         assert other.ok, other.message  # the limit is per hotkey
+
+
+async def test_one_caller_cannot_take_the_whole_queue(tiny, net, dendrites):
+    """Calls a caller has in flight (hung here, as streams it never reads would be) count against its share:
+    past it, the caller is refused at once while another caller is still admitted; the share comes back
+    as its calls end."""
+    chain, wallets = net
+    miner = wallets["miner"].hotkey
+    hangs = HangsOn(tiny.model, poison=7)
+    lm = dataclasses.replace(tiny, model=hangs)
+    async with serving(lm, chain, miner, **{"auth.max_in_flight": 2}) as (axon, address, _):
+        d, target = dendrites["validator"], Target(address, miner.ss58_address)
+        in_flight = axon.guard.admission._in_flight
+        mine, theirs = wallets["validator"].hotkey.ss58_address, wallets["high"].hotkey.ss58_address
+        held = [asyncio.create_task(d.call(target, "Forward", forward_request(first_token=7), 30)) for _ in range(2)]
+        await until(lambda: in_flight[mine] == 2, "two calls in flight")
+        refused = await d.call(target, "Forward", forward_request(), 10)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--auth.max_in_flight" in refused.message
+        other = asyncio.create_task(dendrites["high"].call(target, "Forward", forward_request(), 30))
+        await until(lambda: in_flight[theirs] == 1, "the other caller admitted")  # the share is per hotkey
+        hangs.release.set()
+        assert all(r.ok for r in await asyncio.gather(*held, other))
+        assert not in_flight
+        again = await d.call(target, "Forward", forward_request(), 10)
+        assert again.ok, again.message
 
 
 def signed(keypair, body: bytes, receiver: str, nonce_ns: int | None = None) -> list[tuple[str, str]]:
