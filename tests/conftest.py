@@ -23,6 +23,24 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt_neo():
+    """The seed models' GPT-Neo in miniature: global and local layers, a local window shorter than the test prompts."""
+    return load_model("tiny-gpt-neo", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neo_4bit():
+    """That GPT-Neo as a bitsandbytes 4-bit checkpoint (NF4, float32 compute): a declared model of its own."""
+    import importlib.util
+
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: the 4-bit checkpoint needs the quantized extra "
+                    "(the README's test command installs it)")
+    return load_model("tiny-gpt-neo-4bit", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     if not (SMOLLM2 / ".complete").exists():
         pytest.fail(f"SmolLM2 checkpoint missing at {SMOLLM2}: run `python scripts/fetch_smollm2.py` first "
