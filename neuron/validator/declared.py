@@ -32,11 +32,11 @@ class Declared:
     quantization: str
 
     @classmethod
-    def of_model(cls, lm: LoadedModel) -> "Declared":
+    def of_model(cls, lm: LoadedModel) -> Declared:
         return cls(lm.name, lm.weights_fingerprint, lm.tokenizer_fingerprint, lm.quantization)
 
     @classmethod
-    def from_info(cls, info: pb.InfoResponse) -> "Declared":
+    def from_info(cls, info: pb.InfoResponse) -> Declared:
         return cls(info.model_id, info.weights_fingerprint, info.tokenizer_fingerprint, info.quantization)
 
     def describe(self) -> str:
