@@ -1,13 +1,14 @@
 """The HF runner: preallocated per-sequence KV slots, and one batched decode step over them.
 
-The KV cache is one buffer per layer, [slots, kv_heads, max_len, head_dim], allocated once. Every
-decode step writes each row's new key/value at the same column `col`, which then advances round the
-buffer (a ring); which columns a row may attend to is its row of a boolean mask. Attention does not
-care about column order (positions are in the keys already; GPT-Neo's local layers are the exception, see
-`ring_order`), so joining means prefilling the new prompts apart and copying their keys into their slots'
-columns just before `col`, and leaving means nothing at all: the slot's mask row is rewritten when it is reused. Positions live on the device and
-are incremented, not recomputed. The decode step runs over the first `bucket` slots (a power of two at
-least as large as the highest slot in use), so its shapes repeat and free slots in between are masked.
+The KV cache is one buffer per layer, [slots, kv_heads, max_len, head_dim], allocated once. Every decode
+step writes each row's new key/value at the same column `col`, which then advances round the buffer (a
+ring); which columns a row may attend to is its row of a boolean mask. Attention does not care about
+column order (positions are in the keys already; GPT-Neo's local layers are the exception, see
+`ring_order`), so joining means prefilling the new prompts apart and copying their keys into their
+slots' columns just before `col`, and leaving means nothing at all: the slot's mask row is rewritten
+when it is reused. Positions live on the device and are incremented, not recomputed. The decode step
+runs over the first `bucket` slots (a power of two at least as large as the highest slot in use), so its
+shapes repeat and free slots in between are masked.
 """
 
 from __future__ import annotations
