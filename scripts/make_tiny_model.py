@@ -1,10 +1,10 @@
 """Make the tiny random checkpoints that ship in the package: an OPT (with its 512-token byte-level BPE), a
 GPT-Neo with a local attention window shorter than the test prompts, and that GPT-Neo in bitsandbytes 4-bit.
 
-    python scripts/make_tiny_model.py                      # all three, into neuron/assets/
-    python scripts/make_tiny_model.py --kind gpt-neo --out /tmp/x
+    python scripts/make_tiny_model.py                      # the three that ship, into neuron/assets/
+    python scripts/make_tiny_model.py --kind gpt-neo-8bit --out /tmp/x   # 8-bit: made by the tests, not shipped
 
-Weights come from fixed seeds, so a rerun rewrites the same float32 files. The 4-bit one needs the
+Weights come from fixed seeds, so a rerun rewrites the same files. The 4-bit and 8-bit ones need the
 `quantized` extra (bitsandbytes, accelerate); the others do not.
 """
 
@@ -24,6 +24,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "neuron" / "assets"
 WINDOW = 4
 # Where each kind goes by default, under neuron/assets/ (the names `load_model` knows).
 NAMES = {"opt": "tiny", "gpt-neo": "tiny-gpt-neo", "gpt-neo-4bit": "tiny-gpt-neo-4bit"}
+KINDS = [*NAMES, "gpt-neo-8bit"]
 
 
 def train_tokenizer(corpus: Path) -> PreTrainedTokenizerFast:
@@ -90,12 +91,14 @@ def make_gpt_neo(tokenizer: PreTrainedTokenizerFast) -> GPTNeoForCausalLM:
     return GPTNeoForCausalLM(config).eval()
 
 
-def quantize_4bit(source: Path, out: Path) -> torch.nn.Module:
-    """`source` loaded through bitsandbytes 4-bit (NF4, float32 compute, as a CPU serves it) and saved pre-quantized,
-    as the published GPT-Neo 1.3B 4-bit checkpoints are: its config.json carries the quantization_config."""
+def quantize(source: Path, out: Path, bits: int) -> torch.nn.Module:
+    """`source` loaded through bitsandbytes (4-bit: NF4, float32 compute, as a CPU serves it; or 8-bit) and saved
+    pre-quantized, as the published GPT-Neo 1.3B 4-bit checkpoints are: its config.json carries the
+    quantization_config."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    bnb = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+           if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=torch.float32,
                                                  device_map={"": "cpu"})
     model.save_pretrained(out)
@@ -118,28 +121,31 @@ def make(kind: str, out: Path, corpus: Path) -> Path:
         tokenizer = wrap(Tokenizer.from_file(str(ASSETS / "tiny" / "tokenizer.json")))
         if kind == "gpt-neo":
             save(make_gpt_neo(tokenizer), tokenizer, out)
-        elif kind == "gpt-neo-4bit":
+        elif kind in ("gpt-neo-4bit", "gpt-neo-8bit"):
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
                 save(make_gpt_neo(tokenizer), tokenizer, Path(tmp))
-                model = quantize_4bit(Path(tmp), out)
+                model = quantize(Path(tmp), out, 4 if kind == "gpt-neo-4bit" else 8)
             tokenizer.save_pretrained(out)
             model.generation_config.save_pretrained(out)
         else:
-            raise ValueError(f"unknown kind {kind!r}: expected one of {', '.join(NAMES)}")
+            raise ValueError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=[*NAMES, "all"], default="all")
+    parser.add_argument("--kind", choices=[*KINDS, "all"], default="all", help="all: the three that ship")
     parser.add_argument("--corpus", type=Path, default=ASSETS / "corpus.txt")
-    parser.add_argument("--out", type=Path, help="output directory (one kind only); default neuron/assets/<name>")
+    parser.add_argument("--out", type=Path, help="output directory (one kind only; needed for gpt-neo-8bit); default "
+                        "neuron/assets/<name>")
     args = parser.parse_args()
     kinds = list(NAMES) if args.kind == "all" else [args.kind]
     if args.out is not None and len(kinds) > 1:
         parser.error("--out takes one --kind")
+    if args.out is None and args.kind not in NAMES and args.kind != "all":
+        parser.error(f"{args.kind} does not ship: give --out")
     for kind in kinds:
         out = make(kind, args.out or ASSETS / NAMES[kind], args.corpus)
         size = sum(p.stat().st_size for p in out.iterdir())
