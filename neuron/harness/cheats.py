@@ -55,6 +55,9 @@ class LogitsFilter(torch.nn.Module):
 
 
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers: OPT's model.decoder.layers, Llama's model.layers, GPT-Neo's transformer.h."""
+    if hasattr(model, "transformer"):
+        return model.transformer.h
     inner = model.model
     return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
