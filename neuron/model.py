@@ -1,4 +1,4 @@
-"""Load a causal LM (a Hugging Face id, a local directory, or the embedded `tiny`) and run forward passes."""
+"""Load a causal LM (a Hugging Face id, a local directory, or an embedded tiny one) and run forward passes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ from loguru import logger
 
 from neuron.engine.types import ForwardJob, ForwardResult
 from neuron.errors import InvalidArgument
+from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint, quantization_of
 
-TINY_PATH = Path(__file__).resolve().parent / "assets" / "tiny"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_PATH = ASSETS / "tiny"
+# The tiny random checkpoints that ship in the package (scripts/make_tiny_model.py), by the names --model.name takes:
+# an OPT, a GPT-Neo whose local window is shorter than the test prompts, and that GPT-Neo in bitsandbytes 4-bit.
+TINY_MODELS = {"tiny": TINY_PATH, "tiny-gpt-neo": ASSETS / "tiny-gpt-neo", "tiny-gpt-neo-4bit": ASSETS / "tiny-gpt-neo-4bit"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -37,6 +42,7 @@ class LoadedModel:
     eos_token_id: int | None
     weights_fingerprint: str
     tokenizer_fingerprint: str
+    quantization: str = ""  # what the checkpoint declares (neuron/fingerprint.py quantization_of); "" for none
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -55,8 +61,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _source(name: str) -> str:
-    if name == "tiny":
-        return str(TINY_PATH)
+    if name in TINY_MODELS:
+        return str(TINY_MODELS[name])
     return os.path.expanduser(name)
 
 
@@ -83,7 +89,7 @@ def _check_source(name: str, source: str, offline: bool) -> bool:
         return offline
     if _looks_like_path(name):
         raise ModelNotFound(f"model path {source!r} does not exist (--model.name takes a Hugging Face id, a local "
-                            f"directory, or \"tiny\")")
+                            f"directory, or one of {', '.join(TINY_MODELS)})")
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -105,9 +111,21 @@ def _check_source(name: str, source: str, offline: bool) -> bool:
     return offline
 
 
+def _check_quantized_install(name: str, quantization: str) -> None:
+    """A bitsandbytes checkpoint needs bitsandbytes and accelerate: say so, with the fix, before transformers
+    fails with a message about device maps."""
+    import importlib.util
+
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if quantization.startswith("bnb-") and missing:
+        raise ModelNotFound(f"model {name!r} is a bitsandbytes checkpoint ({quantization}) and {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -e \".[quantized]\" "
+                            f"(or pip install bitsandbytes==0.50.2 accelerate==1.16.0)")
+
+
 def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `name` (HF id, local path, or "tiny"); HF_HUB_OFFLINE=1 is honoured by transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars garble an operator's log
@@ -121,7 +139,14 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     offline = _check_source(name, source, offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=offline)
+        quantization = quantization_of(AutoConfig.from_pretrained(source, local_files_only=offline).to_dict())
+        _check_quantized_install(name, quantization)
+        # A quantized model is placed on its device as it loads: bitsandbytes 8-bit weights cannot be moved after.
+        placed = {"device_map": {"": dev}} if quantization else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, local_files_only=offline, **placed)
+    except ImportError as exc:  # a quantized checkpoint whose library is missing (a method other than bitsandbytes)
+        raise ModelNotFound(f"model {name!r} ({quantization}) cannot be loaded by this install: "
+                            f"{str(exc).splitlines()[0]}") from None
     except (OSError, ValueError) as exc:
         where = "a local directory" if os.path.isdir(source) else "not a local directory"
         hub = "downloads are disabled (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
@@ -131,7 +156,9 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev).eval()
+    if not quantization:
+        model.to(dev)
+    model.eval()
     config = model.config
     max_positions = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     lm = LoadedModel(
@@ -145,9 +172,11 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
         eos_token_id=tokenizer.eos_token_id,
         weights_fingerprint=weights_fingerprint(source, model),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        quantization=quantization,
     )
     params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model {name}: {params / 1e6:.1f}M parameters, {dt} on {dev}, vocab {lm.vocab_size}, "
+    quant = f" ({lm.quantization})" if lm.quantization else ""
+    logger.info(f"model {name}{quant}: {params / 1e6:.1f}M parameters, {dt} on {dev}, vocab {lm.vocab_size}, "
                 f"max positions {max_positions}, weights {lm.weights_fingerprint[:12]}")
     return lm
 
@@ -155,8 +184,6 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
 def weights_fingerprint(source: str, model: torch.nn.Module) -> str:
     """The checkpoint files' fingerprint (neuron/fingerprint.py: the same on every backend); for a checkpoint
     without safetensors/bin files, the SHA-256 over every loaded tensor's name, shape, dtype and bytes."""
-    from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
-
     try:
         return checkpoint_fingerprint(checkpoint_dir(source))
     except (OSError, ValueError):

@@ -68,7 +68,7 @@ def info(e: EngineInfo, limits: LimitsConfig, hotkey: str) -> pb.InfoResponse:
     return pb.InfoResponse(
         model_id=e.model_id, weights_fingerprint=e.weights_fingerprint, tokenizer_fingerprint=e.tokenizer_fingerprint,
         vocab_size=e.vocab_size, dtype=e.dtype, device=e.device, protocol_version=PROTOCOL_VERSION, hotkey=hotkey,
-        eos_token_id=-1 if e.eos_token_id is None else e.eos_token_id,
+        eos_token_id=-1 if e.eos_token_id is None else e.eos_token_id, quantization=e.quantization,
         limits=pb.Limits(max_batch=limits.max_batch, max_seq_len=max_seq_len(e, limits), max_topk=limits.max_topk,
                          max_new_tokens=limits.max_new_tokens, max_logprobs_topn=limits.max_logprobs_topn,
                          max_message_bytes=limits.max_message_bytes),

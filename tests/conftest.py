@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -21,6 +22,27 @@ SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuro
 @pytest.fixture(scope="session")
 def tiny():
     return load_model("tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neo():
+    """The seed models' GPT-Neo in miniature: global and local layers, a local window shorter than the test prompts."""
+    return load_model("tiny-gpt-neo", device="cpu", dtype="float32")
+
+
+# bitsandbytes checkpoints need the quantized extra; where it is missing, their tests skip and say so.
+_MISSING = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+HAS_QUANTIZED = not _MISSING
+needs_quantized = pytest.mark.skipif(not HAS_QUANTIZED, reason=f"{' and '.join(_MISSING)} not installed: bitsandbytes "
+                                     "checkpoints need the quantized extra (the README's test command installs it)")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neo_4bit():
+    """That GPT-Neo as a bitsandbytes 4-bit checkpoint (NF4, float32 compute): a declared model of its own."""
+    if not HAS_QUANTIZED:
+        pytest.skip(needs_quantized.kwargs["reason"])
+    return load_model("tiny-gpt-neo-4bit", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")

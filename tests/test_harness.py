@@ -60,3 +60,20 @@ def test_a_cheating_miner_refuses_a_real_chain():
     with pytest.raises(ConfigError, match="expected one of"):
         cheat_miner.main(["--kind", "nonsense", "--subtensor.network", "local"])
     assert cheat_miner.main([]) == 2
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt_neo", "tiny_gpt_neo_4bit"])
+def test_the_model_cheats_build_on_the_seed_models_and_change_the_logits(model, request):
+    """The mock network's model cheats work on GPT-Neo's layout and on a bitsandbytes model (whose packed weights
+    they leave alone)."""
+    import torch
+
+    from neuron.harness.cheats import MODEL_CHEATS, cheat_model
+
+    lm = request.getfixturevalue(model)
+    ids = torch.tensor([lm.tokenizer("The capital of France is").input_ids])
+    honest = lm.model(input_ids=ids).logits
+    for kind in MODEL_CHEATS:
+        cheat = cheat_model(kind, lm)
+        assert not torch.allclose(cheat.model(input_ids=ids).logits, honest, atol=1e-3), kind
+    assert len(cheat_model("truncated", lm).model.transformer.h) == 1

@@ -1,8 +1,15 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
+from conftest import HAS_QUANTIZED, needs_quantized
 from neuron.errors import InvalidArgument
-from neuron.model import ForwardJob, ModelNotFound, forward_batch, forward_topk, load_model
+from neuron.fingerprint import checkpoint_fingerprint
+from neuron.model import TINY_MODELS, ForwardJob, ModelNotFound, forward_batch, forward_topk, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_tiny_ships_in_the_package_and_is_small(tiny):
@@ -100,3 +107,64 @@ def test_token_logprobs_where_there_is_no_next_token_are_refused(tiny):
             forward_topk(tiny, ids, positions, 3, want_token_logprobs=True)
     with pytest.raises(InvalidArgument, match="two tokens"):
         forward_topk(tiny, ids[:, :1], [0], 3, want_token_logprobs=True)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_seed_models_tiny_shapes_ship_small_and_the_script_remakes_them(tmp_path, tiny_gpt_neo):
+    for name, path in TINY_MODELS.items():
+        assert sum(p.stat().st_size for p in path.iterdir()) < 1 << 20, name
+    config = tiny_gpt_neo.model.config
+    assert config.attention_layers == ["global", "local"]
+    # The local window is shorter than every prompt the engine contract sends, so each runs past it.
+    assert config.window_size < len(tiny_gpt_neo.tokenizer("Hi there").input_ids)
+    script = _script()
+    assert checkpoint_fingerprint(script.make("gpt-neo", tmp_path / "neo", script.ASSETS / "corpus.txt")) == \
+        tiny_gpt_neo.weights_fingerprint
+    if HAS_QUANTIZED:
+        four = script.make("gpt-neo-4bit", tmp_path / "neo4", script.ASSETS / "corpus.txt")
+        assert checkpoint_fingerprint(four) == checkpoint_fingerprint(TINY_MODELS["tiny-gpt-neo-4bit"])
+
+
+def test_a_bitsandbytes_checkpoint_without_the_quantized_extra_names_the_fix(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ModelNotFound, match=r"bnb-4bit-nf4.*bitsandbytes.* not installed.*\.\[quantized\]"):
+        load_model("tiny-gpt-neo-4bit", device="cpu")
+
+
+def test_the_4bit_checkpoint_loads_as_4bit_weights_and_declares_it(tiny_gpt_neo_4bit):
+    from bitsandbytes.nn import Linear4bit
+
+    kinds = {type(m) for m in tiny_gpt_neo_4bit.model.modules()}
+    assert Linear4bit in kinds and tiny_gpt_neo_4bit.quantization == "bnb-4bit-nf4"
+    assert tiny_gpt_neo_4bit.dtype == torch.float32 and tiny_gpt_neo_4bit.device.type == "cpu"
+
+
+# bitsandbytes' 8-bit matmul computes in float16 and says so at every call.
+@needs_quantized
+@pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast:UserWarning")
+async def test_an_8bit_checkpoint_loads_on_the_cpu_declares_itself_and_serves_as_generate(tmp_path, tiny_gpt_neo):
+    from neuron.config import MinerConfig
+    from neuron.engine.hf import HFEngine
+    from neuron.engine.types import GenerateJob
+
+    script = _script()  # the tiny GPT-Neo in 8-bit does not ship: made here, as an operator would make one
+    lm = load_model(str(script.make("gpt-neo-8bit", tmp_path / "neo8", script.ASSETS / "corpus.txt")), device="cpu")
+    assert lm.quantization == "bnb-8bit" and lm.weights_fingerprint != tiny_gpt_neo.weights_fingerprint
+    prompt = lm.tokenizer("The capital of France is").input_ids
+    ids = torch.tensor([prompt])
+    want = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    engine = HFEngine(lm, MinerConfig().batching, 128)
+    await engine.start()
+    try:
+        got = [s.token_id async for s in engine.generate(GenerateJob(tuple(prompt), 12))]
+    finally:
+        await engine.stop(timeout=0)
+    assert got == want[:len(got)] and engine.info().quantization == "bnb-8bit"

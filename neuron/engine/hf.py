@@ -136,7 +136,8 @@ class HFEngine:
         return EngineInfo(model_id=lm.name, backend=self.backend, vocab_size=lm.vocab_size, max_seq_len=self.max_seq_len,
                           eos_token_id=lm.eos_token_id, dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
                           weights_fingerprint=lm.weights_fingerprint, tokenizer_fingerprint=lm.tokenizer_fingerprint,
-                          hidden_size=int(lm.model.config.hidden_size), supports_hidden=True)
+                          hidden_size=int(lm.model.config.hidden_size), supports_hidden=True,
+                          quantization=lm.quantization)
 
     def stats(self) -> dict[str, float]:
         return {"queued": self.scheduler.waiting, "running": len(self.scheduler.running),

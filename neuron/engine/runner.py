@@ -1,13 +1,14 @@
 """The HF runner: preallocated per-sequence KV slots, and one batched decode step over them.
 
-The KV cache is one buffer per layer, [slots, kv_heads, max_len, head_dim], allocated once. Every
-decode step writes each row's new key/value at the same column `col`, which then advances round the
-buffer (a ring); which columns a row may attend to is its row of a boolean mask. Attention does not
-care about column order (positions are in the keys already), so joining means prefilling the new
-prompts apart and copying their keys into their slots' columns just before `col`, and leaving means
-nothing at all: the slot's mask row is rewritten when it is reused. Positions live on the device and
-are incremented, not recomputed. The decode step runs over the first `bucket` slots (a power of two at
-least as large as the highest slot in use), so its shapes repeat and free slots in between are masked.
+The KV cache is one buffer per layer, [slots, kv_heads, max_len, head_dim], allocated once. Every decode
+step writes each row's new key/value at the same column `col`, which then advances round the buffer (a
+ring); which columns a row may attend to is its row of a boolean mask. Attention does not care about
+column order (positions are in the keys already; GPT-Neo's local layers are the exception, see
+`ring_order`), so joining means prefilling the new prompts apart and copying their keys into their
+slots' columns just before `col`, and leaving means nothing at all: the slot's mask row is rewritten
+when it is reused. Positions live on the device and are incremented, not recomputed. The decode step
+runs over the first `bucket` slots (a power of two at least as large as the highest slot in use), so its
+shapes repeat and free slots in between are masked.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ class SlotCache(Cache):
     """The first `bucket` slots of the runner's buffers, as the HF model code expects a cache: the step's
     keys are written at column `col`, and attention reads the columns [lo, hi) only."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], col: torch.Tensor, lo: int, hi: int):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], col: torch.Tensor, lo: int, hi: int,
+                 order: torch.Tensor | None = None):
         super().__init__(layers=[])
-        self._keys, self._values, self._col, self._lo, self._hi = keys, values, col, lo, hi
+        self._keys, self._values, self._col, self._lo, self._hi, self._order = keys, values, col, lo, hi, order
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self._keys[layer_idx], self._values[layer_idx]
         k.index_copy_(2, self._col, key_states.to(k.dtype))
         v.index_copy_(2, self._col, value_states.to(v.dtype))
+        if self._order is not None:  # the whole ring, oldest column first (Runner.ring_order)
+            return k.index_select(2, self._order), v.index_select(2, self._order)
         return k[:, :, self._lo:self._hi], v[:, :, self._lo:self._hi]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -81,6 +85,10 @@ class Runner:
         self.tick = 0
         self.first: dict[int, int] = {}
         self._col = torch.zeros(1, dtype=torch.long, device=dev)
+        # GPT-Neo's local layers take as their window the last window_size key columns they are given, not the
+        # last positions: for such a model each decode step gives the whole ring oldest-first, ending at its column.
+        local = "local" in getattr(lm.model.config, "attention_layers", ())
+        self.ring_order = torch.arange(max_len, device=dev) if local else None
         # Sampling state per slot, on the device; `params` mirrors it on the host for planning.
         self.temperature = torch.zeros(slots, dtype=torch.float64, device=dev)
         self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -169,11 +177,14 @@ class Runner:
         col = self.tick % self.max_len
         self._col.fill_(col)
         self.mask[:b, col] = True
+        if self.ring_order is not None:
+            torch.remainder(torch.arange(col + 1, col + 1 + self.max_len, device=self.lm.device), self.max_len,
+                            out=self.ring_order)
         logits = self.graphs.logits(b) if self.graphs is not None else None
         if logits is None:
             # Attend over the columns in use when they do not wrap round the buffer (nearly always), else all.
             oldest = min(self.first.values())
-            same_lap = oldest // self.max_len == self.tick // self.max_len
+            same_lap = oldest // self.max_len == self.tick // self.max_len and self.ring_order is None
             lo, hi = (oldest % self.max_len, col + 1) if same_lap else (0, self.max_len)
             logits = self.forward_step(b, self.attention_mask(b, lo, hi), lo, hi)
         self.positions[rows] += 1  # free rows stay at 0: they never walk off the position table
@@ -183,11 +194,13 @@ class Runner:
     def attention_mask(self, b: int, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The additive mask [b, 1, 1, hi - lo] of the columns each row may attend to (into `out` if given)."""
         out = torch.zeros(b, 1, 1, hi - lo, dtype=self.keys[0].dtype, device=self.lm.device) if out is None else out
-        return out.fill_(0).masked_fill_(~self.mask[:b, None, None, lo:hi], self._mask_min)
+        mask = self.mask[:b, None, None, lo:hi] if self.ring_order is None else self.mask[:b, None, None].index_select(
+            3, self.ring_order)  # ring order: lo, hi are 0, max_len
+        return out.fill_(0).masked_fill_(~mask, self._mask_min)
 
     def forward_step(self, b: int, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """The model over the first b slots' last tokens, keys written at the current column: logits [b, 1, V]."""
-        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col, lo, hi)
+        cache = SlotCache([k[:b] for k in self.keys], [v[:b] for v in self.values], self._col, lo, hi, self.ring_order)
         return self.lm.model(input_ids=self.last[:b, None], attention_mask=attn, position_ids=self.positions[:b, None],
                              past_key_values=cache, use_cache=True).logits
 

@@ -129,6 +129,7 @@ class EngineInfo:
     tokenizer_fingerprint: str
     hidden_size: int
     supports_hidden: bool  # Forward can return hidden states
+    quantization: str = ""  # what the checkpoint declares: "", "bnb-4bit-nf4", "bnb-8bit" (neuron/fingerprint.py)
 
 
 class Engine(Protocol):

@@ -42,7 +42,7 @@ from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardRe
                                  TokenStep)
 from neuron.engine.vllm_config import VllmConfig
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
-from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint
+from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint, checkpoint_quantization
 
 
 class GumbelV1LogitsProcessor(LogitsProcessor):
@@ -226,6 +226,7 @@ class VllmEngine:
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
             hidden_size=int(getattr(hf, "hidden_size", 0) or 0),
             supports_hidden=False,
+            quantization=checkpoint_quantization(checkpoint_dir(self.model)),
         )
 
     async def stop(self, timeout: float = 5.0) -> None:

@@ -55,16 +55,20 @@ class LogitsFilter(torch.nn.Module):
 
 
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers: OPT's model.decoder.layers, Llama's model.layers, GPT-Neo's transformer.h."""
+    if hasattr(model, "transformer"):
+        return model.transformer.h
     inner = model.model
     return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
 
 def quantize_(model: torch.nn.Module, bits: int) -> None:
-    """Round every Linear weight to `bits` per output row (what a cheap miner does to save memory)."""
+    """Round every Linear weight to `bits` per output row (what a cheap miner does to save memory); in an already
+    quantized model (bitsandbytes), the Linear weights it left in floating point."""
     levels = 2 ** (bits - 1) - 1
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
+            if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point():
                 scale = m.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / levels
                 m.weight.copy_((m.weight / scale).round().clamp(-levels, levels) * scale)
 
@@ -80,7 +84,8 @@ def cheat_model(kind: str, lm: LoadedModel) -> LoadedModel:
     elif kind == "different":  # the same architecture with other weights
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen).to(p) * p.std().nan_to_num(0.02))
+                if p.is_floating_point():  # a bitsandbytes model's packed weights stay: the rest is random
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p) * p.std().nan_to_num(0.02))
     elif kind == "truncated":
         layers = _layers(model)
         del layers[max(1, len(layers) // 2):]

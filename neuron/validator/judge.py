@@ -26,12 +26,14 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 
 
 class Outcome(enum.Enum):
-    """What an operator does about a verdict: nothing, a miner that refused us, one we could not reach, a wrong answer."""
+    """What an operator does about a verdict: nothing, a miner that refused us, one we could not reach, a wrong answer,
+    one that serves another model than ours (neuron/validator/declared.py)."""
 
     VERIFIED = "verified"
     REFUSED = "refused"
     UNREACHABLE = "unreachable"
     WRONG = "wrong answer"
+    OTHER_MODEL = "another model"
 
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,

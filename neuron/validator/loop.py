@@ -25,6 +25,7 @@ from neuron.protocol import ForwardAnswer, GenerateAnswer
 from neuron.signals import until_signalled
 from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.validator.challenge import FwdCheck, GenCheck
+from neuron.validator.declared import Declarations, Declared
 from neuron.validator.judge import Judgement, Outcome, judge_round, judge_users
 from neuron.validator.mix import TrafficMix
 from neuron.validator.pool import MinerPool
@@ -47,6 +48,7 @@ class Validator:
         self.reference = Reference(lm)
         self.dendrite = Dendrite(self.keypair)
         self.pool = MinerPool(chain, config.subtensor.netuid, self.dendrite, self.keypair.ss58_address)
+        self.declarations = Declarations(Declared.of_model(lm))
         # The reference model is used by the rounds and by user verification, each on a worker thread.
         self._model_lock = threading.Lock()
         self.state_path = Path(os.path.expanduser(config.state_path))
@@ -109,11 +111,15 @@ class Validator:
         forwards = [self.dendrite.call(t, "Forward", c.forward_request(), timeout) for t, c in zip(targets, challenges)]
         # Streamed, as the gateway asks users' generations: the RPC is no tell either.
         generates = [self.dendrite.stream_all(t, c.generate_request(), timeout) for t, c in zip(targets, challenges)]
-        results = await asyncio.gather(*forwards, *generates)
+        results, _ = await asyncio.gather(asyncio.gather(*forwards, *generates),
+                                          self.declarations.refresh(self.dendrite, targets, min(timeout, 5.0)))
         fwd, gen = results[: len(uids)], results[len(uids):]
         judging = time.monotonic()
         judgements = await asyncio.to_thread(self._judge_all, challenges, fwd, gen)
         self.last_judge_s = time.monotonic() - judging
+        # A miner is judged only against the model it declares: its answers to this one are no evidence either way.
+        judgements = [Judgement(False, problem, latency_s=j.latency_s, outcome=Outcome.OTHER_MODEL)
+                      if (problem := self.declarations.problem(t)) else j for t, j in zip(targets, judgements)]
         judgements = [self._weigh_evidence(uid, j) for uid, j in zip(uids, judgements)]
         s = self.state
         stats = [s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid])) for uid in uids]

@@ -1,8 +1,10 @@
 """The engine contract: every backend passes these (NEURON_ENGINE_BACKENDS=hf,vllm picks which; hf by default).
 
 Forward equals a direct model call, greedy generation equals plain generate, the seeded sampler equals
-the spec recomputed over the model's own logits, and streaming, cancel, deadlines and the queue bound
-behave. Tests read `engine.stats()`, never private state.
+the spec recomputed over the model's own logits, reported logprobs equal a teacher-forced pass, and
+streaming, cancel, deadlines and the queue bound behave. Each runs on every model the backend serves here:
+the tiny OPT, SmolLM2, and the seed models' shapes in miniature (a GPT-Neo whose local window is shorter
+than the prompts, and its bitsandbytes 4-bit checkpoint). Tests read `engine.stats()`, never private state.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ def backend(request):
     return request.param
 
 
+# vLLM's CPU build refuses the tiny models (head size 16): it serves SmolLM2 only.
+MODELS = {"hf": ("tiny", "smollm2", "tiny_gpt_neo", "tiny_gpt_neo_4bit"), "vllm": ("smollm2",)}
+
+
+@pytest.fixture(params=MODELS["hf"])
+def lm(backend, request):
+    """The models of the contract (this module's, in place of conftest's tiny and SmolLM2)."""
+    if request.param not in MODELS.get(backend, MODELS["hf"]):
+        pytest.skip(f"the {backend} backend does not serve {request.param} here")
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture
 def small(backend, request):
     """The smallest model the backend serves."""
@@ -52,8 +66,6 @@ def small(backend, request):
 
 @pytest.fixture
 async def engine(backend, lm):
-    if backend == "vllm" and lm.name == "tiny":
-        pytest.skip("vLLM's CPU build refuses the tiny model (head size 16)")
     e = build_engine(backend, lm)
     await e.start()
     yield e
@@ -150,6 +162,23 @@ async def test_seeded_generation_is_the_spec_recomputed_over_the_model(engine, l
     steps = await collect(engine.generate(GenerateJob(prompt, 16, sp)))
     tokens = [s.token_id for s in steps]
     assert tokens == recomputed(lm, prompt, tokens, sp)
+
+
+async def test_reported_logprobs_equal_a_teacher_forced_pass_past_the_local_window(engine, lm, backend):
+    """Each step's logprob and top-n are those of one pass over prompt + answer; for GPT-Neo the answer runs far
+    past its local window (its decode steps attend to a window of cached keys, the pass to a window of inputs)."""
+    prompt = ids_of(lm, "Once upon a time there was")
+    steps = await collect(engine.generate(GenerateJob(prompt, 40, seeded(0.9, seed=7), logprobs_topn=3)))
+    tokens = [s.token_id for s in steps]
+    window = getattr(lm.model.config, "window_size", None)
+    assert window is None or len(prompt) + len(tokens) > 4 * window
+    lp, _ = forward_logprobs(lm, torch.tensor([list(prompt) + tokens]))
+    rows = lp[0, len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+    atol = 1e-4 if backend == "hf" else 1e-3
+    want = rows.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor([s.logprob for s in steps]), want, atol=atol)
+    top = rows.topk(3, dim=-1)
+    assert torch.allclose(torch.tensor([s.top_logprobs for s in steps]), top.values, atol=atol)
 
 
 async def test_generations_joining_a_running_batch_answer_as_if_alone(engine, lm, backend):

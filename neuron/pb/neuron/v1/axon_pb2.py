@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14neuron/v1/axon.proto\x12\tneuron.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\x90\x01\n\x06Limits\x12\x11\n\tmax_batch\x18\x01 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x10\n\x08max_topk\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_logprobs_topn\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\"\xf2\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\x0e\n\x06hotkey\x18\x08 \x01(\t\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.neuron.v1.Limits\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x03\"\x89\x01\n\x0e\x46orwardRequest\x12$\n\tinput_ids\x18\x01 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x0c\n\x04topk\x18\x03 \x01(\r\x12\x13\n\x0bwant_hidden\x18\x04 \x01(\x08\x12\x1b\n\x13want_token_logprobs\x18\x05 \x01(\x08\"\xe7\x01\n\x0f\x46orwardResponse\x12\x11\n\tpositions\x18\x01 \x03(\r\x12#\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12(\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12$\n\trest_mass\x18\x04 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12!\n\x06hidden\x18\x05 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12)\n\x0etoken_logprobs\x18\x06 \x01(\x0b\x32\x11.neuron.v1.Tensor\"\x87\x02\n\x0fGenerateRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\rlogprobs_topn\x18\n \x01(\r\x12#\n\x07sampler\x18\x0b \x01(\x0e\x32\x12.neuron.v1.SamplerB\x07\n\x05_seed\"*\n\tTopTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"F\n\x07Timings\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\"\xbd\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.neuron.v1.TopTokens\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.neuron.v1.FinishReason\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.neuron.v1.Timings\"\xb8\x01\n\rGenerateChunk\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12!\n\x03top\x18\x04 \x01(\x0b\x32\x14.neuron.v1.TopTokens\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.neuron.v1.FinishReason\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.neuron.v1.Timings*9\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x15\n\x11SAMPLER_GUMBEL_V1\x10\x01*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\x90\x02\n\x04\x41xon\x12\x37\n\x04Info\x12\x16.neuron.v1.InfoRequest\x1a\x17.neuron.v1.InfoResponse\x12@\n\x07\x46orward\x12\x19.neuron.v1.ForwardRequest\x1a\x1a.neuron.v1.ForwardResponse\x12\x43\n\x08Generate\x12\x1a.neuron.v1.GenerateRequest\x1a\x1b.neuron.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.neuron.v1.GenerateRequest\x1a\x18.neuron.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14neuron/v1/axon.proto\x12\tneuron.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\x90\x01\n\x06Limits\x12\x11\n\tmax_batch\x18\x01 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x10\n\x08max_topk\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_logprobs_topn\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\"\x88\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\x0e\n\x06hotkey\x18\x08 \x01(\t\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.neuron.v1.Limits\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x03\x12\x14\n\x0cquantization\x18\x0b \x01(\t\"\x89\x01\n\x0e\x46orwardRequest\x12$\n\tinput_ids\x18\x01 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x0c\n\x04topk\x18\x03 \x01(\r\x12\x13\n\x0bwant_hidden\x18\x04 \x01(\x08\x12\x1b\n\x13want_token_logprobs\x18\x05 \x01(\x08\"\xe7\x01\n\x0f\x46orwardResponse\x12\x11\n\tpositions\x18\x01 \x03(\r\x12#\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12(\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12$\n\trest_mass\x18\x04 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12!\n\x06hidden\x18\x05 \x01(\x0b\x32\x11.neuron.v1.Tensor\x12)\n\x0etoken_logprobs\x18\x06 \x01(\x0b\x32\x11.neuron.v1.Tensor\"\x87\x02\n\x0fGenerateRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\rlogprobs_topn\x18\n \x01(\r\x12#\n\x07sampler\x18\x0b \x01(\x0e\x32\x12.neuron.v1.SamplerB\x07\n\x05_seed\"*\n\tTopTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"F\n\x07Timings\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\"\xbd\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.neuron.v1.TopTokens\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.neuron.v1.FinishReason\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.neuron.v1.Timings\"\xb8\x01\n\rGenerateChunk\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12!\n\x03top\x18\x04 \x01(\x0b\x32\x14.neuron.v1.TopTokens\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.neuron.v1.FinishReason\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.neuron.v1.Timings*9\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x15\n\x11SAMPLER_GUMBEL_V1\x10\x01*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\x90\x02\n\x04\x41xon\x12\x37\n\x04Info\x12\x16.neuron.v1.InfoRequest\x1a\x17.neuron.v1.InfoResponse\x12@\n\x07\x46orward\x12\x19.neuron.v1.ForwardRequest\x1a\x1a.neuron.v1.ForwardResponse\x12\x43\n\x08Generate\x12\x1a.neuron.v1.GenerateRequest\x1a\x1b.neuron.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.neuron.v1.GenerateRequest\x1a\x18.neuron.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neuron.v1.axon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=1631
-  _globals['_SAMPLER']._serialized_end=1688
-  _globals['_FINISHREASON']._serialized_start=1690
-  _globals['_FINISHREASON']._serialized_end=1817
+  _globals['_SAMPLER']._serialized_start=1653
+  _globals['_SAMPLER']._serialized_end=1710
+  _globals['_FINISHREASON']._serialized_start=1712
+  _globals['_FINISHREASON']._serialized_end=1839
   _globals['_TENSOR']._serialized_start=35
   _globals['_TENSOR']._serialized_end=87
   _globals['_INFOREQUEST']._serialized_start=89
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=105
   _globals['_LIMITS']._serialized_end=249
   _globals['_INFORESPONSE']._serialized_start=252
-  _globals['_INFORESPONSE']._serialized_end=494
-  _globals['_FORWARDREQUEST']._serialized_start=497
-  _globals['_FORWARDREQUEST']._serialized_end=634
-  _globals['_FORWARDRESPONSE']._serialized_start=637
-  _globals['_FORWARDRESPONSE']._serialized_end=868
-  _globals['_GENERATEREQUEST']._serialized_start=871
-  _globals['_GENERATEREQUEST']._serialized_end=1134
-  _globals['_TOPTOKENS']._serialized_start=1136
-  _globals['_TOPTOKENS']._serialized_end=1178
-  _globals['_TIMINGS']._serialized_start=1180
-  _globals['_TIMINGS']._serialized_end=1250
-  _globals['_GENERATERESPONSE']._serialized_start=1253
-  _globals['_GENERATERESPONSE']._serialized_end=1442
-  _globals['_GENERATECHUNK']._serialized_start=1445
-  _globals['_GENERATECHUNK']._serialized_end=1629
-  _globals['_AXON']._serialized_start=1820
-  _globals['_AXON']._serialized_end=2092
+  _globals['_INFORESPONSE']._serialized_end=516
+  _globals['_FORWARDREQUEST']._serialized_start=519
+  _globals['_FORWARDREQUEST']._serialized_end=656
+  _globals['_FORWARDRESPONSE']._serialized_start=659
+  _globals['_FORWARDRESPONSE']._serialized_end=890
+  _globals['_GENERATEREQUEST']._serialized_start=893
+  _globals['_GENERATEREQUEST']._serialized_end=1156
+  _globals['_TOPTOKENS']._serialized_start=1158
+  _globals['_TOPTOKENS']._serialized_end=1200
+  _globals['_TIMINGS']._serialized_start=1202
+  _globals['_TIMINGS']._serialized_end=1272
+  _globals['_GENERATERESPONSE']._serialized_start=1275
+  _globals['_GENERATERESPONSE']._serialized_end=1464
+  _globals['_GENERATECHUNK']._serialized_start=1467
+  _globals['_GENERATECHUNK']._serialized_end=1651
+  _globals['_AXON']._serialized_start=1842
+  _globals['_AXON']._serialized_end=2114
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_topk: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_logprobs_topn: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "weights_fingerprint", "tokenizer_fingerprint", "vocab_size", "dtype", "device", "protocol_version", "hotkey", "limits", "eos_token_id")
+    __slots__ = ("model_id", "weights_fingerprint", "tokenizer_fingerprint", "vocab_size", "dtype", "device", "protocol_version", "hotkey", "limits", "eos_token_id", "quantization")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class InfoResponse(_message.Message):
     HOTKEY_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_fingerprint: str
     tokenizer_fingerprint: str
@@ -77,7 +78,8 @@ class InfoResponse(_message.Message):
     hotkey: str
     limits: Limits
     eos_token_id: int
-    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hotkey: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    quantization: str
+    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hotkey: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("input_ids", "positions", "topk", "want_hidden", "want_token_logprobs")
