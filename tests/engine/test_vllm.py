@@ -262,6 +262,24 @@ async def test_a_killed_engine_core_makes_the_engine_dead(smollm2):
         await e.stop(timeout=0.2)
 
 
+async def test_the_miners_start_sizes_vllm_from_its_limits(smollm2):
+    """No vLLM knob set: max_model_len is the miner's limit and the CPU KV cache is sized from it and the
+    sequences at once (vLLM's own CPU default is a share of the whole host), and it serves."""
+    from neuron.config import MinerConfig, with_overrides
+    from neuron.engine import open_engine
+
+    config = with_overrides(MinerConfig(), **{"engine.backend": "vllm", "model.name": str(SMOLLM2),
+                                              "limits.max_seq_len": 256, "engine.vllm.max_num_seqs": 4})
+    e = open_engine(config)
+    await e.start()
+    try:
+        assert e.info().max_seq_len == 256 and e.info().model_id == str(SMOLLM2)
+        prompt = tuple(prompts(smollm2, 1, seed=6)[0])
+        assert len(await run(e, GenerateJob(prompt, 4, SamplingParams()))) == 4
+    finally:
+        await e.stop(timeout=0.2)
+
+
 HOLDER = """
 import asyncio, multiprocessing, sys
 import psutil
