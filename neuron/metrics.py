@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from neuron import __version__
+from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -54,8 +55,6 @@ def _version(dist: str = "neuron") -> str:
         return "unknown"
 
 
-# Engine stats that only grow are exported as counters (`_total`); everything else as gauges.
-CUMULATIVE = {"forward_batches", "forward_rows", "generated_tokens", "prompt_tokens", "joins", "finished", "aborted"}
 
 
 def reason_kind(text: str) -> str:
@@ -81,7 +80,9 @@ def refusal_reason(status: str, message: str) -> str:
 class EngineCollector:
     """Exports `stats()` (engine state: queue depth, running rows, batches, tokens) at scrape time.
 
-    Each key becomes `neuron_miner_engine_<key>`, and a generated-tokens count also yields tokens per
+    The stats every backend reports (engine.types.STATS_GAUGES, STATS_COUNTERS) become
+    `neuron_miner_engine_<key>` (counters with `_total`): one set of series whichever engine serves; a
+    backend's own extras stay out of the metrics. A generated-tokens count also yields tokens per
     second over the last RATE_WINDOW_S (measured from the scrapes in the window and the last one before
     it, or from start-up: never 0 just because nobody scraped in between; Prometheus users can take
     `rate(neuron_miner_engine_generated_tokens_total[1m])` instead).
@@ -94,12 +95,13 @@ class EngineCollector:
 
     def collect(self):
         values = self.stats()
-        for key, value in sorted(values.items()):
-            name = "neuron_miner_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-            if key in CUMULATIVE:
-                yield CounterMetricFamily(name, f"engine stat {key} (cumulative)", value=float(value))
-            else:
-                yield GaugeMetricFamily(name, f"engine stat {key}", value=float(value))
+        for key in STATS_GAUGES:
+            if key in values:
+                yield GaugeMetricFamily(f"neuron_miner_engine_{key}", f"engine: {key} now", value=float(values[key]))
+        for key in STATS_COUNTERS:
+            if key in values:
+                yield CounterMetricFamily(f"neuron_miner_engine_{key}", f"engine: {key} since start",
+                                          value=float(values[key]))
         if "forward_batches" in values and "forward_rows" in values:
             mean = values["forward_rows"] / values["forward_batches"] if values["forward_batches"] else 0.0
             yield GaugeMetricFamily("neuron_miner_engine_forward_batch_rows_mean",

@@ -179,3 +179,16 @@ def test_the_grafana_dashboard_names_only_exported_metrics(tiny):
     # and each part has its panels: the miner, the validator, the gateway, the process
     assert {n.split("_")[0] + "_" + n.split("_")[1] for n in named} >= {
         "neuron_miner", "neuron_validator", "neuron_gateway", "process_cpu"}
+
+
+def test_the_hf_engine_reports_the_series_every_engine_reports(tiny):
+    """The vLLM engine's twin of this runs in CI's vLLM step (tests/engine/test_vllm.py)."""
+    from neuron.config import BatchingConfig
+    from neuron.engine.hf import HFEngine
+    from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
+
+    stats = HFEngine(tiny, BatchingConfig(), 512).stats()
+    assert set(STATS_GAUGES + STATS_COUNTERS) <= set(stats)
+    exported = {f.name for f in MinerMetrics(lambda: stats).registry.collect() if f.name.startswith("neuron_miner_engine")}
+    assert exported == {f"neuron_miner_engine_{k}" for k in STATS_GAUGES + STATS_COUNTERS} | {
+        "neuron_miner_engine_forward_batch_rows_mean", "neuron_miner_engine_tokens_per_second"}

@@ -27,7 +27,7 @@ from neuron.engine import sampler as S
 from neuron.engine.runner import Runner, StepOutput
 from neuron.engine.scheduler import FORWARD, GENERATE, Plan, Request, Scheduler
 from neuron.engine.types import EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, TokenStep
-from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, Unavailable
+from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable
 from neuron.model import LoadedModel, forward_batch
 
 _END = object()  # a generation's iterator ends after this
@@ -126,7 +126,9 @@ class HFEngine:
         self._plan = Plan()  # the step in hand
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._counts: Counter[str] = Counter(dict.fromkeys(
-            ("forward_batches", "forward_rows", "decode_steps", "generated_tokens", "joins", "cancelled"), 0))
+            ("forward_batches", "forward_rows", "decode_steps", "generations", "generated_tokens", "joins", "cancelled",
+             "deadline_exceeded"), 0))
+        self._rejected = 0  # counted on the caller's thread (the engine thread keeps _counts)
         self.batch_rows: Counter[int] = Counter()  # forward batch size in rows -> batches of that size
 
     # ---- the contract -------------------------------------------------------------------------------
@@ -140,9 +142,9 @@ class HFEngine:
                           quantization=lm.quantization)
 
     def stats(self) -> dict[str, float]:
-        return {"queued": self.scheduler.waiting, "running": len(self.scheduler.running),
+        return {"queued": self.scheduler.waiting, "running": len(self.scheduler.running), "capacity": self.runner.slots,
                 "kv_bytes_reserved": self.scheduler.kv_reserved, "kv_bytes_capacity": self.scheduler.kv_bytes,
-                "slots": self.runner.slots, **{k: float(v) for k, v in self._counts.items()}}
+                "rejected": float(self._rejected), **{k: float(v) for k, v in self._counts.items()}}
 
     def dead_reason(self) -> str | None:
         """Also the watchdog: the loop goes round at least every 0.5 s when idle and after every step, so
@@ -196,7 +198,11 @@ class HFEngine:
             raise Unavailable(f"the engine has stopped: {self._dead}")
         if self._stopping.is_set():
             raise Unavailable("the miner is shutting down")
-        self.scheduler.add(req, time.monotonic())
+        try:
+            self.scheduler.add(req, time.monotonic())
+        except ResourceExhausted:
+            self._rejected += 1
+            raise
         self._wake.set()
 
     def _cancel(self, req: Request) -> None:
@@ -262,6 +268,7 @@ class HFEngine:
         self._plan = plan = self.scheduler.plan(time.monotonic())
         now = time.monotonic()
         for r in plan.expired:
+            self._counts["deadline_exceeded"] += 1
             out.append((r, DeadlineExceeded("the deadline passed while the request was queued; it was not run")))
         for r in plan.cancelled:
             self._counts["cancelled"] += 1
@@ -269,6 +276,7 @@ class HFEngine:
                 self._leave(r, scheduled=False)
             out.append((r, _END if r.kind == GENERATE else asyncio.CancelledError()))
         for r in plan.timed_out:
+            self._counts["deadline_exceeded"] += 1
             self._leave(r, scheduled=False)
             out.append((r, DeadlineExceeded("the deadline passed during the generation; it was stopped")))
         for r in plan.joins:
@@ -297,6 +305,7 @@ class HFEngine:
         return list(zip(batch, results))
 
     def _prefill(self, joins: list[Request]) -> list[tuple[Request, object]]:
+        self._counts["generations"] += len(joins)
         if self._gens:
             self._counts["joins"] += len(joins)
         slots = []

@@ -29,6 +29,12 @@ class Sampler(str, enum.Enum):
     GUMBEL_V1 = "gumbel-v1"  # the seeded, recomputable sampler of docs/sampling.md
 
 
+# What every engine's stats() reports: gauges now, and counters since start. `generations`: generations
+# started; `cancelled`: work whose caller went away; `rejected`: refused as the queue was full.
+STATS_GAUGES = ("queued", "running", "capacity")
+STATS_COUNTERS = ("forward_batches", "forward_rows", "generations", "generated_tokens", "cancelled", "rejected",
+                  "deadline_exceeded")
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen (already validated by the codec)."""
@@ -140,7 +146,8 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
     def stats(self) -> dict[str, float]:
-        """Counters and gauges: queued, running, forward_batches, forward_rows, generated_tokens, ..."""
+        """STATS_GAUGES and STATS_COUNTERS under those names (the miner's metrics export them, the same
+        series for every backend), and whatever else the backend keeps (benches and tests read those)."""
         ...
 
     def dead_reason(self) -> str | None:

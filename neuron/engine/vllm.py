@@ -219,7 +219,7 @@ class VllmEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stats = {"forward_batches": 0.0, "forward_rows": 0.0, "generated_tokens": 0.0, "generations": 0.0,
-                       "aborted": 0.0, "rejected": 0.0, "deadline_exceeded": 0.0}
+                       "cancelled": 0.0, "rejected": 0.0, "deadline_exceeded": 0.0}
 
     # life cycle
 
@@ -299,7 +299,7 @@ class VllmEngine:
         in_vllm = float(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0.0
         running = min(in_vllm, float(self.config.max_num_seqs))
         return {**self._stats, "in_hand": float(self._in_hand), "running": running, "queued": in_vllm - running,
-                "queue_size": float(self.queue_size)}
+                "capacity": float(self.config.max_num_seqs), "queue_size": float(self.queue_size)}
 
     # admission: the miner's own bound in front of vLLM's unbounded waiting queue
 
@@ -493,7 +493,7 @@ class VllmEngine:
             if timer is not None:
                 timer.cancel()
             if not finished:
-                self._stats["aborted"] += 1
+                self._stats["cancelled"] += 1
             self._active.discard(rid)
             await stream.aclose()  # vLLM aborts the request when its stream closes unfinished
             self._release()

@@ -171,10 +171,10 @@ async def test_queue_bound_close_aborts_and_deadline(engine, smollm2):
     assert engine.stats()["in_hand"] == QUEUE
     with pytest.raises(ResourceExhausted):
         engine.generate(job)
-    aborted = engine.stats()["aborted"]
+    aborted = engine.stats()["cancelled"]
     for s in streams:
         await s.aclose()
-    assert engine.stats()["in_hand"] == 0 and engine.stats()["aborted"] == aborted + QUEUE
+    assert engine.stats()["in_hand"] == 0 and engine.stats()["cancelled"] == aborted + QUEUE
     with pytest.raises(DeadlineExceeded):
         await run(engine, job, deadline=time.monotonic() + 0.3)
     assert engine.stats()["in_hand"] == 0
@@ -212,6 +212,12 @@ async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
     verdicts = await asyncio.to_thread(judge.judge_round, Reference(smollm2), chs, fwds, gens,
                                        scoring.Thresholds(), False)
     assert [v.reason for v in verdicts if not v.verified] == []
+
+
+def test_stats_report_the_series_every_engine_reports(engine):
+    from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
+
+    assert set(STATS_GAUGES + STATS_COUNTERS) <= set(engine.stats())
 
 
 def test_vllm_errors_become_the_contracts():
