@@ -120,10 +120,11 @@ def honest_rates(checks: list[Check]) -> dict:
 
 
 def disagreement_summary(honest: list[Check], cheats: dict[str, list[Check]], th: scoring.Thresholds,
-                         tokens_per_day: float, false_alarm: float, reference_model: str, seed: int = 0) -> dict:
+                         tokens_per_day: float, false_alarm: float, reference_model: str, seed: int = 0,
+                         streams: int = STREAMS) -> dict:
     """The disagreement evidence on stored checks: honest rates (every model), the rate the constants tolerate
     at this statistic's share of the false-alarm budget, the tokens to flag simulated miners disagreeing at
-    MULTIPLES of `reference_model`'s largest honest rate, honest generations replayed for a day of tokens per
+    MULTIPLES of `reference_model`'s largest honest rate (`streams` each), honest generations replayed for a day of tokens per
     stream (none may be flagged), and each cheat's generations replayed until flagged."""
     share = false_alarm / len(scoring.evidence_params(th))
     rates = honest_rates(honest)
@@ -140,7 +141,7 @@ def disagreement_summary(honest: list[Check], cheats: dict[str, list[Check]], th
                                     if r["bound"] < th.disagreement_drift},
                  "multiples": {}, "honest": {}, "cheats": {}}
     for m in MULTIPLES if measured > 0 else ():  # no honest disagreement measured: no rate to multiply
-        draws = [bernoulli(m * measured, rng) for _ in range(STREAMS)]
+        draws = [bernoulli(m * measured, rng) for _ in range(streams)]
         out["multiples"][m] = {"rate": m * measured, **flag_figures(draws, th, most)}
     by_miner: dict = {}
     for c in honest:
