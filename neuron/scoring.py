@@ -68,8 +68,8 @@ class Thresholds:
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + min(counted(margin), evidence_cap) - evidence_drift) (`counted`: evidence_bands
     # below); a miner whose S reaches evidence_limit is flagged.
-    # The limit keeps honest alarms under 5e-7 per miner per day (half of 1e-6: the logprob evidence
-    # has the other half) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
+    # The limit keeps honest alarms under 3.3e-7 per miner per day (a third of 1e-6: the logprob and the
+    # disagreement evidence have the rest) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
     # honest margins in three bands up to max_token_margin, for each accepted precision (neuron/
     # calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
     evidence_drift: float = 0.001
@@ -91,7 +91,7 @@ class Thresholds:
     # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0036 nats
     # (SmolLM2); a miner serving int8 weights reports what its weights give, 0.063 on average. The
     # limit is set like evidence_limit's, over nine bands of honest errors up to max_gen_logprob_error
-    # (the two statistics share the false-alarm rate): 0.28 derived, 0.4 in use, headroom for a GPU's
+    # (the three statistics share the false-alarm rate): 0.28 derived, 0.4 in use, headroom for a GPU's
     # float16 kernels, which no calibration has measured yet.
     lp_evidence_drift: float = 0.02
     lp_evidence_limit: float = 0.4
@@ -104,7 +104,7 @@ class Thresholds:
     # float32 never did. p0 is 1.9x SmolLM2's 99.9% bound and 1.6x tiny's; p1 = 0.018 is the rate of the margin
     # evidence's blind spot (`nudge0.05`, swaps within 0.05 of the sampler's choice: 0.019). The limit keeps
     # honest alarms under 1e-6 / 3 per miner per day at 1e6 tokens a day for any rate up to p0, by the same
-    # Lundberg bound as the other two (neuron/calibration.py `disagreement_summary`; docs/calibration.md).
+    # Lundberg bound as the other two (neuron/harness/disagreements.py; docs/calibration.md).
     disagreement_drift: float = 0.011
     disagreement_limit: float = 26.0
 
@@ -412,8 +412,8 @@ def verify_generation(
 
 @dataclass
 class Evidence:
-    """One miner's accumulated generation evidence: one-sided CUSUMs over its tokens' margins and over
-    its reported logprobs' errors."""
+    """One miner's accumulated generation evidence: one-sided CUSUMs over its tokens' margins, over its
+    reported logprobs' errors, and over its disagreements with the reference sampler."""
 
     cusum: float = 0.0  # the CUSUM over every checked token's margin, in order (cusum_step)
     tokens: int = 0  # tokens checked
