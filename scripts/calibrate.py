@@ -175,6 +175,18 @@ def disagreement_tables(dv: dict) -> str:
                        f"{cal.fmt(days.get('max_cusum'))} | {round(days.get('flagged', 0) * days.get('streams', 0))} "
                        f"of {days.get('streams', 0)} |")
     out.append("")
+    out.append("Per decode batch size (HF engine, greedy and sampled together): disagreements / tokens.\n")
+    out.append("| model | honest miner | by batch size |")
+    out.append("|---|---|---|")
+    for model, miners in dv["rates"].items():
+        for miner, r in miners.items():
+            by_batch: dict = {}
+            for key, cell in r["cells"].items():
+                b = by_batch.setdefault(int(key.split()[-1]), [0, 0])
+                b[0], b[1] = b[0] + cell["disagreements"], b[1] + cell["tokens"]
+            out.append(f"| {model} | {miner} | " + ", ".join(f"{b}: {k}/{n}" for b, (k, n) in sorted(by_batch.items()))
+                       + " |")
+    out.append("")
     out.append(f"Tokens to flag (median / 99th percentile / worst), streams disagreeing at a multiple of "
                f"{dv['reference_model']}'s honest rate ({cal.fmt(dv['measured'])}), then each cheat's stored "
                "generations drawn with replacement:\n")
