@@ -91,7 +91,7 @@ class Thresholds:
     # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0036 nats
     # (SmolLM2); a miner serving int8 weights reports what its weights give, 0.063 on average. The
     # limit is set like evidence_limit's, over nine bands of honest errors up to max_gen_logprob_error
-    # (the three statistics share the false-alarm rate): 0.28 derived, 0.4 in use, headroom for a GPU's
+    # (the three statistics share the false-alarm rate): 0.26 derived, 0.4 in use, headroom for a GPU's
     # float16 kernels, which no calibration has measured yet.
     lp_evidence_drift: float = 0.02
     lp_evidence_limit: float = 0.4
