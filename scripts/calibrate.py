@@ -123,10 +123,10 @@ def tables(summary: dict) -> str:
         out.append("")
     ev = summary.get("evidence")
     if ev:
-        out.append("### Evidence across rounds (CUSUMs over token margins and logprob errors)\n")
+        out.append("### Evidence across rounds (CUSUMs over token margins, logprob errors and disagreements)\n")
         out.append(f"Limits for {cal.fmt(ev['false_alarm_per_day'])} honest alarms per miner per day in all, at "
-                   f"{ev['tokens_per_day']:.0f} tokens a day (shared evenly by the statistics), from each honest precision's bands "
-                   f"(rate bound, top), the largest used (-: too few honest tokens to bound one):\n")
+                   f"{ev['tokens_per_day']:.0f} tokens a day (shared evenly by the statistics), from each honest "
+                   f"precision's bands (rate bound, top), the largest used (-: too few honest tokens to bound one):\n")
         out.append("| statistic | drift | honest miner | tokens | nonzero | mean | bands | largest honest CUSUM | limit |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for name, st in ev["statistics"].items():

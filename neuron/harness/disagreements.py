@@ -124,8 +124,8 @@ def disagreement_summary(honest: list[Check], cheats: dict[str, list[Check]], th
                          streams: int = STREAMS) -> dict:
     """The disagreement evidence on stored checks: honest rates (every model), the rate the constants tolerate
     at this statistic's share of the false-alarm budget, the tokens to flag simulated miners disagreeing at
-    MULTIPLES of `reference_model`'s largest honest rate (`streams` each), honest generations replayed for a day of tokens per
-    stream (none may be flagged), and each cheat's generations replayed until flagged."""
+    MULTIPLES of `reference_model`'s largest honest rate (`streams` each), honest generations replayed for a
+    day of tokens per stream (none may be flagged), and each cheat's generations replayed until flagged."""
     share = false_alarm / len(scoring.evidence_params(th))
     rates = honest_rates(honest)
     measured = max((r["rate"] for r in rates.get(reference_model, {}).values()), default=0.0)
