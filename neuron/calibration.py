@@ -378,23 +378,26 @@ WITHIN = 300  # the issue's bar: a steady cheat is flagged within this many gene
 
 
 def bands_of(name: str, th: scoring.Thresholds) -> tuple[float, ...]:
-    """The top edges of the bands an evidence statistic's honest values are counted in."""
+    """The top edges of the bands an evidence statistic's honest values are counted in (a disagreement is one
+    band: any margin above 0 counts 1)."""
     if name == "token margins":
         return scoring.margin_bands(th)
+    if name == "disagreements":
+        return (1.0,)
     return tuple(b * th.max_gen_logprob_error for b in ERROR_BANDS)
 
 
 def tokens_to_flag(margins: list[float], errors: list[float], th: scoring.Thresholds,
-                   statistics: tuple[str, ...] = ("token margins", "logprob errors")) -> int | None:
+                   statistics: tuple[str, ...] = tuple(scoring.EVIDENCE_STREAMS)) -> int | None:
     """How many tokens of this stream the validator's evidence needs to flag it (None: never), counting
     only the named statistics. A stream without errors (an older calibration file) counts its margins."""
     params = scoring.evidence_params(th)
-    streams = {"token margins": margins, "logprob errors": errors}
+    streams = {"margins": margins, "errors": errors}
     first = None
     for name in statistics:
         cap, drift, limit = params[name]
         s = 0.0
-        for i, x in enumerate(streams[name]):
+        for i, x in enumerate(streams[scoring.EVIDENCE_STREAMS[name]]):
             s = scoring.cusum_step(s, scoring.counted(name, x, th), cap, drift)
             if s >= limit:
                 first = i + 1 if first is None else min(first, i + 1)
@@ -426,7 +429,7 @@ def evidence_summary(honest: list["Check"], cheats: dict[str, list["Check"]], th
     params = scoring.evidence_params(th)
     out: dict = {"tokens_per_day": tokens_per_day, "false_alarm_per_day": false_alarm, "statistics": {}, "cheats": {}}
     for name, (cap, drift, limit) in params.items():
-        field_ = "margins" if name == "token margins" else "errors"
+        field_ = scoring.EVIDENCE_STREAMS[name]
         by_dtype: dict = {}
         for c in honest:
             by_dtype.setdefault(c.miner, []).extend(getattr(c, field_))

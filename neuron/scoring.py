@@ -68,8 +68,8 @@ class Thresholds:
     # Evidence across rounds: a one-sided CUSUM over every checked token's margin,
     # S <- max(0, S + min(counted(margin), evidence_cap) - evidence_drift) (`counted`: evidence_bands
     # below); a miner whose S reaches evidence_limit is flagged.
-    # The limit keeps honest alarms under 5e-7 per miner per day (half of 1e-6: the logprob evidence
-    # has the other half) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
+    # The limit keeps honest alarms under 3.3e-7 per miner per day (a third of 1e-6: the logprob and the
+    # disagreement evidence have the rest) at 1e6 checked tokens a day, by Lundberg's bound over the measured rates of
     # honest margins in three bands up to max_token_margin, for each accepted precision (neuron/
     # calibration.py `evidence_limit`, `honest_levels`; docs/calibration.md).
     evidence_drift: float = 0.001
@@ -91,10 +91,22 @@ class Thresholds:
     # a miner whose L reaches lp_evidence_limit is flagged. Honest float16 errors average 0.0036 nats
     # (SmolLM2); a miner serving int8 weights reports what its weights give, 0.063 on average. The
     # limit is set like evidence_limit's, over nine bands of honest errors up to max_gen_logprob_error
-    # (the two statistics share the false-alarm rate): 0.28 derived, 0.4 in use, headroom for a GPU's
+    # (the three statistics share the false-alarm rate): 0.26 derived, 0.4 in use, headroom for a GPU's
     # float16 kernels, which no calibration has measured yet.
     lp_evidence_drift: float = 0.02
     lp_evidence_limit: float = 0.4
+    # Evidence from how often a miner's token is not the reference sampler's choice (a "disagreement": margin
+    # > 0, an outside token included), however small the margin: a third one-sided CUSUM over the indicator,
+    # D <- max(0, D + [margin > 0] - disagreement_drift), flagged at disagreement_limit. It is the Bernoulli
+    # log-likelihood-ratio CUSUM of p1 = 3 p0 against p0 = 0.006, divided by ln(p1 (1 - p0) / (p0 (1 - p1))):
+    # drift = ln((1 - p0) / (1 - p1)) over that. Honest float16 disagrees at 0.0026 (SmolLM2, 70,703 tokens) and
+    # 0.0033 (tiny, 125,781), the same at every batch size, greedy and sampled (Poisson: dispersion index 1.0);
+    # float32 never did. p0 is 1.9x SmolLM2's 99.9% bound and 1.6x tiny's; p1 = 0.018 is the rate of the margin
+    # evidence's blind spot (`nudge0.05`, swaps within 0.05 of the sampler's choice: 0.019). The limit keeps
+    # honest alarms under 1e-6 / 3 per miner per day at 1e6 tokens a day for any rate up to p0, by the same
+    # Lundberg bound as the other two (neuron/harness/disagreements.py; docs/calibration.md).
+    disagreement_drift: float = 0.011
+    disagreement_limit: float = 26.0
 
 
 @dataclass(frozen=True)
@@ -400,8 +412,8 @@ def verify_generation(
 
 @dataclass
 class Evidence:
-    """One miner's accumulated generation evidence: one-sided CUSUMs over its tokens' margins and over
-    its reported logprobs' errors."""
+    """One miner's accumulated generation evidence: one-sided CUSUMs over its tokens' margins, over its
+    reported logprobs' errors, and over its disagreements with the reference sampler."""
 
     cusum: float = 0.0  # the CUSUM over every checked token's margin, in order (cusum_step)
     tokens: int = 0  # tokens checked
@@ -410,7 +422,8 @@ class Evidence:
     flagged: bool = False  # a CUSUM reached its limit once: stays until the uid changes hotkey
     lp_cusum: float = 0.0  # the CUSUM over every checked token's reported logprob error
     error_sum: float = 0.0  # sum of logprob errors, nats
-    flagged_by: str = ""  # which statistic crossed first ("token margins", "logprob errors"; "" when not flagged)
+    flagged_by: str = ""  # which statistic crossed first (a name of evidence_params; "" when not flagged)
+    dis_cusum: float = 0.0  # the CUSUM over every checked token's disagreement (margin > 0), in order
 
 
 def cusum_step(s: float, x: float, cap: float, drift: float) -> float:
@@ -426,18 +439,26 @@ def margin_bands(th: Thresholds) -> tuple[float, ...]:
 def counted(name: str, x: float, th: Thresholds) -> float:
     """What one token adds to the named evidence statistic before the cap and the drift: a logprob
     error as it is; a margin as it is in the first band (margin_bands), at its band's top in a
-    higher one up to max_token_margin, and as it is past that (a failed token; the cap bounds it)."""
+    higher one up to max_token_margin, and as it is past that (a failed token; the cap bounds it);
+    to "disagreements", 1 for a margin above 0 and 0 for none."""
+    if name == "disagreements":
+        return 1.0 if x > 0 else 0.0
     edges = margin_bands(th)
     if name != "token margins" or x <= edges[0] or x > edges[-1]:
         return x
     return next(top for top in edges if x <= top)
 
 
+# Which per-token values each evidence statistic reads: "margins" or "errors" (update_evidence's lists).
+EVIDENCE_STREAMS = {"token margins": "margins", "logprob errors": "errors", "disagreements": "margins"}
+
+
 def evidence_params(th: Thresholds) -> dict[str, tuple[float, float, float]]:
-    """(cap, drift, limit) of each evidence statistic, by name. A logprob error past
-    max_gen_logprob_error fails its round and adds that much."""
+    """(cap, drift, limit) of each evidence statistic, by name, in the order their crossings are named. A
+    logprob error past max_gen_logprob_error fails its round and adds that much; a disagreement adds 1."""
     return {"token margins": (th.evidence_cap, th.evidence_drift, th.evidence_limit),
-            "logprob errors": (th.max_gen_logprob_error, th.lp_evidence_drift, th.lp_evidence_limit)}
+            "logprob errors": (th.max_gen_logprob_error, th.lp_evidence_drift, th.lp_evidence_limit),
+            "disagreements": (1.0, th.disagreement_drift, th.disagreement_limit)}
 
 
 def _check_evidence_params(th: Thresholds) -> None:
@@ -447,6 +468,8 @@ def _check_evidence_params(th: Thresholds) -> None:
             raise ValueError(f"{name}: drift and limit must be > 0, got {drift}, {limit}")
         if not cap < limit:  # one token alone must never flag a miner for good
             raise ValueError(f"{name}: the most one token adds ({cap}) must be below the limit {limit}")
+        if not drift < cap:  # a statistic that no token can raise watches nothing
+            raise ValueError(f"{name}: the drift {drift} must be below the most one token adds ({cap})")
     if th.evidence_cap < th.max_token_margin:
         raise ValueError(f"the evidence cap {th.evidence_cap} must be >= max_token_margin {th.max_token_margin}")
     edges = margin_bands(th)
@@ -462,22 +485,23 @@ def update_evidence(ev: Evidence, margins: list[float], errors: list[float], th:
     _check_evidence_params(th)
     if len(margins) != len(errors):
         raise ValueError(f"{len(margins)} margins for {len(errors)} logprob errors")
-    (m_cap, m_drift, m_limit), (e_cap, e_drift, e_limit) = evidence_params(th).values()
-    s, lp, by = ev.cusum, ev.lp_cusum, ev.flagged_by
+    params = evidence_params(th)
+    m_limit, e_limit = params["token margins"][2], params["logprob errors"][2]
+    sums = {"token margins": ev.cusum, "logprob errors": ev.lp_cusum, "disagreements": ev.dis_cusum}
+    by = ev.flagged_by
     total, err_total, disagree = ev.margin_sum, ev.error_sum, ev.disagreements
     for m, e in zip(margins, errors):
         if not (math.isfinite(m) and m >= 0 and math.isfinite(e) and e >= 0):
             by, m, e = by or "unreadable values", m_limit, e_limit
-        s = cusum_step(s, counted("token margins", m, th), m_cap, m_drift)
-        lp = cusum_step(lp, counted("logprob errors", e, th), e_cap, e_drift)
+        values = {"margins": m, "errors": e}
+        for name, (cap, drift, limit) in params.items():
+            sums[name] = cusum_step(sums[name], counted(name, values[EVIDENCE_STREAMS[name]], th), cap, drift)
+            if not by and sums[name] >= limit:
+                by = name
         total, err_total, disagree = total + m, err_total + e, disagree + (m > 0)
-        if not by and s >= m_limit:
-            by = "token margins"
-        elif not by and lp >= e_limit:
-            by = "logprob errors"
     flagged = ev.flagged or bool(by)
-    return Evidence(s, ev.tokens + len(margins), disagree, total, flagged, lp, err_total,
-                    by or ("token margins" if flagged else ""))
+    return Evidence(sums["token margins"], ev.tokens + len(margins), disagree, total, flagged, sums["logprob errors"],
+                    err_total, by or ("token margins" if flagged else ""), sums["disagreements"])
 
 
 def quality_loss(

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from neuron import calibration as cal  # noqa: E402
 from neuron.validator.challenge import ChallengeConfig  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
+from neuron.harness import disagreements as dis  # noqa: E402
 from neuron.harness.cheats import GENERATION_CHEATS  # noqa: E402
 from neuron.model import load_model  # noqa: E402
 from neuron.scoring import Thresholds  # noqa: E402
@@ -122,10 +123,10 @@ def tables(summary: dict) -> str:
         out.append("")
     ev = summary.get("evidence")
     if ev:
-        out.append("### Evidence across rounds (CUSUMs over token margins and logprob errors)\n")
+        out.append("### Evidence across rounds (CUSUMs over token margins, logprob errors and disagreements)\n")
         out.append(f"Limits for {cal.fmt(ev['false_alarm_per_day'])} honest alarms per miner per day in all, at "
-                   f"{ev['tokens_per_day']:.0f} tokens a day (half each), from each honest precision's bands "
-                   f"(rate bound, top), the largest used (-: too few honest tokens to bound one):\n")
+                   f"{ev['tokens_per_day']:.0f} tokens a day (shared evenly by the statistics), from each honest "
+                   f"precision's bands (rate bound, top), the largest used (-: too few honest tokens to bound one):\n")
         out.append("| statistic | drift | honest miner | tokens | nonzero | mean | bands | largest honest CUSUM | limit |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for name, st in ev["statistics"].items():
@@ -148,6 +149,54 @@ def tables(summary: dict) -> str:
                        f"{cal.fmt(m['flagged_within'])} | "
                        f"{m['tokens_to_flag_median'] or 'never'} / {m['tokens_to_flag_worst'] or 'never'} |")
         out.append("")
+    dv = summary.get("disagreements")
+    if dv:
+        out.append(disagreement_tables(dv))
+    return "\n".join(out)
+
+
+def disagreement_tables(dv: dict) -> str:
+    """The disagreement evidence (neuron/harness/disagreements.py) as markdown tables."""
+    out = ["### Evidence from disagreements (tokens that are not the reference sampler's choice)\n",
+           f"D <- max(0, D + [margin > 0] - {cal.fmt(dv['drift'])}), flagged at {cal.fmt(dv['limit'])}: "
+           f"{cal.fmt(dv['false_alarm_per_day'])} honest alarms per miner per day at {dv['tokens_per_day']:.0f} "
+           f"tokens for any honest rate up to **{cal.fmt(dv['tolerated'])}**.\n",
+           "| model | honest miner | tokens | disagreements | rate | 99.9% bound | dispersion | chi2 / df over "
+           "(kind, batch) | limit at the bound | largest CUSUM: stored order / over days | days flagged |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, miners in dv["rates"].items():
+        for miner, r in miners.items():
+            key = f"{model} {miner}"
+            h = dv["honest"].get(key, {})
+            days = h.get("days", {})
+            out.append(f"| {model} | {miner} | {r['tokens']} | {r['disagreements']} | {cal.fmt(r['rate'])} | "
+                       f"{cal.fmt(r['bound'])} | {cal.fmt(r['dispersion'])} | {cal.fmt(r['chi2'])} / {r['df']} | "
+                       f"{cal.fmt(dv['limit_at_bound'].get(key))} | {cal.fmt(h.get('stored_order_max'))} / "
+                       f"{cal.fmt(days.get('max_cusum'))} | {round(days.get('flagged', 0) * days.get('streams', 0))} "
+                       f"of {days.get('streams', 0)} |")
+    out.append("")
+    out.append("Per decode batch size (HF engine, greedy and sampled together): disagreements / tokens.\n")
+    out.append("| model | honest miner | by batch size |")
+    out.append("|---|---|---|")
+    for model, miners in dv["rates"].items():
+        for miner, r in miners.items():
+            by_batch: dict = {}
+            for key, cell in r["cells"].items():
+                b = by_batch.setdefault(int(key.split()[-1]), [0, 0])
+                b[0], b[1] = b[0] + cell["disagreements"], b[1] + cell["tokens"]
+            out.append(f"| {model} | {miner} | " + ", ".join(f"{b}: {k}/{n}" for b, (k, n) in sorted(by_batch.items()))
+                       + " |")
+    out.append("")
+    out.append(f"Tokens to flag (median / 99th percentile / worst), streams disagreeing at a multiple of "
+               f"{dv['reference_model']}'s honest rate ({cal.fmt(dv['measured'])}), then each cheat's stored "
+               "generations drawn with replacement:\n")
+    out.append("| stream | rate | streams | flagged | median | 99th percentile | worst |")
+    out.append("|---|---|---|---|---|---|---|")
+    rows = [(f"{m} x honest", f) for m, f in dv["multiples"].items()] + list(dv["cheats"].items())
+    for name, f in rows:
+        out.append(f"| {name} | {cal.fmt(f['rate'])} | {f['streams']} | {cal.fmt(f['flagged'])} | "
+                   f"{f['median'] or 'never'} | {f['p99'] or 'never'} | {f['worst'] or 'never'} |")
+    out.append("")
     return "\n".join(out)
 
 
@@ -217,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 by_cheat.setdefault(c.miner, []).append(c)
         summary["evidence"] = cal.evidence_summary(honest_gen, by_cheat, th, args.tokens_per_day, args.false_alarm)
         summary["evidence"]["models"] = sorted(real)
+        # The honest disagreement rates of every model; the tokens to flag at multiples of the real model's.
+        every = [c for c in checks if c.accepted and c.kind != "forward"]
+        summary["disagreements"] = dis.disagreement_summary(every, by_cheat, th, args.tokens_per_day,
+                                                            args.false_alarm, reference_model=sorted(real)[0])
     summary["settings"] = {**json.loads(json.dumps(vars(args), default=str)),
                            "challenge": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}

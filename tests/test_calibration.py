@@ -66,7 +66,7 @@ def test_honest_margins_stay_within_the_thresholds(honest_checks):
     # The honest evidence never comes near its limits.
     for name, (cap, drift, limit) in scoring.evidence_params(TH).items():
         s = 0.0
-        for x in (x for c in gen for x in (c.margins if name == "token margins" else c.errors)):
+        for x in (x for c in gen for x in getattr(c, scoring.EVIDENCE_STREAMS[name])):
             s = scoring.cusum_step(s, scoring.counted(name, x, TH), cap, drift)
             assert s < limit / 4, name
 
@@ -150,6 +150,8 @@ def test_tokens_to_flag_counts_either_statistic():
     n = cal.tokens_to_flag([0.0] * 100, [0.05] * 100, th)  # 0.03 a token past the drift 0.02
     assert n == math.ceil(th.lp_evidence_limit / 0.03 - 1e-9)
     assert cal.tokens_to_flag([0.0] * 100, [0.05] * 100, th, ("token margins",)) is None
+    # Disagreements alone: each adds 1 - 0.011; the 27th crosses 26 (26 x 0.989 = 25.7).
+    assert cal.tokens_to_flag([0.001] * 100, [0.0] * 100, th, ("disagreements",)) == 27
     assert cal.tokens_to_flag([0.41] * 3, [], th) == 2  # an older file without errors: margins alone
 
 
@@ -172,7 +174,9 @@ def test_the_script_rescoring_its_own_gzipped_file_gives_the_same_figures(tmp_pa
 
     assert figures(first) == figures(second)
     used = {name: st["limit_used"] for name, st in second["evidence"]["statistics"].items()}
-    assert used == {"token margins": TH.evidence_limit, "logprob errors": TH.lp_evidence_limit}
+    assert used == {"token margins": TH.evidence_limit, "logprob errors": TH.lp_evidence_limit,
+                    "disagreements": TH.disagreement_limit}
+    assert second["disagreements"]["limit"] == TH.disagreement_limit  # the disagreement tables ran on the rescore
 
 
 def test_a_nudge_stays_within_its_margin_and_inside_the_first_band_is_never_flagged(tiny):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -441,6 +442,50 @@ def test_evidence_from_an_older_state_file_keeps_its_flag():
     # A state saved before the logprob statistic existed: its fields take their defaults.
     ev = update_evidence(Evidence(cusum=0.2, tokens=9, flagged=True), [0.0], [0.0], Thresholds())
     assert ev.flagged and ev.flagged_by == "token margins" and ev.lp_cusum == 0.0
+
+
+def test_disagreement_evidence_exact():
+    # Margins this small never move the margin CUSUM (0.001 less the drift 0.001), so only the count speaks.
+    th = Thresholds(disagreement_drift=0.25, disagreement_limit=2.0)
+    ev = update_evidence(Evidence(), [0.0, 0.001, 0.001, 0.0, 0.0], [0.0] * 5, th)
+    # 0 -> 0.75 -> 1.5 -> 1.25 -> 1.0
+    assert ev.dis_cusum == pytest.approx(1.0) and ev.disagreements == 2 and ev.cusum == 0.0 and not ev.flagged
+    assert [counted("disagreements", m, th) for m in (0.0, 1e-9, 0.05, 5.0)] == [0.0, 1.0, 1.0, 1.0]
+    ev = update_evidence(ev, [0.001, 0.0], [0.0, 0.0], th)  # 1.75 -> 1.5: under the limit
+    assert not ev.flagged and ev.dis_cusum == pytest.approx(1.5)
+    ev = update_evidence(ev, [0.001], [0.0], th)  # 2.25: crossed
+    assert ev.flagged and ev.flagged_by == "disagreements" and ev.tokens == 8 and ev.disagreements == 4
+    # One disagreement alone never flags; a drift no token can outrun watches nothing.
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(disagreement_limit=1.0))
+    with pytest.raises(ValueError):
+        update_evidence(Evidence(), [0.0], [0.0], Thresholds(disagreement_drift=1.0))
+
+
+def test_honest_disagreement_rates_never_flag_a_miner_over_a_day():
+    # Tokens that disagree at tiny float16's measured 0.0033 (the highest honest rate measured), with honest-sized
+    # margins and logprob errors, through the validator's own update: a day of tokens (1e6), in rounds of 96.
+    rng = random.Random(20)
+    ev = Evidence()
+    top = 0.0
+    for _ in range(1_000_000 // 96):
+        margins = [0.01 if rng.random() < 0.0033 else 0.0 for _ in range(96)]
+        ev = update_evidence(ev, margins, [0.004] * 96, TH)
+        top = max(top, ev.dis_cusum)
+    assert not ev.flagged and ev.tokens == 96 * (1_000_000 // 96)
+    assert 3000 < ev.disagreements < 3600 and top < TH.disagreement_limit / 2
+
+
+def test_a_miner_disagreeing_at_five_times_the_honest_rate_is_flagged_within_the_stated_count():
+    # docs/calibration.md: at 5 x SmolLM2's honest rate (0.0128) 99% of streams are flagged within 34,447 tokens
+    # (median 11,250), by disagreements alone: its margins (0.01) are what honest float16 gives.
+    for seed in range(3):
+        rng = random.Random(seed)
+        ev, n = Evidence(), 0
+        while not ev.flagged:
+            ev = update_evidence(ev, [0.01 if rng.random() < 0.0128 else 0.0 for _ in range(96)], [0.004] * 96, TH)
+            n += 96
+        assert ev.flagged_by == "disagreements" and n <= 34_447 + 96, seed
 
 
 # quality_loss

@@ -1,15 +1,21 @@
 """The validator against real axons (in-process, on loopback) and a real local chain."""
 
 import asyncio
+import json
+import math
 
 import pytest
+import torch
 
 from conftest import make_axon, make_wallet, miner_config
 from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
+from neuron.engine.types import FinishReason
+from neuron.protocol import GenerateAnswer
+from neuron.validator.challenge import GenCheck
 from neuron.validator.judge import Judgement
-from neuron.scoring import Evidence, Thresholds
+from neuron.scoring import Evidence, GenSpec, Thresholds
 from neuron.validator.loop import Validator
 from neuron.validator.state import State
 
@@ -133,6 +139,52 @@ def test_evidence_survives_a_restart_and_a_flagged_miner_loses_its_score(tmp_pat
     assert not j.verified and j.reason.startswith("evidence: token margins crossed the limit over 9 tokens")
     assert again.state.scores[uid] == 0.0
     assert not again._weigh_evidence(uid, Judgement(True, "", margins=[])).verified  # it stays flagged
+
+
+def test_disagreement_evidence_survives_a_restart_and_an_older_state_file_still_loads(tmp_path, tiny):
+    th = Thresholds(disagreement_drift=0.1, disagreement_limit=3.0)
+    v, uid = one_miner(tmp_path, tiny, th)
+    # Two near-ties swapped in a passed round (margins 0.001: nothing for the margin CUSUM): 0.9 -> 0.8 -> 1.7.
+    assert v._weigh_evidence(uid, Judgement(True, "", margins=[0.001, 0.0, 0.001], errors=[0.0] * 3)).verified
+    assert v.state.evidence[str(uid)].dis_cusum == pytest.approx(1.7)
+    v.state.save(v.state_path)
+    again = Validator(v.config, v.chain, v.wallet, tiny, thresholds=th)
+    assert again.state.evidence[str(uid)] == v.state.evidence[str(uid)]
+    j = again._weigh_evidence(uid, Judgement(True, "", margins=[0.001, 0.001], errors=[0.0] * 2))  # 2.6 -> 3.5
+    assert not j.verified and j.reason.startswith("evidence: disagreements crossed the limit over 5 tokens (4 not")
+    assert again.state.scores[uid] == 0.0
+    # A state file written before this statistic: its evidence loads with the new counter at 0.
+    data = json.loads(v.state_path.read_text())
+    data["evidence"][str(uid)].pop("dis_cusum")
+    v.state_path.write_text(json.dumps(data))
+    old = State.load(v.state_path).evidence[str(uid)]
+    assert old.dis_cusum == 0.0 and old.disagreements == 2 and old.tokens == 3
+
+
+async def test_user_answers_feed_the_disagreement_evidence(tmp_path, tiny):
+    # A user's greedy answer judged by the gateway's path (verify_users -> judge_users -> evidence): two tokens that
+    # are not the reference's choice count twice, whatever their margins.
+    th = Thresholds(evidence_limit=50.0, lp_evidence_limit=50.0, disagreement_drift=0.1, disagreement_limit=3.0)
+    v, uid = one_miner(tmp_path, tiny, th)
+    prompt = tiny.tokenizer("The validator checks every answer")["input_ids"]
+    ids = list(prompt)
+    with torch.inference_mode():
+        for step in range(8):
+            logits = tiny.model(torch.tensor([ids])).logits[0, -1].double()
+            logits[tiny.eos_token_id] = -math.inf
+            order = logits.argsort(descending=True)
+            ids.append(int(order[1] if step in (2, 5) else order[0]))
+        lp = torch.log_softmax(tiny.model(torch.tensor([ids])).logits[0].double(), -1)
+    tokens = ids[len(prompt):]
+    logprobs = tuple(float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(tokens))
+    answer = GenerateAnswer(tuple(tokens), tiny.tokenizer.decode(tokens, skip_special_tokens=True), logprobs,
+                            FinishReason.LENGTH)
+    check = GenCheck(tuple(prompt), GenSpec(max_new_tokens=8))
+    [j] = await v.verify_users([(uid, v.state.hotkeys[uid], check, answer, 0.1)])
+    ev = v.state.evidence[str(uid)]
+    assert ev.tokens == 8 and ev.disagreements == 2 and sum(m > 0 for m in j.margins) == 2
+    assert ev.dis_cusum == pytest.approx(1.4)  # 0.9 at step 2, 0.7 at 4, 1.6 at 5, then two drifts
+    assert v.state.stats[str(uid)].users_checked == 1
 
 
 def test_steady_logprob_errors_flag_a_miner_whose_every_token_is_the_samplers(tmp_path, tiny):
