@@ -3,7 +3,9 @@
 Capacity is `batching.max_generate_batch` streams decoding plus `batching.queue_size` requests waiting.
 Ten times that many streams and forwards arrive at once: the figure is the share shed at once with
 RESOURCE_EXHAUSTED, the latency of the admitted ones against the same calls alone, and the miner's
-resident memory before, at its peak, and after (it must come back within 10% of before).
+resident memory before, at its peak, and after (it must come back within 10% of before). Then another
+caller's streams, timed on the idle miner, beside 100 streams one caller opens and never reads, and beside
+100 it reads: a caller's share of the queue (--auth.max_in_flight) keeps the others served.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class _Miner:
                 "--model.dtype", dtype, "--subtensor.network", "none", "--auth.required", "false",
                 "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.grace_s", "1",
                 "--batching.max_generate_batch", str(sizes.max_generate_batch),
-                "--batching.queue_size", str(sizes.queue_size)]
+                "--batching.queue_size", str(sizes.queue_size),
+                # the default share of a caller, a quarter of the queue (64 of 256)
+                "--auth.max_in_flight", str(max(1, sizes.queue_size // 4))]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -109,16 +113,23 @@ async def _timed(kind: str, call) -> Outcome:
     return Outcome(kind, code, time.perf_counter() - start)
 
 
+def _as(who: str) -> list[tuple[str, str]]:
+    """The hotkey a caller claims (auth is off here; the miner's per-hotkey share still tells callers apart)."""
+    from neuron.auth import HOTKEY_KEY
+
+    return [(HOTKEY_KEY, who)]
+
+
 async def _probe_ms(stream, body: bytes, n: int) -> list[float]:
     """Another caller's streams, one after another: the latency of each answered one, in ms."""
-    out = [await _timed("stream", stream(body, timeout=600)) for _ in range(n)]
+    out = [await _timed("stream", stream(body, timeout=600, metadata=_as("probe"))) for _ in range(n)]
     return [o.seconds * 1000 for o in out if o.code == grpc.StatusCode.OK]
 
 
 async def _beside_crowd(stream, body: bytes, sizes: LoadSizes, read: bool) -> tuple[list[float], dict[str, int]]:
     """The probes while `sizes.unread` streams arrive at once and are read to the end, or read for one chunk
     and then left unread (held open until the probes are done); and how the crowd's calls were answered."""
-    calls = [stream(body, timeout=600) for _ in range(sizes.unread)]
+    calls = [stream(body, timeout=600, metadata=_as("crowd")) for _ in range(sizes.unread)]
     codes: dict[str, int] = {}
 
     async def one(call) -> None:
@@ -156,9 +167,9 @@ async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: 
         forward = channel.unary_unary("/neuron.v1.Axon/Forward")
         stream = channel.unary_stream("/neuron.v1.Axon/GenerateStream")
 
-        def calls(kind: str, n: int):
-            return [_timed(kind, stream(stream_body, timeout=600) if kind == "stream" else forward(forward_body, timeout=600))
-                    for _ in range(n)]
+        def calls(kind: str, n: int):  # each from a caller of its own: the load is many callers at once
+            return [_timed(kind, stream(stream_body, timeout=600, metadata=_as(f"{kind}{i}")) if kind == "stream"
+                           else forward(forward_body, timeout=600, metadata=_as(f"{kind}{i}"))) for i in range(n)]
 
         solo = [await c for _ in range(sizes.solo_calls) for c in calls("forward", 1) + calls("stream", 1)]
         if any(o.code != grpc.StatusCode.OK for o in solo):
