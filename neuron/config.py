@@ -91,10 +91,9 @@ class AuthConfig:
     deny_hotkeys: tuple[str, ...] = ()  # always refused
     rate_per_s: float = 20.0  # requests per second per hotkey (token bucket)
     burst: int = 40  # bucket size
-    # Calls one hotkey may have in flight at once: a share of batching.queue_size, so that one caller
-    # (streams it never reads included) cannot take the whole queue from the others; 0: no bound. With
-    # auth off, callers are told apart by the hotkey they claim (all unsigned callers share one).
-    max_in_flight: int = 64
+    # A share of batching.queue_size, so that one caller (streams it never reads included) cannot take the
+    # whole queue from the others. With auth off, callers are told apart by the hotkey they claim.
+    max_in_flight: int = 64  # calls one hotkey may have in flight at once; 0: no bound
     metagraph_refresh_s: float = 12.0  # how often the miner re-reads the metagraph for admission
 
 
