@@ -136,7 +136,7 @@ class Guard(grpc.aio.ServerInterceptor):
             raise InvalidArgument(f"the request has {len(raw)} bytes; no valid {_short(call.method)} request "
                                   f"has more than {limit} under this miner's limits")
         call.peer, nonce = self._admit(call.method, raw, context)
-        if not call.method.endswith("/Info"):  # the hotkey's share (with auth off: the hotkey it claims)
+        if call.peer.hotkey and not call.method.endswith("/Info"):  # its share (auth off: the hotkey it claims)
             self.admission.enter(call.peer.hotkey)
             call.held = True
         _PEER.set(call.peer)

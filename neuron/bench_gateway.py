@@ -41,7 +41,8 @@ class GatewaySizes:
 QUICK_GATEWAY = GatewaySizes(miners=2, users=4, new_tokens=8, reps=1, ttft_pairs=4, judge_batch=4)
 STARTUP_TIMEOUT_S = 120.0  # how long the miner processes may take to load and serve
 # The bench is the flood it means to measure: no rate limit; as large a Forward batch as the in-process axons had.
-MINER_FLAGS = ("--auth.rate_per_s", "1e9", "--auth.burst", str(10**9), "--limits.max_batch", "64")
+MINER_FLAGS = ("--auth.rate_per_s", "1e9", "--auth.burst", str(10**9), "--auth.max_in_flight", "0",
+               "--limits.max_batch", "64")
 
 
 def _percentile(xs: list[float], q: float) -> float:

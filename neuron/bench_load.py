@@ -5,7 +5,7 @@ Ten times that many streams and forwards arrive at once: the figure is the share
 RESOURCE_EXHAUSTED, the latency of the admitted ones against the same calls alone, and the miner's
 resident memory before, at its peak, and after (it must come back within 10% of before). Then another
 caller's streams, timed on the idle miner, beside 100 streams one caller opens and never reads, and beside
-100 it reads: a caller's share of the queue (--auth.max_in_flight) keeps the others served.
+100 it reads: a caller's share (--auth.max_in_flight, half the decode batch) keeps the others served.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class _Miner:
                 "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.grace_s", "1",
                 "--batching.max_generate_batch", str(sizes.max_generate_batch),
                 "--batching.queue_size", str(sizes.queue_size),
-                # the default share of a caller, a quarter of the queue (64 of 256)
-                "--auth.max_in_flight", str(max(1, sizes.queue_size // 4))]
+                # the default share of a caller: half the decode batch (8 of 16)
+                "--auth.max_in_flight", str(max(1, sizes.max_generate_batch // 2))]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "HF_HUB_OFFLINE": "1"})

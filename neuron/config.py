@@ -91,9 +91,10 @@ class AuthConfig:
     deny_hotkeys: tuple[str, ...] = ()  # always refused
     rate_per_s: float = 20.0  # requests per second per hotkey (token bucket)
     burst: int = 40  # bucket size
-    # A share of batching.queue_size, so that one caller (streams it never reads included) cannot take the
-    # whole queue from the others. With auth off, callers are told apart by the hotkey they claim.
-    max_in_flight: int = 64  # calls one hotkey may have in flight at once; 0: no bound
+    # Half of the default decode batch (batching.max_generate_batch 16), so that one caller (streams it never
+    # reads included) cannot take the batch and the queue from the others; raise it with the batch. With
+    # auth off, callers are told apart by the hotkey they claim (one that claims none is not bounded).
+    max_in_flight: int = 8  # calls one hotkey may have in flight at once; 0: no bound
     metagraph_refresh_s: float = 12.0  # how often the miner re-reads the metagraph for admission
 
 
