@@ -140,6 +140,10 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
             else:
                 engine = await asyncio.to_thread(open_engine, config)
             await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
+            if stop.is_set():  # SIGTERM while the model loaded (a load cannot be cut short): serve nothing, publish nothing
+                logger.info("stopped while the model loaded: not serving")
+                await engine.stop(0)
+                return 0
             if engine.info().dtype == "bfloat16":
                 logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
                                "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")

@@ -107,3 +107,24 @@ async def test_a_stop_signal_still_exits_zero(tiny):
         assert miner.errors == []
     finally:
         await miner.close()
+
+
+async def test_a_stop_during_the_model_load_serves_nothing(tiny):
+    """SIGTERM (the stop event) while the model loads: the miner leaves once the load is done, never binding
+    its port or publishing an address, and exits 0."""
+    stop, lines = asyncio.Event(), []
+    port = free_port()
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+
+    def loaded_then_signalled(lm):
+        stop.set()  # the signal arrives while the model loads (model_transform runs right after the load)
+        return lm
+
+    try:
+        code = await asyncio.wait_for(run_miner(miner_config(**{"model.name": "tiny", "axon.port": port}), None, None,
+                                                stop=stop, model_transform=loaded_then_signalled), 60)
+    finally:
+        logger.remove(sink)
+    assert code == 0
+    assert "stopped while the model loaded: not serving" in lines
+    assert not any(line.startswith("axon serving") for line in lines)
