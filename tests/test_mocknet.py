@@ -30,8 +30,9 @@ def test_the_default_mix_pays_the_honest_miners_only(tmp_path, capsys):
     assert kinds == sorted(CAUGHT_BY)
     honest = [r for r in rows if r["kind"] == "honest"]
     # On a loaded 2-core machine a honest miner may miss one deadline (a dozen processes share it).
-    assert len(honest) == 3 and all(r["verified_fraction"] >= 0.75 for r in honest)
-    assert sum(r["weight"] for r in honest) >= 0.95
+    assert len(honest) == 3 and all(r["verified_fraction"] >= 0.75 for r in honest), out
+    # On failure, the whole table: which miner held the weight the honest ones lack, and why.
+    assert sum(r["weight"] for r in honest) >= 0.95, out
     for r in rows:
         assert {"uid", "hotkey", "kind", "verified_fraction", "weight"} <= set(r)
         if r["kind"] != "honest":
