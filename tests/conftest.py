@@ -126,3 +126,25 @@ def make_wallet(path: Path, name: str, hotkey: str = "default"):
     wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
     wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
     return wallet
+
+
+async def local_network(tmp_path: Path, lm, servicers: list) -> tuple:
+    """(chain, validator wallet, {uid: axon}): a local chain (subnet 1) with a staked validator, and one real
+    miner axon (auth on, on a free port, its address on the chain) per servicer class (None: honest)."""
+    from neuron.chain.local import LocalChain
+
+    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
+    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
+    vwallet = make_wallet(tmp_path / "w", "validator")
+    chain.register(1, vwallet)
+    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
+    miners = {}
+    for i, servicer in enumerate(servicers):
+        w = make_wallet(tmp_path / "w", f"miner{i}")
+        uid, _ = chain.register(1, w)
+        extra = {"servicer_factory": servicer} if servicer is not None else {}
+        axon = make_axon(lm, miner_config(**{"auth.required": True}), keypair=w.hotkey,
+                         metagraph=lambda: chain.metagraph(1), **extra)
+        chain.serve_axon(1, w, "127.0.0.1", await axon.start())
+        miners[uid] = axon
+    return chain, vwallet, miners

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import local_network, make_wallet
 from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
@@ -33,21 +33,8 @@ class Hanging(AxonServicer):
 @pytest.fixture
 async def network(tmp_path, tiny):
     """A local chain with a staked validator and three honest miners serving with auth on."""
-    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
-    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
-    vwallet = make_wallet(tmp_path / "w", "validator")
-    chain.register(1, vwallet)
-    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
-    axons = []
-    for i in range(3):
-        w = make_wallet(tmp_path / "w", f"miner{i}")
-        uid, _ = chain.register(1, w)
-        servicer = Hanging if i == 2 else AxonServicer
-        axon = make_axon(tiny, miner_config(**{"auth.required": True}), keypair=w.hotkey,
-                         metagraph=lambda: chain.metagraph(1), servicer_factory=servicer)
-        port = await axon.start()
-        chain.serve_axon(1, w, "127.0.0.1", port)
-        axons.append((uid, axon))
+    chain, vwallet, miners = await local_network(tmp_path, tiny, [None, None, Hanging])
+    axons = list(miners.items())
     config = with_overrides(ValidatorConfig(), **{
         "model.name": "tiny", "subtensor.netuid": 1, "timeout_s": 5.0, "epoch_rounds": 1,
         "state_path": str(tmp_path / "state.json")})

@@ -9,8 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import make_axon, make_wallet, miner_config
-from neuron.chain.local import LocalChain
+from conftest import local_network
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.gateway.app import Gateway, serve_gateway
 from neuron.gateway.keys import KeyLimits, KeyStore
@@ -19,21 +18,8 @@ from neuron.validator.loop import Validator
 
 
 async def _net(tmp_path, lm, kinds: list[str], model_name: str, **gateway):
-    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
-    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
-    vwallet = make_wallet(tmp_path / "w", "validator")
-    chain.register(1, vwallet)
-    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
-    miners = {}
-    for i, kind in enumerate(kinds):
-        w = make_wallet(tmp_path / "w", f"miner{i}")
-        uid, _ = chain.register(1, w)
-        factory = servicer_for(kind) if kind != "honest" else None
-        extra = {"servicer_factory": factory} if factory else {}
-        axon = make_axon(lm, miner_config(**{"auth.required": True}), keypair=w.hotkey,
-                         metagraph=lambda: chain.metagraph(1), **extra)
-        chain.serve_axon(1, w, "127.0.0.1", await axon.start())
-        miners[uid] = axon
+    chain, vwallet, miners = await local_network(
+        tmp_path, lm, [servicer_for(kind) if kind != "honest" else None for kind in kinds])
     keys = tmp_path / "keys.json"
     config = with_overrides(ValidatorConfig(), **{
         # Deadlines for a busy 2-core machine, not for speed: these tests check behaviour.

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import local_network
 from neuron.axon import AxonServicer
-from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.validator.declared import Declared, difference
 from neuron.validator.judge import Outcome
@@ -36,20 +35,8 @@ class DeclaresFourBit(AxonServicer):
 
 
 async def test_a_miner_that_declares_another_model_is_not_judged_against_ours(tmp_path, tiny):
-    chain = LocalChain(tmp_path / "chain.sqlite", block_time=0.05)
-    chain.create_subnet(1, weights_rate_limit=1, min_validator_stake=1.0, max_validators=2)
-    vwallet = make_wallet(tmp_path / "w", "validator")
-    chain.register(1, vwallet)
-    chain.add_stake(1, vwallet.hotkey.ss58_address, 100.0)
-    axons, uids = [], []
-    for i, servicer in enumerate((AxonServicer, DeclaresFourBit)):
-        w = make_wallet(tmp_path / "w", f"miner{i}")
-        uid, _ = chain.register(1, w)
-        axon = make_axon(tiny, miner_config(**{"auth.required": True}), keypair=w.hotkey,
-                         metagraph=lambda: chain.metagraph(1), servicer_factory=servicer)
-        chain.serve_axon(1, w, "127.0.0.1", await axon.start())
-        axons.append(axon)
-        uids.append(uid)
+    chain, vwallet, miners = await local_network(tmp_path, tiny, [None, DeclaresFourBit])
+    uids, axons = list(miners), list(miners.values())
     config = with_overrides(ValidatorConfig(), **{
         "model.name": "tiny", "subtensor.netuid": 1, "timeout_s": 10.0, "state_path": str(tmp_path / "state.json")})
     v = Validator(config, chain, vwallet, tiny)
