@@ -114,12 +114,16 @@ class Validator:
         results, _ = await asyncio.gather(asyncio.gather(*forwards, *generates),
                                           self.declarations.refresh(self.dendrite, targets, min(timeout, 5.0)))
         fwd, gen = results[: len(uids)], results[len(uids):]
+        # A miner is judged only against the model it declares: its answers to this one are no evidence either
+        # way, and are not judged (no reference work for them).
+        other = [self.declarations.problem(t) for t in targets]
+        mine = [i for i, problem in enumerate(other) if not problem]
         judging = time.monotonic()
-        judgements = await asyncio.to_thread(self._judge_all, challenges, fwd, gen)
+        judged = iter(await asyncio.to_thread(self._judge_all, [challenges[i] for i in mine], [fwd[i] for i in mine],
+                                              [gen[i] for i in mine]))
         self.last_judge_s = time.monotonic() - judging
-        # A miner is judged only against the model it declares: its answers to this one are no evidence either way.
-        judgements = [Judgement(False, problem, latency_s=j.latency_s, outcome=Outcome.OTHER_MODEL)
-                      if (problem := self.declarations.problem(t)) else j for t, j in zip(targets, judgements)]
+        judgements = [Judgement(False, problem, latency_s=max(f.latency_s, g.latency_s), outcome=Outcome.OTHER_MODEL)
+                      if problem else next(judged) for problem, f, g in zip(other, fwd, gen)]
         judgements = [self._weigh_evidence(uid, j) for uid, j in zip(uids, judgements)]
         s = self.state
         stats = [s.stats.setdefault(str(uid), UidStats(hotkey=s.hotkeys[uid])) for uid in uids]
