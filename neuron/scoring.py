@@ -284,6 +284,10 @@ def nucleus_bounds(scaled: Tensor, strict: Tensor, top_p: float, tol: float | Te
     return possibly_before < r_in / (1 + r_in), surely_before < r_out / (1 + r_out)
 
 
+# The margin of a token past the reference's strict allowed set but within boundary_tol of it (`token_margins`).
+PAST_STRICT_MARGIN = 1e-9
+
+
 def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_tol: float) -> tuple[Tensor, Tensor]:
     """The seeded sampler's view of each token: its margin (float64 [T], logit units) and whether it lies
     outside every allowed set that logit noise of boundary_tol could give (bool [T]).
@@ -316,11 +320,18 @@ def token_margins(ref_logits: Tensor, tokens: Tensor, spec: GenSpec, boundary_to
     if spec.top_p < 1.0:
         surely, possibly = nucleus_bounds(scaled, strict, spec.top_p, tol)
         inner, outer = inner & surely, outer & possibly
+        strict = strict & nucleus_bounds(scaled, strict, spec.top_p, 0.0)[1]
     rp = RowParams.build([(temp, spec.top_k, spec.top_p, spec.seed, t) for t in range(T)])
     scores = scaled + gumbel(step_keys(rp.seed, rp.step), V)
     best = scores.masked_fill(~inner, -math.inf).amax(1)
     own = scores.gather(1, ids).squeeze(1)
     margins = (temp * (best - own)).clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    # A token past the reference's own allowed set, though within the tolerance, is not the reference sampler's
+    # choice: a disagreement, however its score compares (a sampler that ignores top-p picks it by the same
+    # scores, from more ids). It gets a margin of PAST_STRICT_MARGIN, which the disagreement evidence counts
+    # and the margin evidence, in logit units, does not feel.
+    past = ~strict.gather(1, ids).squeeze(1)
+    margins = torch.where(past, margins.clamp(min=PAST_STRICT_MARGIN), margins)
     outside = ~outer.gather(1, ids).squeeze(1)
     return margins, outside
 

@@ -9,6 +9,7 @@ import torch
 
 from neuron.engine.sampler import bits_int
 from neuron.scoring import (
+    PAST_STRICT_MARGIN,
     PROB_FLOOR,
     Evidence,
     GenSpec,
@@ -290,6 +291,23 @@ def test_a_token_past_the_nucleus_is_outside_and_one_within_the_noise_is_not():
     surely, possibly = nucleus_bounds(scaled, torch.ones_like(scaled, dtype=torch.bool), 0.9, 0.04 / 0.7)
     assert surely[0].tolist() == [True, True, True, False, False]
     assert possibly[0].tolist() == [True, True, True, True, False]
+
+
+def test_a_token_past_the_strict_nucleus_within_the_noise_counts_as_a_disagreement_only():
+    # Id 3 of NUCLEUS (0.905 before it) is past the reference's nucleus but within the noise: not outside, and
+    # no margin the margin evidence feels, but not the reference sampler's choice either.
+    logits = 0.7 * torch.tensor([NUCLEUS], dtype=torch.float64).log()
+    # A seed under which id 3 is the sampler's choice among ids 0-3 (a sampler that ignores top-p picks it).
+    seed = next(s for s in range(1000) if float(token_margins(logits, torch.tensor([3]), GenSpec(
+        max_new_tokens=1, temperature=0.7, top_k=4, seed=s), 0.04)[0][0]) == 0.0)
+    margins, outside = token_margins(logits, torch.tensor([3]), dataclasses.replace(TOP_P, seed=seed), 0.04)
+    assert not bool(outside[0]) and float(margins[0]) == PAST_STRICT_MARGIN
+    th = Thresholds()
+    ev = update_evidence(Evidence(), [float(margins[0])] * 100, [0.0] * 100, th)
+    assert ev.disagreements == 100 and ev.dis_cusum > 0 and ev.cusum == 0.0
+    # An id inside the strict nucleus keeps its own margin (0 when it is the sampler's choice over A-).
+    inside = [token_margins(logits, torch.tensor([v]), TOP_P, 0.04)[0][0] for v in range(3)]
+    assert all(float(m) == 0.0 or float(m) > 1e-6 for m in inside)
 
 
 def test_ids_within_the_noise_of_each_other_may_swap_places_in_the_nucleus():
