@@ -641,7 +641,7 @@ async def serve_gateway(gw: Gateway, ip: str, port: int):
     import uvicorn
 
     config = uvicorn.Config(create_app(gw), host=ip, port=port, log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=5)
+                            lifespan="off", timeout_graceful_shutdown=5, timeout_keep_alive=gw.config.keep_alive_s)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # the validator owns SIGTERM and SIGINT
     await gw.start()

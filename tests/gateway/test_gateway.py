@@ -287,3 +287,21 @@ async def test_the_mock_networks_simulated_users_are_answered_and_counted(net):
     assert s["tokens"] == sum(gw.served.values()) and 0 < s["ttft_p50_ms"] <= s["ttft_p99_ms"]
     assert {x.uid for x in users.sent} <= set(miners) and users.tokens_since(-1, 0.0) == 0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
+
+
+async def test_an_idle_connection_outlives_the_clients_own_keep_alive(net):
+    # httpx and the openai client keep an idle connection 5 s: had the gateway closed it at the same moment, a
+    # request sent on it would fail (seen in `neuron bench --only gateway`: httpcore.ReadError).
+    port = net[3]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for wait in (0.0, 6.0):
+            await asyncio.sleep(wait)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+    finally:
+        writer.close()
