@@ -608,10 +608,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
     wanted = set(args.only.split(",")) if args.only else set(PARTS)
-    if wanted == {"gateway"}:  # the tiny model only: --model is not loaded
+    if wanted == {"gateway"}:  # its miners serve --model (tiny unless named): the gateway's cost against a real step
         from neuron.bench_gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
-        return await run_gateway(load_model("tiny", args.device, args.dtype),
-                                 QUICK_GATEWAY if args.quick else GatewaySizes(), workdir)
+        return await run_gateway(load_model(model, args.device, args.dtype),
+                                 QUICK_GATEWAY if args.quick else GatewaySizes(), workdir, model)
     lm = load_model(model, args.device, args.dtype)
     figures: list[Figure] = []
     notes: list[str] = []

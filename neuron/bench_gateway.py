@@ -1,12 +1,15 @@
 """`neuron bench --only gateway`: what the OpenAI gateway costs over going to the miners directly.
 
-Real miners (`neuron miner` processes, one thread each, on loopback, signed) on a local chain, verified by
+Real miners (`neuron miner` processes serving --model, tiny unless named: one thread each, on loopback,
+signed) on a local chain, verified by
 one validator round; a gateway (auth off) in front of them. The same requests go through the gateway
 (HTTP + SSE) and straight to a miner with the validator's dendrite, in alternation: one stream's
 tokens/s, many concurrent users' tokens/s, the time to first token added, and the validator's judging cost
 per verified user token against a miner's cost per generated token. The miners run apart, as in a
-deployment; the validator, its gateway and the HTTP client share this process and its event loop, so the
-client's parsing is counted against the gateway (a conservative figure).
+deployment; the validator, its gateway and the users' HTTP clients (one each) share this process and its
+event loop, so the clients' parsing is counted against the gateway (a conservative figure). On tiny a token
+costs a miner about as much CPU as the gateway spends relaying it (the worst case for the ratios); on a real
+model the gateway's share shrinks with the step.
 """
 
 from __future__ import annotations
@@ -55,15 +58,16 @@ class _Net:
 
     def __init__(self) -> None:
         self.nodes: list = []  # neuron.mocknet.Node, one per miner process
-        self.http = self.server = self.task = self.gw = self.validator = None
+        self.clients: list[httpx.AsyncClient] = []  # one per concurrent user
+        self.server = self.task = self.gw = self.validator = None
 
-    async def start(self, lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> "_Net":
+    async def start(self, lm: LoadedModel, sizes: GatewaySizes, workdir: Path, model: str) -> "_Net":
         from neuron.chain.local import LocalChain
         from neuron.gateway.app import Gateway, serve_gateway
         from neuron.mocknet import Node, start_miner, wait_serving
         from neuron.validator.loop import Validator
 
-        self.lm, self.sizes = lm, sizes
+        self.lm, self.sizes, self.model = lm, sizes, model
         wallets, logs = workdir / "gw-wallets", workdir / "gw-logs"
         logs.mkdir(parents=True, exist_ok=True)
         chain = LocalChain(workdir / "gateway-chain.sqlite", block_time=0.05)
@@ -77,10 +81,10 @@ class _Net:
             self.nodes.append(node)
         device_flags = ("--model.device", str(lm.device), "--model.dtype", str(lm.dtype).removeprefix("torch."))
         for node in self.nodes:  # appended first, started after: close() stops whatever did start
-            start_miner(node, chain.path, NETUID, wallets, logs, "tiny", extra=MINER_FLAGS + device_flags)
+            start_miner(node, chain.path, NETUID, wallets, logs, model, extra=MINER_FLAGS + device_flags)
         await asyncio.to_thread(wait_serving, chain, NETUID, self.nodes, STARTUP_TIMEOUT_S)
         config = with_overrides(ValidatorConfig(), **{
-            "model.name": "tiny", "subtensor.netuid": NETUID, "timeout_s": 60.0, "epoch_rounds": 1,
+            "model.name": model, "subtensor.netuid": NETUID, "timeout_s": 60.0, "epoch_rounds": 1,
             "state_path": str(workdir / "gw-state.json"), "max_new_tokens": 8, "gateway.auth": False,
             "gateway.verify_fraction": 0.0, "gateway.min_streak": 1})  # judging is measured apart, not inside the throughput figures
         self.validator = v = Validator(config, chain, vwallet, lm)
@@ -88,10 +92,12 @@ class _Net:
         if len(v.pool.standing) != sizes.miners:
             raise RuntimeError(f"the round verified {len(v.pool.standing)} of {sizes.miners} miners")
         self.miners = [m for u, m in sorted(v.pool.serving(await v.pool.metagraph()).items()) if u in v.pool.standing]
-        self.gw = Gateway(config.gateway, v.pool, lm, "tiny", v.verify_users, deadline_s=config.timeout_s, mix=None)
+        self.gw = Gateway(config.gateway, v.pool, lm, model, v.verify_users, deadline_s=config.timeout_s, mix=None)
         self.server, self.task, port = await serve_gateway(self.gw, "127.0.0.1", 0)
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                                      limits=httpx.Limits(max_connections=4 * sizes.users))
+        # One client (one connection) per user, as users are: a single pool shared by every user costs its
+        # owner a scan of all its connections per event (httpcore), which is the client's cost, not the gateway's.
+        self.clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                          limits=httpx.Limits(max_connections=1)) for _ in range(sizes.users)]
         return self
 
     async def close(self) -> None:
@@ -99,9 +105,9 @@ class _Net:
         from neuron.mocknet import stop
 
         try:
-            if self.http is not None:
+            for client in self.clients:
                 with contextlib.suppress(Exception):
-                    await self.http.aclose()
+                    await client.aclose()
             if self.server is not None:
                 self.server.should_exit = True
                 with contextlib.suppress(Exception):
@@ -115,13 +121,13 @@ class _Net:
 
     def body(self, seed: int, max_tokens: int) -> dict:
         prompt = [(seed * 7919 + i * 104729) % (self.lm.vocab_size - 3) + 3 for i in range(self.sizes.prompt_len)]
-        return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95,
+        return {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95,
                 "seed": seed, "stream": True}
 
-    async def via_gateway(self, body: dict) -> tuple[int, float]:
-        """(tokens, seconds to the first token) of one streamed request through the gateway."""
+    async def via_gateway(self, body: dict, user: int = 0) -> tuple[int, float]:
+        """(tokens, seconds to the first token) of one streamed request through the gateway, from `user`'s client."""
         started, first, tokens = time.perf_counter(), 0.0, 0
-        async with self.http.stream("POST", "/v1/completions", json=body) as r:
+        async with self.clients[user].stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"the gateway answered {r.status_code}: {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
@@ -142,10 +148,12 @@ class _Net:
         return tokens, first
 
 
-async def run_gateway(lm: LoadedModel, sizes: GatewaySizes, workdir: Path) -> tuple[list[Figure], list[str]]:
+async def run_gateway(lm: LoadedModel, sizes: GatewaySizes, workdir: Path,
+                      model: str = "tiny") -> tuple[list[Figure], list[str]]:
+    """The gateway's figures over miner processes serving `model` (`lm` is the validator's copy of it)."""
     net = _Net()
     try:
-        await net.start(lm, sizes, workdir)
+        await net.start(lm, sizes, workdir, model)
         return await _figures(net, sizes)
     finally:
         await net.close()
@@ -174,16 +182,20 @@ async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[s
 
     net.gw.pool.set_standing({m.uid: 1.0 for m in net.miners})
 
+    cpu: dict[str, list[float]] = {"gw": [], "direct": []}  # this process's CPU seconds per token, each crowd run
+
     def crowd(fn):
         async def measure():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if fn == "gw":
-                runs = [net.via_gateway(net.body(1000 + i, sizes.new_tokens)) for i in range(sizes.users)]
+                runs = [net.via_gateway(net.body(1000 + i, sizes.new_tokens), i) for i in range(sizes.users)]
             else:
                 runs = [net.direct(net.body(1000 + i, sizes.new_tokens), net.miners[i % len(net.miners)])
                         for i in range(sizes.users)]
             done = await asyncio.gather(*runs)
-            return sum(t for t, _ in done) / (time.perf_counter() - started)
+            tokens = sum(t for t, _ in done)
+            cpu[fn].append((time.process_time() - cpu_started) / max(1, tokens))
+            return tokens / (time.perf_counter() - started)
         return measure
 
     gwn, dn = await alternate(sizes.reps, crowd("gw"), crowd("direct"))
@@ -196,6 +208,9 @@ async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[s
         Figure.paired(f"gateway_{sizes.users}_users_vs_direct",
                       f"{sizes.users} concurrent users over {len(net.miners)} miners, tokens/s: gateway / direct",
                       gwn, dn, "tok/s", ">= 0.9"),
+        Figure.paired("gateway_cpu_per_token", f"CPU of this process per token, {sizes.users} users: gateway (server "
+                      "and HTTP clients) / direct (dendrite)", [x * ms for x in cpu["gw"]],
+                      [x * ms for x in cpu["direct"]], "ms"),
         Figure("gateway_ttft_added_p50", "time to first token, p50: gateway / direct",
                _percentile(ttft_gw, 0.5) * ms, _percentile(ttft_d, 0.5) * ms,
                statistics.median(g / d for g, d in zip(ttft_gw, ttft_d)), "ms"),
@@ -206,7 +221,7 @@ async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[s
     notes = [f"gateway: added time to first token (gateway - direct, {len(added)} pairs): "
              f"p50 {_percentile(added, 0.5) * ms:.2f} ms, p99 {_percentile(added, 0.99) * ms:.2f} ms; "
              f"judging {judge_s * ms:.3f} ms per verified user token; miners in their own processes (one thread each), "
-             "the HTTP client in the gateway's process"]
+             "one HTTP client per user in the gateway's process"]
     return figures, notes
 
 

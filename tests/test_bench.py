@@ -31,7 +31,7 @@ def test_bench_gateway_quick_runs_and_writes_its_figures(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
-    for key in ("gateway_1_stream_vs_direct", "gateway_4_users_vs_direct", "gateway_ttft_added_p50",
+    for key in ("gateway_1_stream_vs_direct", "gateway_4_users_vs_direct", "gateway_cpu_per_token", "gateway_ttft_added_p50",
                 "gateway_judge_vs_generate_per_token"):
         f = figures[key]
         assert {"label", "a", "b", "ratio", "unit", "target", "met"} <= set(f), key

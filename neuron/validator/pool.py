@@ -21,9 +21,10 @@ class Miner:
 
 
 class MinerPool:
-    """`choose` draws a miner for a user among the verified, unflagged ones (`set_standing`), weighted by
-    score and by free capacity: score / (1 + requests in flight), so the best miners get most users and a
-    busy one sheds them to the next."""
+    """`choose` gives a user the verified, unflagged miner (`set_standing`) with the fewest requests in flight
+    per unit of score, ties drawn at random: (in flight + U(0, 1)) / score, least first. Under load each miner
+    holds requests in proportion to its score (equal scores: equal shares, never two apart, so no miner
+    finishes a crowd late); idle, the draw favours the better scores and still spreads users over all."""
 
     def __init__(self, chain: Chain, netuid: int, dendrite: Dendrite, me: str, refresh_s: float = 12.0,
                  rng: random.Random | None = None, clock=time.monotonic):
@@ -66,8 +67,7 @@ class MinerPool:
         uids = [u for u in self.standing if u in serving and u not in exclude]
         if not uids:
             return None
-        weights = [self.standing[u] / (1 + self.in_flight.get(u, 0)) for u in uids]
-        return serving[self.rng.choices(uids, weights=weights)[0]]
+        return serving[min(uids, key=lambda u: (self.in_flight.get(u, 0) + self.rng.random()) / self.standing[u])]
 
     @contextlib.contextmanager
     def lease(self, miner: Miner):

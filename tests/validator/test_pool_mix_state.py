@@ -1,5 +1,6 @@
 """The pool's choice by score and capacity, the users' mix, and the speed term: small exact tests."""
 
+import contextlib
 import random
 
 from conftest import make_wallet
@@ -28,13 +29,23 @@ async def test_choose_weighs_score_and_free_capacity_and_skips_the_unverified(tm
     assert await pool.choose() is None  # nobody verified yet
     pool.set_standing({1: 3.0, 2: 1.0, 3: 0.0})
     picks = [(await pool.choose()).uid for _ in range(400)]
-    assert 3 not in picks and 250 < picks.count(1) < 350  # 3:1 by score
+    # Idle: uid 1 when U1 / 3 < U2 / 1, 5 times in 6; uid 3 (score 0) is not verified.
+    assert 3 not in picks and 300 < picks.count(1) < 366
     first = await pool.choose(exclude={1})
     assert first.uid == 2
-    with pool.lease(first), pool.lease(first), pool.lease(first):  # uid 2 busy: 1 / (1 + 3) = 0.25
-        picks = [(await pool.choose()).uid for _ in range(400)]
-        assert picks.count(2) < 0.12 * 400
+    with pool.lease(first), pool.lease(first), pool.lease(first):  # uid 2 busy: (3 + U) / 1 >= 3 > U / 3
+        assert {(await pool.choose()).uid for _ in range(100)} == {1}
     assert not pool.in_flight
+    # Under load, in-flight requests follow the scores: 3:1 of 40 held at once.
+    with contextlib.ExitStack() as held:
+        for _ in range(40):
+            held.enter_context(pool.lease(await pool.choose()))
+        assert pool.in_flight == {1: 30, 2: 10}
+    pool.set_standing({1: 1.0, 2: 1.0})
+    with contextlib.ExitStack() as held:  # equal scores: equal shares, whatever the draws
+        for _ in range(31):
+            held.enter_context(pool.lease(await pool.choose()))
+        assert sorted(pool.in_flight.values()) == [15, 16]
     pool.revoke(1)
     assert {(await pool.choose()).uid for _ in range(20)} == {2}
 
