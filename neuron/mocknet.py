@@ -141,6 +141,7 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
     server, task, gw = await start_gateway(v)
     cheats = {m.uid for m in miners if m.kind != "honest"}
     traffic = Traffic(gw, v, c.model, c.users, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1")
+    declarations = asyncio.create_task(v.watch_declarations(asyncio.Event()))
     try:
         for _ in range(c.rounds):
             await v.run_round()
@@ -148,6 +149,8 @@ async def _validate(c: cfg.MocknetConfig, chain: LocalChain, validator_node: Nod
             traffic.after_round(len(result.weights_by_round), cheats)
         return v
     finally:
+        declarations.cancel()
+        await asyncio.gather(declarations, return_exceptions=True)
         try:
             result.organic = await traffic.finish()
         finally:

@@ -11,8 +11,11 @@ validator's model and serves another is caught as before.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass
+
+from loguru import logger
 
 from neuron.dendrite import Dendrite, Target
 from neuron.model import LoadedModel
@@ -61,24 +64,45 @@ def difference(mine: Declared, theirs: Declared) -> str:
 
 
 class Declarations:
-    """The miners' declarations, asked with Info (public, unsigned, no model work) at most every REFRESH_S per
-    address and hotkey; a miner that does not answer Info is judged by its answers alone."""
+    """The miners' declarations, asked with Info (public, unsigned, no model work); a miner that does not answer
+    Info is judged by its answers alone. A miner is asked when first met, then again after a random time around
+    refresh_s (`watch`), never in step with the rounds: an Info is no sign that a challenge follows."""
 
-    def __init__(self, mine: Declared, refresh_s: float = REFRESH_S, clock=time.monotonic):
+    def __init__(self, mine: Declared, refresh_s: float = REFRESH_S, clock=time.monotonic,
+                 rng: random.Random | None = None):
         self.mine, self.refresh_s, self.clock = mine, refresh_s, clock
-        self._seen: dict[tuple[str, str], tuple[Declared | None, float]] = {}
+        self.rng = rng or random.Random()
+        self._seen: dict[tuple[str, str], tuple[Declared | None, float]] = {}  # -> (declaration, when to ask again)
+
+    def unknown(self, target: Target) -> bool:
+        """Never asked: the round that first meets it asks it with its challenge (a tell of that round only)."""
+        return (target.address, target.hotkey) not in self._seen
 
     async def refresh(self, dendrite: Dendrite, targets: list[Target], timeout_s: float) -> None:
-        """Ask the targets whose declaration is unknown or older than refresh_s."""
+        """Ask the targets never asked or due again."""
         now = self.clock()
-        stale = [t for t in targets if now - self._seen.get((t.address, t.hotkey), (None, -float("inf")))[1]
-                 >= self.refresh_s]
+        due = [t for t in targets if self._seen.get((t.address, t.hotkey), (None, -float("inf")))[1] <= now]
         # No hotkey in the target: Info answers are not signed (as the start-up probe asks them).
         results = await asyncio.gather(*(dendrite.call(Target(t.address), "Info", pb.InfoRequest(), timeout_s)
-                                         for t in stale))
-        for t, r in zip(stale, results):
-            # An Info that failed is asked again next round; the hotkey check is the round's signatures' job.
-            self._seen[(t.address, t.hotkey)] = (Declared.from_info(r.response), now) if r.ok else (None, -float("inf"))
+                                         for t in due))
+        for t, r in zip(due, results):
+            key = (t.address, t.hotkey)
+            if r.ok:
+                self._seen[key] = (Declared.from_info(r.response), now + self.refresh_s * self.rng.uniform(0.5, 1.5))
+            else:  # asked again within a minute, keeping what it declared before (the signatures check the hotkey)
+                self._seen[key] = (self._seen.get(key, (None, 0.0))[0], now + self.rng.uniform(30.0, 90.0))
+
+    async def watch(self, dendrite: Dendrite, targets, stop: asyncio.Event, timeout_s: float = 5.0) -> None:
+        """Until `stop`: every 5 to 15 s (at random), ask whichever of `await targets()` is due."""
+        while not stop.is_set():
+            try:
+                await self.refresh(dendrite, await targets(), timeout_s)
+            except Exception as exc:  # a chain read that failed: the next turn tries again
+                logger.warning(f"asking the miners' declarations failed, trying again: {exc}")
+            try:
+                await asyncio.wait_for(stop.wait(), self.rng.uniform(5.0, 15.0))
+            except asyncio.TimeoutError:
+                pass
 
     def problem(self, target: Target) -> str:
         """Why this miner is not judged here ("" when it declares this validator's model, or declared nothing)."""

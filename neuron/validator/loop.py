@@ -111,8 +111,10 @@ class Validator:
         forwards = [self.dendrite.call(t, "Forward", c.forward_request(), timeout) for t, c in zip(targets, challenges)]
         # Streamed, as the gateway asks users' generations: the RPC is no tell either.
         generates = [self.dendrite.stream_all(t, c.generate_request(), timeout) for t, c in zip(targets, challenges)]
+        # A miner met for the first time is asked its declaration now; later asks come from `watch_declarations`.
+        first_met = [t for t in targets if self.declarations.unknown(t)]
         results, _ = await asyncio.gather(asyncio.gather(*forwards, *generates),
-                                          self.declarations.refresh(self.dendrite, targets, min(timeout, 5.0)))
+                                          self.declarations.refresh(self.dendrite, first_met, min(timeout, 5.0)))
         fwd, gen = results[: len(uids)], results[len(uids):]
         # A miner is judged only against the model it declares: its answers to this one are no evidence either
         # way, and are not judged (no reference work for them).
@@ -159,6 +161,14 @@ class Validator:
                 self.metrics.score.labels(str(uid)).set(score)
         self.last_round = dict(zip(uids, judgements))
         return self.last_round
+
+    async def watch_declarations(self, stop: asyncio.Event) -> None:
+        """Ask the serving miners' declarations again at random times, out of step with the rounds, until `stop`."""
+        async def targets() -> list[Target]:
+            mg, me = await self.pool.metagraph(), self.keypair.ss58_address
+            return [Target(str(x.axon), x.hotkey) for x in mg.neurons if x.axon is not None and x.hotkey != me]
+
+        await self.declarations.watch(self.dendrite, targets, stop, min(self.config.timeout_s, 5.0))
 
     def _judge_all(self, challenges: list[Challenge], fwd, gen) -> list[Judgement]:
         with self._model_lock:
@@ -305,12 +315,15 @@ async def run_validator(config: ValidatorConfig, chain: Chain, wallet, stop: asy
         lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
         validator = Validator(config, chain, wallet, lm, metrics=metrics)
         gateway = None
+        declarations = asyncio.create_task(validator.watch_declarations(stop))
         try:
             await probe_miners(validator.dendrite, mg, me, min(config.timeout_s, 5.0))
             if config.gateway.port:
                 gateway = await start_gateway(validator, metrics)
             return await _rounds(validator, config, stop)
         finally:
+            declarations.cancel()
+            await asyncio.gather(declarations, return_exceptions=True)
             if gateway is not None:
                 server, task, gw = gateway
                 server.should_exit = True

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from conftest import local_network
 from neuron.axon import AxonServicer
 from neuron.config import ValidatorConfig, with_overrides
-from neuron.validator.declared import Declared, difference
+from neuron.validator.declared import REFRESH_S, Declared, difference
 from neuron.validator.judge import Outcome
 from neuron.validator.loop import Validator
 
@@ -50,8 +53,26 @@ async def test_a_miner_that_declares_another_model_is_not_judged_against_ours(tm
             assert other.reason.startswith("declared model differs") and "bnb-4bit-nf4" in other.reason
             # Its answers were never comparable: they are no evidence against it.
             assert v.state.evidence[str(uids[1])].tokens == 0 < v.state.evidence[str(uids[0])].tokens
-        assert DeclaresFourBit.asked == 1  # a declaration is asked once, not every round
+        assert DeclaresFourBit.asked == 1  # asked with the round that first met it, not with every round
         assert v.state.scores[uids[1]] == 0 < v.state.scores[uids[0]]
+        # Later asks come from the watch, out of step with the rounds: nothing is due before 0.5 x REFRESH_S ...
+        stop = asyncio.Event()
+        v.declarations.clock = lambda: time.monotonic() + 0.4 * REFRESH_S
+        watching = asyncio.create_task(v.watch_declarations(stop))
+        await asyncio.sleep(1.0)
+        assert DeclaresFourBit.asked == 1
+        stop.set()
+        await watching
+        # ... and everything is due after 1.5 x REFRESH_S; a round then asks nothing.
+        v.declarations.clock = lambda: time.monotonic() + 1.6 * REFRESH_S
+        stop.clear()
+        watching = asyncio.create_task(v.watch_declarations(stop))
+        await asyncio.sleep(1.0)
+        stop.set()
+        await watching
+        assert DeclaresFourBit.asked == 2
+        await v.run_round()
+        assert DeclaresFourBit.asked == 2
     finally:
         await v.close()
         for axon in axons:
