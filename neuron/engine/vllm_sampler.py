@@ -5,6 +5,17 @@ A seeded request goes to vLLM as greedy (temperature 0) with its real parameters
 over the raw logits of those rows and leaves only that id finite, so vLLM's greedy argmax is exactly the
 spec's token. vLLM computes `raw_logprobs` before any logits processor, so reported log-probabilities stay
 those of the unmodified distribution. Free of vLLM, so it is tested in every venv.
+
+`choose` is the spec's choice for the whole batch at once, with the cost of a decode step in mind. Rows are
+ranked once by one int64 key per id that orders (value descending, id ascending) with no ties, so torch's
+topk gives the spec's order itself; top-k, top-p and the noise are then computed on the candidates alone:
+- top-k: the first k candidates;
+- top-p: the nucleus is found among the likeliest ids, a few tiers of them (NUCLEUS_TIERS), with the mass
+  over the whole row; a row whose candidates do not hold the top-p mass goes to the next tier, and past
+  the last to `sampler.choose` (the HF sampler, exact by definition);
+- the whole vocabulary: the noise over every id, but only for those rows.
+On a GPU the nucleus is searched over the whole row (a sort is cheap there), so nothing is read back to the
+host; on the CPU reading whether a tier sufficed costs nothing.
 """
 
 from __future__ import annotations
@@ -33,15 +44,156 @@ def row_args(extra: dict | None) -> tuple[float, int, float, int] | None:
     return float(args["temperature"]), int(args["top_k"]), float(args["top_p"]), int(args["seed"])
 
 
+NUCLEUS_TIERS = (64, 4096)  # candidate counts tried in turn for a top-p row without a top-k (CPU)
+_SHIFT = 1 << 32
+
+_LOW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _low_ids(vocab: int, device: torch.device) -> torch.Tensor:
+    """2**32 - 1 - id for every id (int64): the low half of the order keys, larger for lower ids."""
+    key = (torch.device(device), vocab)
+    if key not in _LOW_IDS:
+        _LOW_IDS[key] = sampler.MASK32 - torch.arange(vocab, device=device, dtype=torch.int64)
+    return _LOW_IDS[key]
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 [B, V] keys of float32 logits: key(a) > key(b) exactly when a's value is larger, or equal with a
+    lower id. The float's bits as a signed magnitude (so -0.0 and 0.0 are equal) in the high half, the
+    reversed id in the low half. Dividing by a temperature T > 0 (float64) keeps this order: a float32
+    value times 1/T loses no distinction float64 can hold."""
+    bits = x.view(torch.int32)
+    sign = bits >> 31  # -1 for negative values, else 0
+    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign  # the magnitude, negated for negative values
+    return (ordered.to(torch.int64) << 32) | _low_ids(x.shape[1], x.device)
+
+
+def _ids_of(keys: torch.Tensor) -> torch.Tensor:
+    return sampler.MASK32 - (keys & sampler.MASK32)
+
+
+def _pick(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The id of the best score per row, the lowest id among exact ties (ids in any order)."""
+    best = scores.max(dim=1, keepdim=True).values
+    return torch.where(scores == best, ids, torch.iinfo(torch.int64).max).min(dim=1).values
+
+
+def _from_candidates(x: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor, nucleus_rows: torch.Tensor, full_lse: torch.Tensor | None,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's token per row from its candidates cand [B, K] (the first K ids in the spec's order), and
+    whether the candidates held the row's top-p mass (the answer is exact only then).
+
+    temp, top_p float64 [B]; top_k int64 [B] (0: off, else <= K); nucleus_rows bool [B]: top-p rows without
+    a top-k, whose mass is over the whole row (full_lse [B], the log-sum-exp of the row's scaled logits)."""
+    B, K = cand.shape
+    scaled = x.gather(1, cand).double() / temp.unsqueeze(1)
+    pos = torch.arange(K, device=x.device)
+    allowed = pos.unsqueeze(0) < torch.where(top_k > 0, top_k, K).unsqueeze(1)
+    covered = torch.ones(B, dtype=torch.bool, device=x.device)
+    if full_lse is not None or bool((top_p < 1.0).any()):
+        masked = scaled.masked_fill(~allowed, -math.inf)
+        lse = torch.logsumexp(masked, dim=1)
+        if full_lse is not None:
+            lse = torch.where(nucleus_rows, full_lse, lse)
+        probs = (masked - lse.unsqueeze(1)).exp()
+        mass = probs.cumsum(1)
+        keep = ((mass - probs) < top_p.unsqueeze(1)) & torch.isfinite(masked)
+        allowed = torch.where((top_p < 1.0).unsqueeze(1), keep, allowed)
+        covered = ~nucleus_rows | (mass[:, -1] >= top_p)
+    scores = (scaled + sampler.gumbel(keys, x.shape[1], cand)).masked_fill(~allowed, -math.inf)
+    return _pick(cand, scores), covered
+
+
+def _whole_vocabulary(x: torch.Tensor, temp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The token of rows with neither top-k nor top-p: logits / T + g over every id (in place, few passes)."""
+    scores = x.double().div_(temp.unsqueeze(1))
+    u = sampler.mix32(keys.unsqueeze(1) ^ sampler._id_hashes(x.shape[1], x.device)).double()
+    u.add_(0.5).mul_(1.0 / 4294967296.0)
+    scores.sub_(u.log_().neg_().log_())  # + g = - log(-log u)
+    return scores.argmax(dim=1)  # the first maximum: ties go to the lowest id
+
+
+def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
+           tiers: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The spec's token (int64 [B], on the logits' device) of each row of logits [B, V] under its
+    (temperature, top_k, top_p, seed, step): what sampler.choose gives, computed on candidates."""
+    x = logits.float().contiguous()
+    B, V = x.shape
+    dev = x.device
+    if tiers is None:
+        tiers = NUCLEUS_TIERS if dev.type == "cpu" else (V,)
+    temps = [t for t, *_ in rows]
+    ks = [min(k, V) if k > 0 and t > 0 else 0 for t, k, *_ in rows]
+    ps = [p if t > 0 else 1.0 for t, _, p, *_ in rows]
+    nucleus = [t > 0 and k == 0 and p < 1.0 for t, k, p in zip(temps, ks, ps)]
+    whole = [t > 0 and k == 0 and p >= 1.0 for t, k, p in zip(temps, ks, ps)]
+    with torch.device(dev):
+        temp = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float64)
+        top_k = torch.tensor(ks, dtype=torch.int64)
+        top_p = torch.tensor(ps, dtype=torch.float64)
+        step_keys = sampler.step_keys(torch.tensor([r[3] for r in rows], dtype=torch.int64),
+                                      torch.tensor([r[4] for r in rows], dtype=torch.int64))
+        nucleus_rows = torch.tensor(nucleus, dtype=torch.bool)
+    K = min(V, max([1, *ks] + [tiers[0]] * any(nucleus)))
+    keys = order_keys(x)
+    cand = _ids_of(keys.topk(K, dim=1).values)
+    tokens = cand[:, 0].clone()  # greedy rows: the argmax, the lowest id among ties
+    if any(k > 0 for k in ks) or any(nucleus):
+        full_lse = None
+        if any(nucleus):
+            full_lse = torch.logsumexp(x.double() / temp.unsqueeze(1), dim=1)
+        chosen, covered = _from_candidates(x, cand, temp, top_k, top_p, nucleus_rows, full_lse, step_keys)
+        sampled = top_k > 0
+        if any(nucleus):
+            sampled |= nucleus_rows
+        tokens = torch.where(sampled, chosen, tokens)
+        if K < V and any(nucleus):
+            tokens = _widen(x, keys, tokens, covered, rows, temp, top_p, full_lse, step_keys, tiers[1:])
+    if any(whole):
+        at = torch.tensor([i for i, w in enumerate(whole) if w], device=dev)
+        tokens[at] = _whole_vocabulary(x[at], temp[at], step_keys[at])
+    return tokens
+
+
+def _widen(x, keys, tokens, covered, rows, temp, top_p, full_lse, step_keys, tiers) -> torch.Tensor:
+    """Top-p rows whose candidates fell short of their mass: the next tier of candidates, then the HF
+    sampler over the whole row. Reads `covered` on the host: only ever called on the CPU."""
+    short = (~covered).nonzero().flatten()
+    if short.numel() == 0:
+        return tokens
+    V = x.shape[1]
+    if tiers and tiers[0] < V:
+        xs, ks = x[short], keys[short]
+        cand = _ids_of(ks.topk(tiers[0], dim=1).values)
+        zeros = torch.zeros(len(short), dtype=torch.int64, device=x.device)
+        everyone = torch.ones(len(short), dtype=torch.bool, device=x.device)
+        chosen, ok = _from_candidates(xs, cand, temp[short], zeros, top_p[short], everyone, full_lse[short],
+                                      step_keys[short])
+        tokens[short] = chosen
+        sub = [rows[i] for i in short.tolist()]
+        widened = _widen(xs, ks, tokens[short], ok, sub, temp[short], top_p[short], full_lse[short],
+                         step_keys[short], tiers[1:])
+        tokens[short] = widened
+        return tokens
+    sub = [rows[i] for i in short.tolist()]
+    tokens[short] = sampler.choose(x[short], sampler.RowParams.build(sub, device=x.device))
+    return tokens
+
+
 def force_choice(logits: torch.Tensor, rows: dict[int, tuple[float, int, float, int, int]]) -> torch.Tensor:
     """For each batch row index -> (temperature, top_k, top_p, seed, step): leave only the spec's token
     finite (its logit unchanged), in place; other rows are untouched. Returns logits."""
     if not rows:
         return logits
     index = sorted(rows)
+    if index == list(range(len(index))):
+        x = logits[:len(index)]
+    else:
+        x = logits.index_select(0, torch.tensor(index, dtype=torch.long, device=logits.device))
+    chosen = choose(x, [rows[i] for i in index])
     idx = torch.tensor(index, dtype=torch.long, device=logits.device)
-    rp = sampler.RowParams.build([rows[i] for i in index], device=logits.device)
-    chosen = sampler.choose(logits.index_select(0, idx), rp)
     kept = logits[idx, chosen]
     logits[idx] = -math.inf
     logits[idx, chosen] = kept
