@@ -106,10 +106,20 @@ def _from_candidates(x: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor, to
     return _pick(cand, scores), covered
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """sampler.mix32 in place (int64 values < 2**32): the same bits, fewer tensors made over the vocabulary."""
+    x ^= x >> 16
+    x.mul_(sampler._M1).bitwise_and_(sampler.MASK32)
+    x ^= x >> 15
+    x.mul_(sampler._M2).bitwise_and_(sampler.MASK32)
+    x ^= x >> 15
+    return x
+
+
 def _whole_vocabulary(x: torch.Tensor, temp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The token of rows with neither top-k nor top-p: logits / T + g over every id (in place, few passes)."""
     scores = x.double().div_(temp.unsqueeze(1))
-    u = sampler.mix32(keys.unsqueeze(1) ^ sampler._id_hashes(x.shape[1], x.device)).double()
+    u = _mix32_(keys.unsqueeze(1) ^ sampler._id_hashes(x.shape[1], x.device)).double()
     u.add_(0.5).mul_(1.0 / 4294967296.0)
     scores.sub_(u.log_().neg_().log_())  # + g = - log(-log u)
     return scores.argmax(dim=1)  # the first maximum: ties go to the lowest id
@@ -128,32 +138,48 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
     ks = [min(k, V) if k > 0 and t > 0 else 0 for t, k, *_ in rows]
     ps = [p if t > 0 else 1.0 for t, _, p, *_ in rows]
     nucleus = [t > 0 and k == 0 and p < 1.0 for t, k, p in zip(temps, ks, ps)]
-    whole = [t > 0 and k == 0 and p >= 1.0 for t, k, p in zip(temps, ks, ps)]
+    tokens = x.argmax(dim=1)  # greedy rows: the first maximum, the lowest id among ties
+    filtered = [i for i in range(B) if ks[i] > 0 or nucleus[i]]
+    whole = [i for i in range(B) if temps[i] > 0 and not ks[i] and not nucleus[i]]
+    if not filtered and not whole:
+        return tokens
     with torch.device(dev):
         temp = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float64)
-        top_k = torch.tensor(ks, dtype=torch.int64)
-        top_p = torch.tensor(ps, dtype=torch.float64)
         step_keys = sampler.step_keys(torch.tensor([r[3] for r in rows], dtype=torch.int64),
                                       torch.tensor([r[4] for r in rows], dtype=torch.int64))
-        nucleus_rows = torch.tensor(nucleus, dtype=torch.bool)
-    K = min(V, max([1, *ks] + [tiers[0]] * any(nucleus)))
-    keys = order_keys(x)
-    cand = _ids_of(keys.topk(K, dim=1).values)
-    tokens = cand[:, 0].clone()  # greedy rows: the argmax, the lowest id among ties
-    if any(k > 0 for k in ks) or any(nucleus):
+    if filtered:
+        sub = filtered if len(filtered) < B else None
+        at = None if sub is None else torch.tensor(sub, device=dev)
+        pick = (lambda t: t) if at is None else (lambda t: t[at])
+        xs = pick(x)
+        with torch.device(dev):
+            top_k = torch.tensor([ks[i] for i in filtered], dtype=torch.int64)
+            top_p = torch.tensor([ps[i] for i in filtered], dtype=torch.float64)
+            nucleus_rows = torch.tensor([nucleus[i] for i in filtered], dtype=torch.bool)
+        any_nucleus = any(nucleus[i] for i in filtered)
+        K = min(V, max([ks[i] for i in filtered] + [tiers[0]] * any_nucleus))
+        keys = order_keys(xs)
+        cand = _ids_of(keys.topk(K, dim=1).values)
         full_lse = None
-        if any(nucleus):
-            full_lse = torch.logsumexp(x.double() / temp.unsqueeze(1), dim=1)
-        chosen, covered = _from_candidates(x, cand, temp, top_k, top_p, nucleus_rows, full_lse, step_keys)
-        sampled = top_k > 0
-        if any(nucleus):
-            sampled |= nucleus_rows
-        tokens = torch.where(sampled, chosen, tokens)
-        if K < V and any(nucleus):
-            tokens = _widen(x, keys, tokens, covered, rows, temp, top_p, full_lse, step_keys, tiers[1:])
-    if any(whole):
-        at = torch.tensor([i for i, w in enumerate(whole) if w], device=dev)
-        tokens[at] = _whole_vocabulary(x[at], temp[at], step_keys[at])
+        if any_nucleus:  # the row's mass: over the whole row, as the spec's softmax is
+            full_lse = torch.logsumexp(xs.double() / pick(temp).unsqueeze(1), dim=1)
+        chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, nucleus_rows, full_lse,
+                                           pick(step_keys))
+        if K < V and any_nucleus:
+            chosen = _widen(xs, keys, chosen, covered, [rows[i] for i in filtered], pick(temp), top_p, full_lse,
+                            pick(step_keys), tiers[1:])
+        if at is None:
+            tokens = chosen
+        else:
+            tokens[at] = chosen
+    if whole:
+        at = torch.tensor(whole, device=dev) if len(whole) < B else None
+        pick = (lambda t: t) if at is None else (lambda t: t[at])
+        chosen = _whole_vocabulary(pick(x), pick(temp), pick(step_keys))
+        if at is None:
+            tokens = chosen
+        else:
+            tokens[at] = chosen
     return tokens
 
 
