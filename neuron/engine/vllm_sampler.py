@@ -45,8 +45,6 @@ def row_args(extra: dict | None) -> tuple[float, int, float, int] | None:
 
 
 NUCLEUS_TIERS = (64, 4096)  # candidate counts tried in turn for a top-p row without a top-k (CPU)
-_SHIFT = 1 << 32
-
 _LOW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -69,6 +67,14 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
     return (ordered.to(torch.int64) << 32) | _low_ids(x.shape[1], x.device)
 
 
+def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """Host values as a tensor on `device`, copied without making the host wait for the device."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _ids_of(keys: torch.Tensor) -> torch.Tensor:
     return sampler.MASK32 - (keys & sampler.MASK32)
 
@@ -80,19 +86,20 @@ def _pick(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 def _from_candidates(x: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor,
-                     top_p: torch.Tensor, nucleus_rows: torch.Tensor, full_lse: torch.Tensor | None,
-                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     top_p: torch.Tensor, any_top_p: bool, nucleus_rows: torch.Tensor,
+                     full_lse: torch.Tensor | None, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The spec's token per row from its candidates cand [B, K] (the first K ids in the spec's order), and
     whether the candidates held the row's top-p mass (the answer is exact only then).
 
-    temp, top_p float64 [B]; top_k int64 [B] (0: off, else <= K); nucleus_rows bool [B]: top-p rows without
-    a top-k, whose mass is over the whole row (full_lse [B], the log-sum-exp of the row's scaled logits)."""
+    temp, top_p float64 [B]; top_k int64 [B] (0: off, else <= K); any_top_p: whether some top_p < 1 (known on
+    the host); nucleus_rows bool [B]: top-p rows without a top-k, whose mass is over the whole row (full_lse
+    [B], the log-sum-exp of the row's scaled logits)."""
     B, K = cand.shape
     scaled = x.gather(1, cand).double() / temp.unsqueeze(1)
     pos = torch.arange(K, device=x.device)
     allowed = pos.unsqueeze(0) < torch.where(top_k > 0, top_k, K).unsqueeze(1)
     covered = torch.ones(B, dtype=torch.bool, device=x.device)
-    if full_lse is not None or bool((top_p < 1.0).any()):
+    if any_top_p:
         masked = scaled.masked_fill(~allowed, -math.inf)
         lse = torch.logsumexp(masked, dim=1)
         if full_lse is not None:
@@ -143,19 +150,15 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
     whole = [i for i in range(B) if temps[i] > 0 and not ks[i] and not nucleus[i]]
     if not filtered and not whole:
         return tokens
-    with torch.device(dev):
-        temp = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float64)
-        step_keys = sampler.step_keys(torch.tensor([r[3] for r in rows], dtype=torch.int64),
-                                      torch.tensor([r[4] for r in rows], dtype=torch.int64))
+    temp = _to(dev, [t if t > 0 else 1.0 for t in temps], torch.float64)
+    step_keys = sampler.step_keys(_to(dev, [r[3] for r in rows], torch.int64), _to(dev, [r[4] for r in rows], torch.int64))
     if filtered:
-        sub = filtered if len(filtered) < B else None
-        at = None if sub is None else torch.tensor(sub, device=dev)
+        at = _to(dev, filtered, torch.int64) if len(filtered) < B else None
         pick = (lambda t: t) if at is None else (lambda t: t[at])
         xs = pick(x)
-        with torch.device(dev):
-            top_k = torch.tensor([ks[i] for i in filtered], dtype=torch.int64)
-            top_p = torch.tensor([ps[i] for i in filtered], dtype=torch.float64)
-            nucleus_rows = torch.tensor([nucleus[i] for i in filtered], dtype=torch.bool)
+        top_k = _to(dev, [ks[i] for i in filtered], torch.int64)
+        top_p = _to(dev, [ps[i] for i in filtered], torch.float64)
+        nucleus_rows = _to(dev, [nucleus[i] for i in filtered], torch.bool)
         any_nucleus = any(nucleus[i] for i in filtered)
         K = min(V, max([ks[i] for i in filtered] + [tiers[0]] * any_nucleus))
         keys = order_keys(xs)
@@ -163,8 +166,8 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
         full_lse = None
         if any_nucleus:  # the row's mass: over the whole row, as the spec's softmax is
             full_lse = torch.logsumexp(xs.double() / pick(temp).unsqueeze(1), dim=1)
-        chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, nucleus_rows, full_lse,
-                                           pick(step_keys))
+        chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, any(ps[i] < 1.0 for i in filtered),
+                                           nucleus_rows, full_lse, pick(step_keys))
         if K < V and any_nucleus:
             chosen = _widen(xs, keys, chosen, covered, [rows[i] for i in filtered], pick(temp), top_p, full_lse,
                             pick(step_keys), tiers[1:])
@@ -173,7 +176,7 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
         else:
             tokens[at] = chosen
     if whole:
-        at = torch.tensor(whole, device=dev) if len(whole) < B else None
+        at = _to(dev, whole, torch.int64) if len(whole) < B else None
         pick = (lambda t: t) if at is None else (lambda t: t[at])
         chosen = _whole_vocabulary(pick(x), pick(temp), pick(step_keys))
         if at is None:
@@ -195,7 +198,7 @@ def _widen(x, keys, tokens, covered, rows, temp, top_p, full_lse, step_keys, tie
         cand = _ids_of(ks.topk(tiers[0], dim=1).values)
         zeros = torch.zeros(len(short), dtype=torch.int64, device=x.device)
         everyone = torch.ones(len(short), dtype=torch.bool, device=x.device)
-        chosen, ok = _from_candidates(xs, cand, temp[short], zeros, top_p[short], everyone, full_lse[short],
+        chosen, ok = _from_candidates(xs, cand, temp[short], zeros, top_p[short], True, everyone, full_lse[short],
                                       step_keys[short])
         tokens[short] = chosen
         sub = [rows[i] for i in short.tolist()]
@@ -214,12 +217,9 @@ def force_choice(logits: torch.Tensor, rows: dict[int, tuple[float, int, float, 
     if not rows:
         return logits
     index = sorted(rows)
-    if index == list(range(len(index))):
-        x = logits[:len(index)]
-    else:
-        x = logits.index_select(0, torch.tensor(index, dtype=torch.long, device=logits.device))
+    idx = _to(logits.device, index, torch.int64)
+    x = logits[:len(index)] if index[-1] == len(index) - 1 else logits.index_select(0, idx)
     chosen = choose(x, [rows[i] for i in index])
-    idx = torch.tensor(index, dtype=torch.long, device=logits.device)
     kept = logits[idx, chosen]
     logits[idx] = -math.inf
     logits[idx, chosen] = kept

@@ -84,11 +84,12 @@ def _random_logits(g: torch.Generator, rng: random.Random, B: int, V: int) -> to
     return x
 
 
-@pytest.mark.parametrize("tiers", [None, (4, 16), (1,), (3, 7, 30)])
+@pytest.mark.parametrize("tiers", [None, (4, 16), (1,), (3, 7, 30), (10 ** 9,)])
 @pytest.mark.parametrize("seed", range(12))
 def test_candidates_give_the_samplers_token_on_random_batches(seed, tiers):
     """The fast path against sampler.choose over many random batches: ties, -inf, top-k 0/1/V, top-p 1.0 and
-    near 0, tiny and huge temperatures, and small tiers so that every widening and the fallback run."""
+    near 0, tiny and huge temperatures, and small tiers so that every widening and the fallback run (the
+    last tier, past any vocabulary, is the GPU's path: the nucleus over the whole row, nothing read back)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     for _ in range(6):
@@ -125,3 +126,15 @@ def test_half_precision_logits_and_the_order_keys():
     h = (torch.randn(4, 500, generator=torch.Generator().manual_seed(4)) * 4).half()
     rows = [(1.0, 0, 0.9, 1, 2), (0.7, 20, 1.0, 3, 4), (1.2, 0, 1.0, 5, 6), (0.0, 0, 1.0, 7, 8)]
     assert VS.choose(h, rows).tolist() == S.choose(h, S.RowParams.build(rows)).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_cpus_tokens():
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        V = rng.choice([300, 5000, 49152])
+        x = _random_logits(g, rng, 8, V)
+        rows = _random_rows(rng, 8, V)
+        assert VS.choose(x.cuda(), rows).tolist() == VS.choose(x, rows).tolist() == \
+            S.choose(x, S.RowParams.build(rows)).tolist()
