@@ -12,7 +12,7 @@ topk gives the spec's order itself; top-k, top-p and the noise are then computed
 - top-k: the first k candidates;
 - top-p: the nucleus is found among the likeliest ids, a few tiers of them (NUCLEUS_TIERS), with the mass
   over the whole row; a row whose candidates do not hold the top-p mass goes to the next tier, and past
-  the last to `sampler.choose` (the HF sampler, exact by definition);
+  the last to the whole row sorted;
 - the whole vocabulary: the noise over every id, but only for those rows.
 On a GPU the nucleus is searched over the whole row (a sort is cheap there), so nothing is read back to the
 host; on the CPU reading whether a tier sufficed costs nothing.
@@ -169,8 +169,7 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
         chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, any(ps[i] < 1.0 for i in filtered),
                                            nucleus_rows, full_lse, pick(step_keys))
         if K < V and any_nucleus:
-            chosen = _widen(xs, keys, chosen, covered, [rows[i] for i in filtered], pick(temp), top_p, full_lse,
-                            pick(step_keys), tiers[1:])
+            chosen = _widen(xs, keys, chosen, covered, pick(temp), top_p, full_lse, pick(step_keys), tiers[1:])
         if at is None:
             tokens = chosen
         else:
@@ -186,28 +185,24 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
     return tokens
 
 
-def _widen(x, keys, tokens, covered, rows, temp, top_p, full_lse, step_keys, tiers) -> torch.Tensor:
-    """Top-p rows whose candidates fell short of their mass: the next tier of candidates, then the HF
-    sampler over the whole row. Reads `covered` on the host: only ever called on the CPU."""
+def _widen(x, keys, tokens, covered, temp, top_p, full_lse, step_keys, tiers) -> torch.Tensor:
+    """Top-p rows whose candidates fell short of their mass: the next tier of candidates, and past the last
+    one the whole row in the spec's order. Reads `covered` on the host: only ever called on the CPU."""
     short = (~covered).nonzero().flatten()
     if short.numel() == 0:
         return tokens
     V = x.shape[1]
+    xs, ks = x[short], keys[short]
     if tiers and tiers[0] < V:
-        xs, ks = x[short], keys[short]
         cand = _ids_of(ks.topk(tiers[0], dim=1).values)
-        zeros = torch.zeros(len(short), dtype=torch.int64, device=x.device)
-        everyone = torch.ones(len(short), dtype=torch.bool, device=x.device)
-        chosen, ok = _from_candidates(xs, cand, temp[short], zeros, top_p[short], True, everyone, full_lse[short],
-                                      step_keys[short])
-        tokens[short] = chosen
-        sub = [rows[i] for i in short.tolist()]
-        widened = _widen(xs, ks, tokens[short], ok, sub, temp[short], top_p[short], full_lse[short],
-                         step_keys[short], tiers[1:])
-        tokens[short] = widened
-        return tokens
-    sub = [rows[i] for i in short.tolist()]
-    tokens[short] = sampler.choose(x[short], sampler.RowParams.build(sub, device=x.device))
+    else:
+        cand = _ids_of(ks.sort(dim=1, descending=True).values)
+    n = len(short)
+    chosen, ok = _from_candidates(xs, cand, temp[short], torch.zeros(n, dtype=torch.int64), top_p[short], True,
+                                  torch.ones(n, dtype=torch.bool), full_lse[short], step_keys[short])
+    if cand.shape[1] < V:
+        chosen = _widen(xs, ks, chosen, ok, temp[short], top_p[short], full_lse[short], step_keys[short], tiers[1:])
+    tokens[short] = chosen
     return tokens
 
 
