@@ -162,11 +162,22 @@ PROCESSOR_SETTINGS = {"top_k 50": [(0.8, 50, 1.0)], "whole vocabulary": [(1.0, 0
 
 def processor_cost(rows: int, vocab: int, step_ms: float = 0.0, reps: int = 20) -> list[dict]:
     """Milliseconds per decode step of the processor's function alone, `rows` seeded rows of `vocab` logits
-    (randn * 3: flatter than a real model's, so the nucleus is large), and their share of a decode step."""
+    (randn * 3: flatter than a real model's, so the nucleus is large), and their share of a decode step.
+    On the CPU with the threads vLLM's worker runs it with: all cores but the one vLLM reserves."""
     from neuron.engine.vllm_sampler import force_choice
 
-    out = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        return _processor_cost(force_choice, device, rows, vocab, step_ms, reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _processor_cost(force_choice, device: str, rows: int, vocab: int, step_ms: float, reps: int) -> list[dict]:
+    out = []
     for label, settings in PROCESSOR_SETTINGS.items():
         logits = torch.randn(rows, vocab, device=device) * 3
         times = []
