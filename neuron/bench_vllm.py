@@ -258,10 +258,11 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
                                runs[Sampler.ANY, "llm"], "tok/s", ">= 0.95"))
         figures.append(_paired("vllm_gumbel_vs_own_sampler", f"{size}: VllmEngine gumbel-v1 / VllmEngine vLLM's "
                                "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"], "tok/s"))
-        # A decode step of `requests` rows in vllm.LLM.generate with vLLM's own sampler (prefill amortised in).
-        step_ms = 1e3 * requests / statistics.median(runs[Sampler.ANY, "llm"])
-        figures.append({"key": "vllm_decode_step_ms", "label": f"a step of {requests} rows, vllm.LLM.generate with "
-                        "vLLM's sampler: ms", "ms": step_ms})
+        # A step of `requests` rows with vLLM's own sampler (prefill amortised in), on the fastest of the three
+        # paths: the shortest step, so the processor's share is not flattered by a slow path.
+        step_ms = 1e3 * requests / max(statistics.median(runs[Sampler.ANY, what]) for what in ("engine", "async_llm", "llm"))
+        figures.append({"key": "vllm_decode_step_ms", "label": f"a step of {requests} rows with vLLM's sampler (the "
+                        "fastest path): ms", "ms": step_ms})
         figures += processor_cost(requests, engine.info().vocab_size, step_ms)
         jobs = _agreement_jobs(_prompts(engine.tokenizer, requests, prompt_len, seed=1), new_tokens)
         _, tokens = await _through_engine(engine, jobs)
