@@ -260,7 +260,7 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
                                "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"], "tok/s"))
         # A step of `requests` rows with vLLM's own sampler (prefill amortised in), on the fastest of the three
         # paths: the shortest step, so the processor's share is not flattered by a slow path.
-        step_ms = 1e3 * requests / max(statistics.median(runs[Sampler.ANY, what]) for what in ("engine", "async_llm", "llm"))
+        step_ms = 1e3 * requests / max(statistics.median(runs[Sampler.ANY, w]) for w in ("engine", "async_llm", "llm"))
         figures.append({"key": "vllm_decode_step_ms", "label": f"a step of {requests} rows with vLLM's sampler (the "
                         "fastest path): ms", "ms": step_ms})
         figures += processor_cost(requests, engine.info().vocab_size, step_ms)

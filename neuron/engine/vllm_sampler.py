@@ -151,7 +151,8 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
     if not filtered and not whole:
         return tokens
     temp = _to(dev, [t if t > 0 else 1.0 for t in temps], torch.float64)
-    step_keys = sampler.step_keys(_to(dev, [r[3] for r in rows], torch.int64), _to(dev, [r[4] for r in rows], torch.int64))
+    seeds, steps = _to(dev, [r[3] for r in rows], torch.int64), _to(dev, [r[4] for r in rows], torch.int64)
+    step_keys = sampler.step_keys(seeds, steps)
     if filtered:
         at = _to(dev, filtered, torch.int64) if len(filtered) < B else None
         pick = (lambda t: t) if at is None else (lambda t: t[at])
