@@ -56,15 +56,49 @@ def _low_ids(vocab: int, device: torch.device) -> torch.Tensor:
     return _LOW_IDS[key]
 
 
+class _Workspace:
+    """Buffers over the vocabulary kept from one step to the next on the CPU: glibc hands tensors this large
+    back to the system when they are freed, and faulting fresh pages in again costs more than the arithmetic
+    (measured here: twice the time). On other devices torch's caching allocator already reuses memory."""
+
+    MAX_ROWS = 64  # beyond this many rows, plain tensors (the buffers would hold too much memory)
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised [B, V] tensor of `dtype`, B and V those of `like`."""
+        B, V = like.shape
+        if like.device.type != "cpu" or B > self.MAX_ROWS:
+            return torch.empty(B, V, dtype=dtype, device=like.device)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.shape[0] < B or buf.shape[1] != V:
+            buf = self.buffers[name, dtype] = torch.empty(max(B, 8), V, dtype=dtype)
+        return buf[:B]
+
+
+_WORK = _Workspace()
+
+
 def order_keys(x: torch.Tensor) -> torch.Tensor:
     """int64 [B, V] keys of float32 logits: key(a) > key(b) exactly when a's value is larger, or equal with a
     lower id. The float's bits as a signed magnitude (so -0.0 and 0.0 are equal) in the high half, the
     reversed id in the low half. Dividing by a temperature T > 0 (float64) keeps this order: a float32
     value times 1/T loses no distinction float64 can hold."""
     bits = x.view(torch.int32)
-    sign = bits >> 31  # -1 for negative values, else 0
-    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign  # the magnitude, negated for negative values
-    return (ordered.to(torch.int64) << 32) | _low_ids(x.shape[1], x.device)
+    sign = torch.bitwise_right_shift(bits, 31, out=_WORK.get("sign", x, torch.int32))  # -1 if negative, else 0
+    ordered = torch.bitwise_and(bits, 0x7FFFFFFF, out=_WORK.get("ordered", x, torch.int32))
+    ordered.bitwise_xor_(sign).sub_(sign)  # the magnitude, negated for negative values
+    keys = _WORK.get("keys", x, torch.int64).copy_(ordered)
+    return keys.bitwise_left_shift_(32).bitwise_or_(_low_ids(x.shape[1], x.device))
+
+
+def _logsumexp(x: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(x.double() / temp) over each row (the same operations, so the same bits), in a buffer."""
+    scaled = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
+    top = scaled.amax(dim=1, keepdim=True)
+    top.masked_fill_(top.isinf(), 0.0)
+    return scaled.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -113,20 +147,22 @@ def _from_candidates(x: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor, to
     return _pick(cand, scores), covered
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """sampler.mix32 in place (int64 values < 2**32): the same bits, fewer tensors made over the vocabulary."""
-    x ^= x >> 16
+def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """sampler.mix32 in place (int64 values < 2**32; tmp a buffer of x's shape): the same bits."""
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
     x.mul_(sampler._M1).bitwise_and_(sampler.MASK32)
-    x ^= x >> 15
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp))
     x.mul_(sampler._M2).bitwise_and_(sampler.MASK32)
-    x ^= x >> 15
-    return x
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp))
 
 
 def _whole_vocabulary(x: torch.Tensor, temp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The token of rows with neither top-k nor top-p: logits / T + g over every id (in place, few passes)."""
-    scores = x.double().div_(temp.unsqueeze(1))
-    u = _mix32_(keys.unsqueeze(1) ^ sampler._id_hashes(x.shape[1], x.device)).double()
+    """The token of rows with neither top-k nor top-p: logits / T + g over every id, in buffers."""
+    scores = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
+    bits = torch.bitwise_xor(keys.unsqueeze(1), sampler._id_hashes(x.shape[1], x.device),
+                             out=_WORK.get("keys", x, torch.int64))
+    _mix32_(bits, _WORK.get("tmp", x, torch.int64))
+    u = _WORK.get("u", x, torch.float64).copy_(bits)
     u.add_(0.5).mul_(1.0 / 4294967296.0)
     scores.sub_(u.log_().neg_().log_())  # + g = - log(-log u)
     return scores.argmax(dim=1)  # the first maximum: ties go to the lowest id
@@ -155,7 +191,7 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
     step_keys = sampler.step_keys(seeds, steps)
     if filtered:
         at = _to(dev, filtered, torch.int64) if len(filtered) < B else None
-        pick = (lambda t: t) if at is None else (lambda t: t[at])
+        pick = (lambda t: t) if at is None else (lambda t: t.index_select(0, at))
         xs = pick(x)
         top_k = _to(dev, [ks[i] for i in filtered], torch.int64)
         top_p = _to(dev, [ps[i] for i in filtered], torch.float64)
@@ -166,7 +202,7 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
         cand = _ids_of(keys.topk(K, dim=1).values)
         full_lse = None
         if any_nucleus:  # the row's mass: over the whole row, as the spec's softmax is
-            full_lse = torch.logsumexp(xs.double() / pick(temp).unsqueeze(1), dim=1)
+            full_lse = _logsumexp(xs, pick(temp))
         chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, any(ps[i] < 1.0 for i in filtered),
                                            nucleus_rows, full_lse, pick(step_keys))
         if K < V and any_nucleus:
@@ -177,7 +213,7 @@ def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
             tokens[at] = chosen
     if whole:
         at = _to(dev, whole, torch.int64) if len(whole) < B else None
-        pick = (lambda t: t) if at is None else (lambda t: t[at])
+        pick = (lambda t: t) if at is None else (lambda t: t.index_select(0, at))
         chosen = _whole_vocabulary(pick(x), pick(temp), pick(step_keys))
         if at is None:
             tokens = chosen
@@ -190,21 +226,21 @@ def _widen(x, keys, tokens, covered, temp, top_p, full_lse, step_keys, tiers) ->
     """Top-p rows whose candidates fell short of their mass: the next tier of candidates, and past the last
     one the whole row in the spec's order. Reads `covered` on the host: only ever called on the CPU."""
     short = (~covered).nonzero().flatten()
-    if short.numel() == 0:
+    n, V = short.numel(), x.shape[1]
+    if n == 0:
         return tokens
-    V = x.shape[1]
-    xs, ks = x[short], keys[short]
+    if n < x.shape[0]:
+        x, keys, temp, top_p, full_lse, step_keys = (t.index_select(0, short)
+                                                     for t in (x, keys, temp, top_p, full_lse, step_keys))
     if tiers and tiers[0] < V:
-        cand = _ids_of(ks.topk(tiers[0], dim=1).values)
+        cand = _ids_of(keys.topk(tiers[0], dim=1).values)
     else:
-        cand = _ids_of(ks.sort(dim=1, descending=True).values)
-    n = len(short)
-    chosen, ok = _from_candidates(xs, cand, temp[short], torch.zeros(n, dtype=torch.int64), top_p[short], True,
-                                  torch.ones(n, dtype=torch.bool), full_lse[short], step_keys[short])
+        cand = _ids_of(keys.sort(dim=1, descending=True).values)
+    chosen, ok = _from_candidates(x, cand, temp, torch.zeros(n, dtype=torch.int64), top_p, True,
+                                  torch.ones(n, dtype=torch.bool), full_lse, step_keys)
     if cand.shape[1] < V:
-        chosen = _widen(xs, ks, chosen, ok, temp[short], top_p[short], full_lse[short], step_keys[short], tiers[1:])
-    tokens[short] = chosen
-    return tokens
+        chosen = _widen(x, keys, chosen, ok, temp, top_p, full_lse, step_keys, tiers[1:])
+    return chosen if n == tokens.shape[0] else tokens.index_copy_(0, short, chosen)
 
 
 def force_choice(logits: torch.Tensor, rows: dict[int, tuple[float, int, float, int, int]]) -> torch.Tensor:
