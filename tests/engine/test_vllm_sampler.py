@@ -138,3 +138,12 @@ def test_cuda_gives_the_cpus_tokens():
         rows = _random_rows(rng, 8, V)
         assert VS.choose(x.cuda(), rows).tolist() == VS.choose(x, rows).tolist() == \
             S.choose(x, S.RowParams.build(rows)).tolist()
+
+
+def test_batches_past_the_kept_buffers_and_after_them_again():
+    rng = random.Random(8)
+    g = torch.Generator().manual_seed(8)
+    for B in (70, 3, 65, 8):  # more rows than VS._Workspace.MAX_ROWS get plain tensors
+        x = torch.randn(B, 300, generator=g) * 3
+        rows = _random_rows(rng, B, 300)
+        assert VS.choose(x, rows, (4, 16)).tolist() == S.choose(x, S.RowParams.build(rows)).tolist()
