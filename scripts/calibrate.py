@@ -2,7 +2,7 @@
 
     python scripts/calibrate.py --model tiny --model ~/.cache/neuron/smollm2-135m --json calibration.json
 
-The measurement itself is neuron/calibration.py; docs/calibration.md explains it and the numbers.
+The measurement itself is neuron/harness/calibration.py; docs/calibration.md explains it and the numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from neuron import calibration as cal  # noqa: E402
+from neuron.harness import calibration as cal  # noqa: E402
 from neuron.validator.challenge import ChallengeConfig  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
 from neuron.harness import disagreements as dis  # noqa: E402

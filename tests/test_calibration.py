@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import SMOLLM2
 
-from neuron import calibration as cal
+from neuron.harness import calibration as cal
 from neuron import scoring
 from neuron.validator.challenge import ChallengeConfig
 from neuron.dataset import PromptSource

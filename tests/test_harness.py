@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from neuron import calibration as cal
+from neuron.harness import calibration as cal
 from neuron.validator.challenge import ChallengeConfig
 from neuron.config import ConfigError, MinerConfig
 from neuron.dataset import PromptSource
