@@ -308,7 +308,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
         raise ConfigError(f"unknown option(s): {', '.join(prefix + u for u in unknown)}{hint}")
-    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+    values = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a section's own check (VllmConfig's), which names its flag
+        raise ConfigError(str(exc)) from None
 
 
 def _merge(base: dict, dotted: dict[str, Any]) -> dict:

@@ -29,6 +29,7 @@ from loguru import logger
 from neuron import wire
 from neuron.harness.bench.figure import NETUID, Figure, alternate, status_kb, table
 from neuron.config import MinerConfig, ValidatorConfig, with_overrides
+from neuron.engine import open_engine
 from neuron.harness.mocknet import dev_wallet
 from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forward_topk, load_model
 from neuron.pb.neuron.v1 import axon_pb2 as pb
@@ -160,10 +161,7 @@ class Bench:
         return axon, Target(f"127.0.0.1:{port}", keypair.ss58_address)
 
     def engine(self, config: MinerConfig | None = None):
-        from neuron.engine.hf import HFEngine
-
-        config = config or _miner_config()
-        return HFEngine(self.lm, config.batching, config.limits.max_seq_len)
+        return open_engine(config or _miner_config(), self.lm)
 
     async def close(self) -> None:
         if self.dendrite is not None:
@@ -411,8 +409,6 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     prompts and one for all generations (neuron/validator/reference.py)."""
     from neuron.axon import Axon
     from neuron.chain.local import LocalChain
-    from neuron.config import BatchingConfig
-    from neuron.engine.hf import HFEngine
     from neuron.validator.loop import Validator
 
     chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
@@ -428,8 +424,8 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     axons = []
     try:
         for w in wallets:
-            engine = HFEngine(lm, BatchingConfig(max_generate_batch=2), 256)
-            axon = Axon(engine, _miner_config(), w.hotkey, lambda: mg)
+            config = _miner_config(**{"batching.max_generate_batch": 2, "limits.max_seq_len": 256})
+            axon = Axon(open_engine(config, lm), config, w.hotkey, lambda: mg)
             chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
             axons.append(axon)
         validators = {}
