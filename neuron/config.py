@@ -452,7 +452,7 @@ class MocknetConfig:
 
     model: str = "tiny"  # every node's model: "tiny" ships in the package
     honest: int = 3  # honest miners
-    dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
+    dishonest: tuple[str, ...] = ("random", "random_weights", "truncated", "quantized", "noise", "replay", "echo",
                                   "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
                                   "early_eos", "sentence_eos", "cheap", "int8", "int4", "ignore_top_p",
                                   "ignore_top_k", "selective")  # one miner of each kind

@@ -287,11 +287,13 @@ def plot(result: Result, path: str) -> None:
 
 
 def main(c: cfg.MocknetConfig) -> int:
-    from neuron.harness.cheats import KINDS
+    from neuron.harness.cheats import lookup
 
-    unknown = [k for k in c.dishonest if k not in KINDS]
-    if unknown:
-        raise cfg.ConfigError(f"--dishonest: unknown kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
+    for kind in c.dishonest:
+        try:
+            lookup(kind)
+        except ValueError as exc:
+            raise cfg.ConfigError(f"--dishonest: {exc}") from None
     if c.engine not in BACKENDS:
         raise cfg.ConfigError(f"--engine {c.engine}: expected one of {', '.join(BACKENDS)}")
     result = Result()
