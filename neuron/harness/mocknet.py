@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -294,6 +295,9 @@ def main(c: cfg.MocknetConfig) -> int:
             lookup(kind)
         except ValueError as exc:
             raise cfg.ConfigError(f"--dishonest: {exc}") from None
+    if c.plot and importlib.util.find_spec("matplotlib") is None:
+        raise cfg.ConfigError("--plot needs matplotlib, which a production install leaves out: "
+                              "pip install -e \".[harness]\"")
     if c.engine not in BACKENDS:
         raise cfg.ConfigError(f"--engine {c.engine}: expected one of {', '.join(BACKENDS)}")
     result = Result()
