@@ -137,12 +137,6 @@ def forward_checks(ref: Reference, miner: LoadedModel, chs: list[Challenge], th:
     return checks
 
 
-def ranks(ref_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[P, n] rank of each id under ref_rows [P, V] (0 = argmax; ties share the better rank)."""
-    ascending = ref_rows.sort(dim=-1).values
-    return ref_rows.shape[1] - torch.searchsorted(ascending, ref_rows.gather(1, ids), right=True)
-
-
 def specs_of(chs: list[Challenge]) -> list[scoring.GenSpec]:
     return [c.spec for c in chs]
 
