@@ -13,7 +13,6 @@ import time
 from collections import Counter, OrderedDict, deque
 from typing import Callable, Iterable, Mapping
 
-import bittensor as bt
 from bittensor import http_auth
 
 from neuron.chain.base import Metagraph
@@ -190,8 +189,3 @@ class Admission:
         if c.require_validator_permit and not neuron.validator_permit:
             raise PermissionDenied("this hotkey has no validator permit; miners answer validators only")
         return neuron.stake
-
-
-def keypair_of(wallet: bt.Wallet):
-    """The hotkey Keypair, read once: a Wallet re-reads its keyfile on every signature."""
-    return wallet.hotkey

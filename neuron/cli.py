@@ -387,17 +387,17 @@ def cmd_gateway(argv: list[str], yaml_path: str | None) -> int:
 
 
 def cmd_mocknet(argv: list[str], yaml_path: str | None) -> int:
-    from neuron.mocknet import main as mocknet_main
+    from neuron.harness.mocknet import main as mocknet_main
 
     return mocknet_main(_load(cfg.MocknetConfig, "mocknet", argv, yaml_path))
 
 
 def cmd_bench(argv: list[str], _yaml) -> int:
-    from neuron import bench_vllm
+    from neuron.harness.bench import vllm as bench_vllm
 
     if bench_vllm.wants_vllm(argv):
         return bench_vllm.main(argv)
-    from neuron.bench import main as bench_main
+    from neuron.harness.bench.run import main as bench_main
 
     return bench_main(argv)
 

@@ -311,7 +311,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
         raise ConfigError(f"unknown option(s): {', '.join(prefix + u for u in unknown)}{hint}")
-    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+    values = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a section's own check (VllmConfig's), which names its flag
+        raise ConfigError(str(exc)) from None
 
 
 def _merge(base: dict, dotted: dict[str, Any]) -> dict:
@@ -451,7 +455,7 @@ class MocknetConfig:
 
     model: str = "tiny"  # every node's model: "tiny" ships in the package
     honest: int = 3  # honest miners
-    dishonest: tuple[str, ...] = ("random", "different", "truncated", "quantized", "noise", "replay", "echo",
+    dishonest: tuple[str, ...] = ("random", "random_weights", "truncated", "quantized", "noise", "replay", "echo",
                                   "early_stop", "slow", "dead", "greedy", "cold", "hot", "least_likely", "steer",
                                   "early_eos", "sentence_eos", "cheap", "int8", "int4", "ignore_top_p",
                                   "ignore_top_k", "selective")  # one miner of each kind

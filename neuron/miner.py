@@ -132,13 +132,11 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                     raise NotRegistered(f"hotkey {hotkey} ({config.wallet.name}/{config.wallet.hotkey}) is not registered "
                                         f"on netuid {netuid}; register it with: {register_command(config)}")
                 logger.info(f"hotkey {hotkey[:8]} is uid {me.uid} on netuid {netuid}")
+            lm = None
             if model_transform is not None:  # a harness: its model behind the same engine
-                from neuron.engine.hf import HFEngine
-
-                lm = await asyncio.to_thread(load_model, config.model.name, config.model.device, config.model.dtype)
-                engine = HFEngine(model_transform(lm), config.batching, config.limits.max_seq_len)
-            else:
-                engine = await asyncio.to_thread(open_engine, config)
+                lm = await asyncio.to_thread(
+                    lambda: model_transform(load_model(config.model.name, config.model.device, config.model.dtype)))
+            engine = await asyncio.to_thread(open_engine, config, lm)
             await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
             if stop.is_set():  # SIGTERM while the model loaded (a load cannot be cut short): serve nothing, publish nothing
                 logger.info("stopped while the model loaded: not serving")

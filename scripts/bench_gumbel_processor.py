@@ -61,7 +61,7 @@ def smollm2_logits(rows: int) -> torch.Tensor:
     """Next-token logits of SmolLM2 at the end of `rows` dataset prompts (a real model's distributions)."""
     import random
 
-    from neuron.bench_vllm import SMOLLM2, _prompts
+    from neuron.harness.bench.vllm import SMOLLM2, _prompts
     from neuron.model import load_model
 
     lm = load_model(str(SMOLLM2), device="cpu", dtype="auto")

@@ -2,7 +2,7 @@
 
     python scripts/calibrate.py --model tiny --model ~/.cache/neuron/smollm2-135m --json calibration.json
 
-The measurement itself is neuron/calibration.py; docs/calibration.md explains it and the numbers.
+The measurement itself is neuron/harness/calibration.py; docs/calibration.md explains it and the numbers.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from neuron import calibration as cal  # noqa: E402
+from neuron.harness import calibration as cal  # noqa: E402
 from neuron.validator.challenge import ChallengeConfig  # noqa: E402
 from neuron.dataset import PromptSource  # noqa: E402
 from neuron.harness import disagreements as dis  # noqa: E402
-from neuron.harness.cheats import GENERATION_CHEATS  # noqa: E402
+from neuron.harness.cheats import GENERATION, names  # noqa: E402
 from neuron.model import load_model  # noqa: E402
 from neuron.scoring import Thresholds  # noqa: E402
 
@@ -54,8 +54,8 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     t1 = time.perf_counter()
     print(f"{label}: {len(checks)} honest checks in {t1 - t0:.0f} s", file=sys.stderr)
     if args.dishonest:
-        cheats = cal.dishonest_models(ref.lm, seed=args.seed, different_relative=args.different_relative)
-        checks += cal.dishonest_run(ref, cheats, source, rng, args.dishonest, cfg, th, model=label)
+        checks += cal.dishonest_run(ref, tuple(args.model_cheats), source, rng, args.dishonest, cfg, th, model=label,
+                                    seed=args.seed)
         print(f"{label}: dishonest forward checks in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     if args.generation_cheats:
         t2 = time.perf_counter()
@@ -213,13 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dishonest", type=int, default=16, help="Forward challenges to each model cheat (0: none)")
     p.add_argument("--generation-cheats", type=int, default=64,
                    help="seeded Generate challenges to each generation cheat (0: none)")
-    p.add_argument("--cheats", default=",".join(GENERATION_CHEATS + ("int8" + cal.EXACT, "int4" + cal.EXACT)),
+    p.add_argument("--cheats", default=",".join(names(GENERATION) + ("int8" + cal.EXACT, "int4" + cal.EXACT)),
                    help="generation cheats to run; KIND_exact reports exact logprobs from a teacher-forced pass")
+    p.add_argument("--model-cheats", default=",".join(cal.FORWARD_CHEATS),
+                   help="model cheats whose Forward is checked (neuron/harness/cheats/: a number after noise, "
+                        "different sets its level)")
     p.add_argument("--tokens-per-day", type=float, default=1e6,
                    help="generated tokens a validator checks per miner a day (the evidence limit's horizon)")
     p.add_argument("--false-alarm", type=float, default=1e-6, help="honest evidence alarms per miner per day")
-    p.add_argument("--different-relative", type=float, default=0.1,
-                   help="'different' model: weight noise relative to each tensor's std")
+    p.add_argument("--different-relative", type=float,
+                   help="'different' model: weight noise relative to each tensor's std (default 0.1; the same as "
+                        "naming differentR in --model-cheats)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--positions", type=int, default=8)
     p.add_argument("--topk", type=int, default=16)
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args.model = args.model or ["tiny"]
     args.dtypes = args.dtypes.split(",")
     args.cheats = [k for k in args.cheats.split(",") if k]
+    args.model_cheats = [f"different{args.different_relative:g}" if k == "different" and args.different_relative
+                         is not None else k for k in args.model_cheats.split(",") if k]
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging

@@ -69,10 +69,10 @@ def miner_config(**overrides) -> MinerConfig:
 def make_axon(lm, config: MinerConfig | None = None, **kwargs):
     """A real axon over the HF engine on `lm` (not started)."""
     from neuron.axon import Axon
-    from neuron.engine.hf import HFEngine
+    from neuron.engine import open_engine
 
     config = config or miner_config()
-    return Axon(HFEngine(lm, config.batching, config.limits.max_seq_len), config, **kwargs)
+    return Axon(open_engine(config, lm), config, **kwargs)
 
 
 class PoisonRows(torch.nn.Module):

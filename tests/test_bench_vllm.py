@@ -1,6 +1,6 @@
-"""The hook that sends `neuron bench --engine.backend vllm` to neuron/bench_vllm.py (no vLLM needed)."""
+"""The hook that sends `neuron bench --engine.backend vllm` to neuron/harness/bench/vllm.py (no vLLM needed)."""
 
-from neuron.bench_vllm import wants_vllm
+from neuron.harness.bench.vllm import wants_vllm
 
 
 def test_the_backend_flag_selects_the_vllm_bench():

@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import SMOLLM2
 
-from neuron import calibration as cal
+from neuron.harness import calibration as cal
 from neuron import scoring
 from neuron.validator.challenge import ChallengeConfig
 from neuron.dataset import PromptSource
-from neuron.harness.cheats import GENERATION_CHEATS
+from neuron.harness.cheats import GENERATION, names
 from neuron.model import load_model
 from neuron.scoring import Thresholds
 
@@ -75,19 +75,18 @@ def test_honest_margins_stay_within_the_thresholds(honest_checks):
 def cheat_checks(smollm2):
     ref = cal.Reference(smollm2)
     source = PromptSource.default()
-    checks = cal.dishonest_run(ref, cal.dishonest_models(smollm2, seed=3), source, random.Random(3), 2, SMALL, TH,
-                               model="smollm2")
-    return checks + cal.generation_cheat_run(ref, GENERATION_CHEATS + ("int8" + cal.EXACT,), source,
+    checks = cal.dishonest_run(ref, cal.FORWARD_CHEATS, source, random.Random(3), 2, SMALL, TH, model="smollm2", seed=3)
+    return checks + cal.generation_cheat_run(ref, names(GENERATION) + ("int8" + cal.EXACT,), source,
                                              random.Random(4), 6, SMALL, TH, model="smollm2")
 
 
 def test_every_forward_cheat_is_caught_on_smollm2(cheat_checks):
-    for kind in cal.DISHONEST:
+    for kind in cal.FORWARD_CHEATS:
         mine = [c for c in cheat_checks if c.miner == kind and c.kind == "forward"]
         assert mine and all(not c.ok for c in mine), (kind, [c.metrics for c in mine if c.ok])
 
 
-@pytest.mark.parametrize("kind", GENERATION_CHEATS)
+@pytest.mark.parametrize("kind", names(GENERATION))
 def test_every_generation_cheat_is_caught_on_smollm2(cheat_checks, kind):
     mine = [c for c in cheat_checks if c.miner == kind and c.kind != "forward"]
     changed = [c for c in mine if c.changed]

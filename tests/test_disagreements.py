@@ -8,7 +8,7 @@ import random
 import pytest
 
 from neuron import scoring
-from neuron.calibration import Check, evidence_limit
+from neuron.harness.calibration import Check, evidence_limit
 from neuron.harness import disagreements as dis
 
 TH = scoring.Thresholds()

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, event, given, settings
 
 from conftest import make_axon, make_wallet, miner_config
 from neuron import auth, wire
-from neuron.auth import keypair_of
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 AXON = "/neuron.v1.Axon/"
@@ -49,7 +48,7 @@ async def dev(tiny):
 async def guarded(tiny, tmp_path_factory):
     """An auth-on miner, its hotkey, a validator's keypair it admits, and a channel to it."""
     wallets = tmp_path_factory.mktemp("wallets")
-    miner, validator = keypair_of(make_wallet(wallets, "miner")), keypair_of(make_wallet(wallets, "validator"))
+    miner, validator = make_wallet(wallets, "miner").hotkey, make_wallet(wallets, "validator").hotkey
     config = miner_config(**LIMITS, **{"auth.required": True, "auth.allow_hotkeys": (validator.ss58_address,),
                                        "auth.rate_per_s": 1000.0, "auth.burst": 1000})
     axon = make_axon(tiny, config, keypair=miner)

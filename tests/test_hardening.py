@@ -18,7 +18,6 @@ from loguru import logger
 
 from conftest import PoisonRows, make_axon, make_wallet, miner_config
 from neuron import wire
-from neuron.auth import keypair_of
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 AXON = "/neuron.v1.Axon/"
@@ -199,7 +198,7 @@ async def test_oversized_requests_are_refused_before_parsing_and_freed_without_a
 
 async def test_info_is_public_but_guarded(tiny, serve, tmp_path, log_lines):
     """With auth on, Info needs no signature; a malformed body is INVALID_ARGUMENT (not UNKNOWN), logged."""
-    keypair = keypair_of(make_wallet(tmp_path, "miner"))
+    keypair = make_wallet(tmp_path, "miner").hotkey  # a Keypair: a Wallet re-reads its keyfile per signature
     axon, channel = await serve(tiny, keypair=keypair, **{"auth.required": True})
     info = channel.unary_unary(AXON + "Info")
     assert pb.InfoResponse.FromString(await info(b"", timeout=5)).hotkey == keypair.ss58_address

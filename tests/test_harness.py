@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from neuron import calibration as cal
+from neuron.harness import calibration as cal
 from neuron.validator.challenge import ChallengeConfig
 from neuron.config import ConfigError, MinerConfig
 from neuron.dataset import PromptSource
 from neuron.harness import cheat_miner
-from neuron.harness.cheats import GENERATION_CHEATS, KINDS
+from neuron.harness.cheats import GENERATION, KINDS, names
 from neuron.harness.decode import decode, engine_decode
 from neuron.scoring import Thresholds
 
@@ -34,7 +34,7 @@ def test_the_engine_and_the_direct_loop_sample_the_same_tokens(tiny, challenges)
     assert all(c.ok for c in checks), [c.reason for c in checks if not c.ok]
 
 
-@pytest.mark.parametrize("kind", GENERATION_CHEATS)
+@pytest.mark.parametrize("kind", names(GENERATION))
 def test_every_generation_cheat_is_caught_on_the_tiny_model(tiny, kind):
     # int8 is a small, steady deviation: the evidence across rounds catches it, not one challenge.
     chs = cal.challenges(tiny, PromptSource.default(), random.Random(6), 16, CFG)
@@ -51,7 +51,7 @@ def test_every_generation_cheat_is_caught_on_the_tiny_model(tiny, kind):
 
 def test_the_production_miner_has_no_cheat_switch():
     assert "dishonest" not in {f.name for f in dataclasses.fields(MinerConfig)}
-    assert set(GENERATION_CHEATS) <= set(KINDS)
+    assert set(names(GENERATION)) <= set(KINDS)
 
 
 def test_a_cheating_miner_refuses_a_real_chain():
@@ -68,12 +68,12 @@ def test_the_model_cheats_build_on_the_seed_models_and_change_the_logits(model, 
     they leave alone)."""
     import torch
 
-    from neuron.harness.cheats import MODEL_CHEATS, cheat_model
+    from neuron.harness.cheats import MODEL, cheat_model
 
     lm = request.getfixturevalue(model)
     ids = torch.tensor([lm.tokenizer("The capital of France is").input_ids])
     honest = lm.model(input_ids=ids).logits
-    for kind in MODEL_CHEATS:
+    for kind in names(MODEL):
         cheat = cheat_model(kind, lm)
         assert not torch.allclose(cheat.model(input_ids=ids).logits, honest, atol=1e-3), kind
     assert len(cheat_model("truncated", lm).model.transformer.h) == 1

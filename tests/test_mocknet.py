@@ -3,11 +3,13 @@
 import json
 
 from neuron.cli import main
-from neuron.harness.cheats import GENERATION_CHEATS
+from neuron.harness.cheats import GENERATION, names
+
+GENERATION_CHEATS = names(GENERATION)
 
 # What each cheat must be caught by: the first check it cannot pass.
 CAUGHT_BY = {
-    "random": "forward:", "different": "forward:", "truncated": "forward:", "quantized": "forward:",
+    "random": "forward:", "random_weights": "forward:", "truncated": "forward:", "quantized": "forward:",
     "noise": "forward:", "replay": "forward:", "echo": "generate:", "early_stop": "generate:",
     "slow": "deadline_exceeded", "dead": "deadline_exceeded",
     # Generation cheats answer Forward honestly; their tokens are not the seeded sampler's. A round can

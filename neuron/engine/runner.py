@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from neuron.engine import sampler as S
 from neuron.engine.graphs import DecodeGraphs
-from neuron.engine.types import Sampler, SamplingParams
+from neuron.engine.types import SamplingParams
 from neuron.model import LoadedModel, position_ids
 
 
@@ -119,10 +119,6 @@ class Runner:
         self.positions[slot] = 0
         if not self.params:  # an empty batch starts again at column 0, far from wrapping
             self.tick = -(-self.tick // self.max_len) * self.max_len
-
-    def release_all(self) -> None:
-        for slot in list(self.params):
-            self.release(slot)
 
     @property
     def bucket(self) -> int:

@@ -92,10 +92,6 @@ class ForwardJob:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    @property
-    def n_positions(self) -> int:
-        return self.seq_len if self.positions is None else len(self.positions)
-
     def token_logprobs_problem(self) -> str | None:
         """Why this job cannot have token log-probabilities, or None when it can (or does not ask)."""
         if not self.want_token_logprobs:

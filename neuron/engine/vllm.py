@@ -131,30 +131,20 @@ def _source(model: str) -> str:
 def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEngineArgs:
     """vLLM's engine arguments for `model` under `config` (what `neuron bench` gives LLM() too)."""
     on_cpu = not torch.cuda.is_available()
-    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "float16")
-    kwargs = dict(
+    max_len = config.max_model_len or max_seq_len
+    kwargs = config.engine_kwargs(on_cpu, max_len)
+    if on_cpu and "kv_cache_memory_bytes" not in kwargs:  # sized from the limits, not from a share of the host
+        kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(model, kwargs["dtype"], max_len, config.max_num_seqs)
+    return AsyncEngineArgs(
         model=_source(model),
-        dtype=dtype,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        tensor_parallel_size=config.tensor_parallel_size,
-        enforce_eager=config.enforce_eager or on_cpu,
-        max_num_seqs=config.max_num_seqs,
-        max_logprobs=config.max_logprobs,
         logprobs_mode="raw_logprobs",  # logprobs of the unmodified distribution, before any processor
         logits_processors=[GumbelV1LogitsProcessor],
         generation_config="vllm",  # no sampling defaults from the checkpoint: the request says everything
         scheduling_policy="priority",  # the contract's priority (lower first: the axon passes -stake)
         seed=0,
         disable_log_stats=True,
+        **kwargs,
     )
-    max_len = config.max_model_len or max_seq_len
-    if max_len:
-        kwargs["max_model_len"] = max_len
-    if config.kv_cache_memory_bytes:
-        kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
-    elif on_cpu:  # sized from the limits, not from a share of the host (vLLM's CPU default)
-        kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(model, dtype, max_len, config.max_num_seqs)
-    return AsyncEngineArgs(**kwargs)
 
 
 def _cpu_kv_cache(model: str, dtype: str, max_len: int, max_num_seqs: int) -> int:

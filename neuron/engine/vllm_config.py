@@ -12,11 +12,45 @@ class VllmConfig:
     max_model_len: int = 0  # longest prompt + generation per sequence; 0: the model's own limit
     kv_cache_memory_bytes: int = 0  # KV cache to allocate; 0: sized from gpu_memory_utilization (set it on CPU, e.g. 536870912)
     gpu_memory_utilization: float = 0.9  # share of device memory vLLM may use (on CPU: of host memory; use ~0.1 there)
-    tensor_parallel_size: int = 1  # GPUs one model is split over (tensor parallelism); 1 on CPU
+    tensor_parallel_size: int = 1  # GPUs each layer is split over (tensor parallelism): one host's GPUs; 1 on CPU
+    pipeline_parallel_size: int = 1  # stages the layers are split into, one per host: a model beyond one machine
+    distributed_executor_backend: str = ""  # "mp" (one host), "ray" (a Ray cluster: docs/models.md); "": vLLM's choice
     enforce_eager: bool = False  # skip CUDA graphs and compilation: faster start, slower steps (always on for CPU)
     dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16"
     max_num_seqs: int = 16  # sequences decoded together; more wait in vLLM's queue
     max_logprobs: int = 64  # largest top-k / top-n a request may ask for: at least limits.max_topk and max_logprobs_topn
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--engine.vllm.{name} {getattr(self, name)}: expected 1 or more")
+        if self.distributed_executor_backend not in EXECUTORS:
+            raise ValueError(f"--engine.vllm.distributed_executor_backend {self.distributed_executor_backend}: "
+                             f"expected one of {', '.join(repr(e) for e in EXECUTORS)}")
+
+    def engine_kwargs(self, on_cpu: bool, max_model_len: int) -> dict:
+        """These knobs as vLLM's EngineArgs keywords (the rest: neuron/engine/vllm.py engine_args); here, so
+        that what reaches vLLM is tested without it."""
+        kwargs = dict(
+            dtype=self.dtype if self.dtype != "auto" else ("float32" if on_cpu else "float16"),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            enforce_eager=self.enforce_eager or on_cpu,
+            max_num_seqs=self.max_num_seqs,
+            max_logprobs=self.max_logprobs,
+        )
+        if self.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = self.distributed_executor_backend
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.kv_cache_memory_bytes:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        return kwargs
+
+
+# vLLM's executors for a model over several GPUs ("": vLLM's own choice).
+EXECUTORS = ("", "mp", "ray")
 
 
 # The most of the host's memory a KV cache sized here may take on a CPU (vLLM's own default there is its

@@ -1,6 +1,6 @@
 """A cheating miner for the mock network: `python -m neuron.harness.cheat_miner --kind KIND <miner flags>`.
 
-The production miner has no cheat switch; this entry point wires one cheat of neuron.harness.cheats into
+The production miner has no cheat switch; this entry point wires one cheat of the registry (neuron.harness.cheats) into
 the same miner (a cheating model, servicer or sampler) and refuses any chain but the local one.
 """
 
@@ -26,8 +26,10 @@ def main(argv: list[str]) -> int:
               f"{', '.join(cheats.KINDS)}", file=sys.stderr)
         return 2
     kind, rest = argv[1], argv[2:]
-    if kind not in cheats.KINDS:
-        raise cfg.ConfigError(f"--kind {kind}: expected one of {', '.join(cheats.KINDS)}")
+    try:
+        cheats.lookup(kind)
+    except ValueError as exc:
+        raise cfg.ConfigError(f"--kind {kind}: {exc}") from None
     c = cfg.load(cfg.MinerConfig, None, cfg.parse_dotted(rest))
     if c.subtensor.network != "local":
         raise cfg.ConfigError("a cheating miner is for the mock network only: it needs --subtensor.network local")

@@ -78,13 +78,15 @@ def engine_decode(lm: LoadedModel, prompts: list[list[int]], specs: list[GenSpec
     noise is the real one."""
     import asyncio
 
-    from neuron.config import BatchingConfig
-    from neuron.engine.hf import HFEngine
+    from neuron.config import MinerConfig, with_overrides
+    from neuron.engine import open_engine
     from neuron.engine.types import FinishReason, GenerateJob, Sampler, SamplingParams
 
     async def run() -> list[Generated]:
         longest = max(len(p) for p in prompts) + max(s.max_new_tokens for s in specs) + 8
-        engine = HFEngine(lm, BatchingConfig(max_generate_batch=max(16, len(prompts))), longest)
+        config = with_overrides(MinerConfig(), **{"batching.max_generate_batch": max(16, len(prompts)),
+                                                  "limits.max_seq_len": longest})
+        engine = open_engine(config, lm)
         await engine.start()
         answers = [Generated([], [], "length") for _ in prompts]
         joined = asyncio.Event()

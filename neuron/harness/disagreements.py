@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 
 from neuron import scoring
-from neuron.calibration import Check, evidence_limit, poisson_upper
+from neuron.harness.calibration import Check, evidence_limit, poisson_upper
 
 MULTIPLES = (2, 5, 10)  # the question: tokens to flag a miner disagreeing at these times the honest rate
 STREAMS = 1000  # simulated streams behind each figure of MULTIPLES

@@ -25,7 +25,7 @@ class ChallengeConfig:
     positions: int = 0  # positions checked per Forward; 0: every position, as a user's prompt logprobs ask
     topk: int = 16  # top-k asked when the mix has no user Forward yet (kept for calibration)
     max_new_tokens: int = 16  # tokens per Generate in the prior mix (users' traffic then shifts it)
-    # Calibration's fixed mix (neuron/calibration.py): the share of sampled generations and their parameters.
+    # Calibration's fixed mix (neuron/harness/calibration.py): the share of sampled generations, their parameters.
     sampled_fraction: float = 0.75
     sample_temperature: float = 0.7
     sample_top_k: int = 50

@@ -286,6 +286,16 @@ async def test_the_miners_start_sizes_vllm_from_its_limits(smollm2):
         await e.stop(timeout=0.2)
 
 
+def test_pipeline_stages_and_the_executor_reach_vllms_engine_args():
+    """A model over two hosts: the knobs arrive in vLLM's own EngineArgs (built, nothing started)."""
+    from neuron.engine.vllm import engine_args
+
+    args = engine_args(str(SMOLLM2), VllmConfig(tensor_parallel_size=1, pipeline_parallel_size=2,
+                                                distributed_executor_backend="ray", max_model_len=128))
+    assert (args.pipeline_parallel_size, args.distributed_executor_backend) == (2, "ray")
+    assert engine_args(str(SMOLLM2), VllmConfig(max_model_len=128)).pipeline_parallel_size == 1
+
+
 HOLDER = """
 import asyncio, multiprocessing, sys
 import psutil

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from neuron.config import MinerConfig, with_overrides
+from neuron.config import ConfigError, MinerConfig, load, parse_dotted, with_overrides
 from neuron.engine import open_engine
-from neuron.engine.vllm_config import HOST_MEMORY_SHARE, cpu_kv_cache_bytes, kv_bytes_per_token
+from neuron.engine.vllm_config import HOST_MEMORY_SHARE, VllmConfig, cpu_kv_cache_bytes, kv_bytes_per_token
 from neuron.model import ModelNotFound
 
 def test_kv_bytes_per_token_of_each_architecture(tiny, smollm2):
@@ -37,3 +37,23 @@ def test_a_missing_model_fails_fast_on_the_vllm_backend_too(tmp_path, monkeypatc
         with pytest.raises(ModelNotFound, match=says):
             open_engine(config)  # before vLLM is imported: the same check and message as the HF backend
     assert time.monotonic() - start < 5
+
+
+def test_pipeline_stages_and_the_executor_become_vllms_engine_args():
+    flags = ["--engine.backend", "vllm", "--engine.vllm.tensor_parallel_size", "8",
+             "--engine.vllm.pipeline_parallel_size", "2", "--engine.vllm.distributed_executor_backend", "ray"]
+    knobs = load(MinerConfig, None, parse_dotted(flags)).engine.vllm
+    kwargs = knobs.engine_kwargs(on_cpu=False, max_model_len=2048)
+    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (8, 2)
+    assert kwargs["distributed_executor_backend"] == "ray" and kwargs["max_model_len"] == 2048
+    assert "distributed_executor_backend" not in VllmConfig().engine_kwargs(on_cpu=False, max_model_len=0)
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("pipeline_parallel_size", "0", "--engine.vllm.pipeline_parallel_size 0: expected 1 or more"),
+    ("tensor_parallel_size", "-1", "--engine.vllm.tensor_parallel_size -1: expected 1 or more"),
+    ("distributed_executor_backend", "slurm", "--engine.vllm.distributed_executor_backend slurm: expected one of"),
+])
+def test_a_bad_parallel_knob_is_a_config_error_naming_its_flag(flag, value, says):
+    with pytest.raises(ConfigError, match=says):
+        load(MinerConfig, None, parse_dotted([f"--engine.vllm.{flag}", value]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from loguru import logger
 
 from neuron import config as cfg
 from neuron.chain.local import LocalChain
+from neuron.engine import BACKENDS, backend_of
 
 
 @dataclass
@@ -70,10 +72,9 @@ def start_miner(node: Node, chain_path: Path, netuid: int, wallets: Path, logs: 
             "--wallet.name", node.name, "--wallet.hotkey", "default", "--wallet.path", str(wallets),
             "--axon.ip", "127.0.0.1", "--axon.port", "0", "--axon.external_ip", "127.0.0.1",
             "--auth.metagraph_refresh_s", "2", "--axon.grace_s", "1", *extra]
-    if node.kind == "honest" and engine != "hf":
-        # vLLM on a shared CPU: a small KV cache and a small share of host memory, or it refuses to start.
-        args += ["--engine.backend", engine, "--engine.vllm.kv_cache_memory_bytes", str(512 << 20),
-                 "--engine.vllm.gpu_memory_utilization", "0.1", "--engine.vllm.max_model_len", "512"]
+    if node.kind == "honest":  # cheats serve a model of their own: the HF engine's
+        args += ["--engine.backend", engine]
+        args += [x for key, value in backend_of(engine).shared_cpu.items() for x in (f"--{key}", str(value))]
     # One thread per miner: a dozen processes share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     node.log = logs / f"{node.name}.log"
@@ -290,11 +291,18 @@ def plot(result: Result, path: str) -> None:
 
 
 def main(c: cfg.MocknetConfig) -> int:
-    from neuron.harness.cheats import KINDS
+    from neuron.harness.cheats import lookup
 
-    unknown = [k for k in c.dishonest if k not in KINDS]
-    if unknown:
-        raise cfg.ConfigError(f"--dishonest: unknown kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
+    for kind in c.dishonest:
+        try:
+            lookup(kind)
+        except ValueError as exc:
+            raise cfg.ConfigError(f"--dishonest: {exc}") from None
+    if c.plot and importlib.util.find_spec("matplotlib") is None:
+        raise cfg.ConfigError("--plot needs matplotlib, which a production install leaves out: "
+                              "pip install -e \".[harness]\"")
+    if c.engine not in BACKENDS:
+        raise cfg.ConfigError(f"--engine {c.engine}: expected one of {', '.join(BACKENDS)}")
     result = Result()
 
     def interrupt(signum, _frame):

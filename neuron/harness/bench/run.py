@@ -27,8 +27,10 @@ import torch
 from loguru import logger
 
 from neuron import wire
+from neuron.harness.bench.figure import NETUID, Figure, alternate, status_kb, table
 from neuron.config import MinerConfig, ValidatorConfig, with_overrides
-from neuron.mocknet import dev_wallet
+from neuron.engine import open_engine
+from neuron.harness.mocknet import dev_wallet
 from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forward_topk, load_model
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -40,36 +42,7 @@ OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim
 OPT_1_3B = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
                 max_position_embeddings=2048, word_embed_proj_dim=2048)
 RANDOM = {RANDOM_OPT: OPT_125M, "opt-1.3b-random": OPT_1_3B}
-NETUID = 1
 PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load", "gateway")
-
-
-@dataclass
-class Figure:
-    """One line of the table: A and B measured in alternation, and what A / B should reach."""
-
-    key: str
-    label: str
-    a: float  # median of A
-    b: float  # median of B
-    ratio: float  # median of A / B over adjacent pairs: drifts in machine load cancel
-    unit: str
-    target: str = ""  # ">= 1.3", "<= 1.10", or "" for none
-
-    @classmethod
-    def paired(cls, key: str, label: str, xs: list[float], ys: list[float], unit: str, target: str = "") -> "Figure":
-        ratio = statistics.median(x / y for x, y in zip(xs, ys))
-        return cls(key, label, statistics.median(xs), statistics.median(ys), ratio, unit, target)
-
-    @property
-    def met(self) -> bool | None:
-        if not self.target:
-            return None
-        op, value = self.target.split()
-        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "met": self.met}
 
 
 @dataclass(frozen=True)
@@ -126,15 +99,6 @@ def make_random_opt(path: Path, shape: dict = OPT_125M, seed: int = 0) -> None:
     OPTForCausalLM(OPTConfig(**shape, **special)).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY_PATH / name, path / name)
-
-
-async def alternate(reps: int, *measures) -> list[list[float]]:
-    """Each measure (an async function returning a number) run `reps` times in turn: A, B, A, B, ..."""
-    runs: list[list[float]] = [[] for _ in measures]
-    for _ in range(reps):
-        for out, measure in zip(runs, measures):
-            out.append(await measure())
-    return runs
 
 
 def _admit_only(hotkey: str):
@@ -197,10 +161,7 @@ class Bench:
         return axon, Target(f"127.0.0.1:{port}", keypair.ss58_address)
 
     def engine(self, config: MinerConfig | None = None):
-        from neuron.engine.hf import HFEngine
-
-        config = config or _miner_config()
-        return HFEngine(self.lm, config.batching, config.limits.max_seq_len)
+        return open_engine(config or _miner_config(), self.lm)
 
     async def close(self) -> None:
         if self.dendrite is not None:
@@ -448,8 +409,6 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     prompts and one for all generations (neuron/validator/reference.py)."""
     from neuron.axon import Axon
     from neuron.chain.local import LocalChain
-    from neuron.config import BatchingConfig
-    from neuron.engine.hf import HFEngine
     from neuron.validator.loop import Validator
 
     chain = LocalChain(workdir / "chain.sqlite", block_time=0.1)
@@ -465,8 +424,8 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     axons = []
     try:
         for w in wallets:
-            engine = HFEngine(lm, BatchingConfig(max_generate_batch=2), 256)
-            axon = Axon(engine, _miner_config(), w.hotkey, lambda: mg)
+            config = _miner_config(**{"batching.max_generate_batch": 2, "limits.max_seq_len": 256})
+            axon = Axon(open_engine(config, lm), config, w.hotkey, lambda: mg)
             chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
             axons.append(axon)
         validators = {}
@@ -510,11 +469,6 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
 
 # ---- 5. memory ---------------------------------------------------------------------------------
 
-def _status_kb(pid: int, field: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
-
-
 async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, sizes: Sizes,
                          workdir: Path) -> list[Figure]:
     """Peak RSS of a real `neuron miner` process serving the model under load, against its weights' bytes."""
@@ -537,7 +491,7 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
             port = int(m.group(1)) if m else None
             await asyncio.sleep(0.2)
         target, d = Target(f"127.0.0.1:{port}"), Dendrite()
-        loaded_kb = _status_kb(proc.pid, "VmRSS")
+        loaded_kb = status_kb(proc.pid, "VmRSS")
         # The heaviest load the bench puts on a miner: full-length forwards from every client at once.
         gen = torch.Generator().manual_seed(7)
         shape = sizes.latency
@@ -550,14 +504,14 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
                     for _ in range(sizes.streams)]
 
         results = await asyncio.gather(*streams())  # streams alone first: what a stream costs
-        streams_kb = _status_kb(proc.pid, "VmHWM")
+        streams_kb = status_kb(proc.pid, "VmHWM")
         forwards = [d.call(target, "Forward", request, 600) for _ in range(max(sizes.clients))]
         results += await asyncio.gather(*forwards, *streams())
         await d.close()
         bad = [r for r in results if not r.ok]
         if bad:
             raise RuntimeError(f"the miner failed a request: {bad[0].code.name}: {bad[0].message}")
-        peak_kb = _status_kb(proc.pid, "VmHWM")
+        peak_kb = status_kb(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -578,18 +532,6 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
 
 # ---- the command -------------------------------------------------------------------------------
 
-def table(figures: list[Figure], notes: list[str]) -> str:
-    rows = [("figure", "A", "B", "A/B", "target")]
-    for f in figures:
-        mark = "" if f.met is None else (" ok" if f.met else " MISSED")
-        rows.append((f.label, f"{f.a:.4g} {f.unit}", f"{f.b:.4g} {f.unit}", f"{f.ratio:.2f}x",
-                     (f.target + mark) if f.target else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines + notes)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="neuron bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=RANDOM_OPT,
@@ -609,7 +551,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
     wanted = set(args.only.split(",")) if args.only else set(PARTS)
     if wanted == {"gateway"}:  # its miners serve --model (tiny unless named): the gateway's cost against a real step
-        from neuron.bench_gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
+        from neuron.harness.bench.gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
         return await run_gateway(load_model(model, args.device, args.dtype),
                                  QUICK_GATEWAY if args.quick else GatewaySizes(), workdir, model)
     lm = load_model(model, args.device, args.dtype)
@@ -639,12 +581,12 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
     if "memory" in wanted:
         figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
     if "load" in wanted:
-        from neuron.bench_load import QUICK_LOAD, LoadSizes, run_load
+        from neuron.harness.bench.load import QUICK_LOAD, LoadSizes, run_load
         more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
                                           QUICK_LOAD if args.quick else LoadSizes(), workdir)
         figures, notes = figures + more, notes + load_notes
     if "gateway" in wanted:
-        from neuron.bench_gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
+        from neuron.harness.bench.gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
         gw_lm = lm if args.model == "tiny" else load_model("tiny", args.device, args.dtype)
         more, gw_notes = await run_gateway(gw_lm, QUICK_GATEWAY if args.quick else GatewaySizes(), workdir)
         figures, notes = figures + more, notes + gw_notes

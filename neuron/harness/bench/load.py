@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from neuron import wire
-from neuron.bench import Figure, _status_kb
+from neuron.harness.bench.figure import Figure, percentile, status_kb
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
 
@@ -56,11 +56,6 @@ class Outcome:
     seconds: float
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else float("nan")
-
-
 class _Miner:
     """A `neuron miner` subprocess (auth off) with the capacity under test."""
 
@@ -88,7 +83,7 @@ class _Miner:
             await asyncio.sleep(0.2)
 
     def rss_mib(self, field: str = "VmRSS") -> float:
-        return _status_kb(self.proc.pid, field) / 1024
+        return status_kb(self.proc.pid, field) / 1024
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -209,10 +204,10 @@ async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: 
         for q in (0.5, 0.99):
             figures.append(Figure(f"load_{kind}_p{round(q * 100)}_vs_alone",
                                   f"admitted {kind}s' p{round(q * 100)} latency under 10x load / alone",
-                                  _percentile(ok, q), alone, _percentile(ok, q) / alone, "ms"))
-        note.append(f"load {kind}s: {len(ok)} admitted (p50 {_percentile(ok, 0.5):.0f} ms, p99 {_percentile(ok, 0.99):.0f} "
-                    f"ms; alone {alone:.0f} ms), {len(refused)} shed (p50 {_percentile(refused, 0.5):.1f} ms, "
-                    f"p99 {_percentile(refused, 0.99):.1f} ms)")
+                                  percentile(ok, q), alone, percentile(ok, q) / alone, "ms"))
+        note.append(f"load {kind}s: {len(ok)} admitted (p50 {percentile(ok, 0.5):.0f} ms, p99 {percentile(ok, 0.99):.0f} "
+                    f"ms; alone {alone:.0f} ms), {len(refused)} shed (p50 {percentile(refused, 0.5):.1f} ms, "
+                    f"p99 {percentile(refused, 0.99):.1f} ms)")
     figures += [Figure("load_peak_rss_vs_before", "miner peak RSS during the load / RSS before it", peak, before,
                        peak / before, "MiB"),
                 Figure("load_rss_after_vs_before", "miner RSS after the load / before it", after, before, after / before,
@@ -220,12 +215,12 @@ async def run_load(model: str, device: str, dtype: str, vocab_size: int, sizes: 
     note.append(f"load memory: RSS {before:.0f} MiB before (peak so far {peak_before:.0f}), peak {peak:.0f} MiB, "
                 f"{after:.0f} MiB after")
     figures += [Figure("unread_probe_p99_vs_idle", f"another caller's stream p99 beside {sizes.unread} unread streams "
-                       "/ on an idle miner", _percentile(unread, 0.99), _percentile(idle, 0.99),
-                       _percentile(unread, 0.99) / _percentile(idle, 0.99), "ms", "<= 2"),
+                       "/ on an idle miner", percentile(unread, 0.99), percentile(idle, 0.99),
+                       percentile(unread, 0.99) / percentile(idle, 0.99), "ms", "<= 2"),
                 Figure("unread_probe_p99_vs_read", f"another caller's stream p99 beside {sizes.unread} unread streams "
-                       f"/ beside {sizes.unread} streams read to the end", _percentile(unread, 0.99),
-                       _percentile(read, 0.99), _percentile(unread, 0.99) / _percentile(read, 0.99), "ms")]
+                       f"/ beside {sizes.unread} streams read to the end", percentile(unread, 0.99),
+                       percentile(read, 0.99), percentile(unread, 0.99) / percentile(read, 0.99), "ms")]
     for label, xs, codes in (("idle", idle, {}), ("unread", unread, unread_codes), ("read", read, read_codes)):
-        note.append(f"probes {label}: {len(xs)} of {sizes.probes} answered, p50 {_percentile(xs, 0.5):.0f} ms, "
-                    f"p99 {_percentile(xs, 0.99):.0f} ms" + (f"; the {sizes.unread} crowd streams: {codes}" if codes else ""))
+        note.append(f"probes {label}: {len(xs)} of {sizes.probes} answered, p50 {percentile(xs, 0.5):.0f} ms, "
+                    f"p99 {percentile(xs, 0.99):.0f} ms" + (f"; the {sizes.unread} crowd streams: {codes}" if codes else ""))
     return figures, note

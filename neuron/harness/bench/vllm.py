@@ -1,7 +1,7 @@
 """`neuron bench --engine.backend vllm`: the vLLM engine against vLLM's own LLM.generate and the HF model.
 
 Figures, each A and B measured in alternation on the same requests (ratio = median of A / B over
-adjacent pairs, as in neuron/bench.py):
+adjacent pairs, as in neuron/harness/bench/run.py):
 - generation through `VllmEngine` (AsyncLLM, the miner's queue, token steps) / `vllm.LLM.generate`
   with the same engine arguments and sampling parameters: the cost of the engine layer (target >= 0.9);
 - the same requests through `VllmEngine` / the HF model's `generate` one after another;
@@ -27,6 +27,7 @@ import torch
 from neuron.engine import sampler as S
 from neuron.engine.types import GenerateJob, Sampler, SamplingParams
 from neuron.engine.vllm_config import VllmConfig
+from neuron.harness.bench.figure import Figure
 
 SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuron").expanduser() / "smollm2-135m"
 
@@ -39,16 +40,6 @@ def wants_vllm(argv: list[str]) -> bool:
         if arg.startswith("--engine.backend="):
             return arg.split("=", 1)[1] == "vllm"
     return False
-
-
-def _paired(key: str, label: str, xs: list[float], ys: list[float], unit: str, target: str = "") -> dict:
-    ratio = statistics.median(x / y for x, y in zip(xs, ys))
-    met = None
-    if target:
-        op, value = target.split()
-        met = ratio >= float(value) if op == ">=" else ratio <= float(value)
-    return {"key": key, "label": label, "a": statistics.median(xs), "b": statistics.median(ys), "ratio": ratio,
-            "unit": unit, "target": target, "met": met}
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -247,17 +238,18 @@ async def run(model: str, config: VllmConfig, requests: int, new_tokens: int, pr
         for kind in kinds:
             name = kind.value
             eng = runs[kind, "engine"]
-            figures.append(_paired(f"vllm_engine_vs_async_llm_{name}", f"{size}, {name}: VllmEngine / vLLM AsyncLLM "
-                                   "streaming", eng, runs[kind, "async_llm"], "tok/s", ">= 0.9"))
-            figures.append(_paired(f"vllm_engine_vs_llm_{name}", f"{size}, {name}: VllmEngine / vllm.LLM.generate",
-                                   eng, runs[kind, "llm"], "tok/s", ">= 0.9"))
-            figures.append(_paired(f"vllm_engine_vs_hf_{name}", f"{size}, {name}: VllmEngine / HF generate "
-                                   "(one request after another)", eng, runs[kind, "hf"], "tok/s"))
-        figures.append(_paired("vllm_engine_gumbel_vs_llm_own_sampler", f"{size}: VllmEngine gumbel-v1 / "
-                               "vllm.LLM.generate with vLLM's sampler", runs[Sampler.GUMBEL_V1, "engine"],
-                               runs[Sampler.ANY, "llm"], "tok/s", ">= 0.95"))
-        figures.append(_paired("vllm_gumbel_vs_own_sampler", f"{size}: VllmEngine gumbel-v1 / VllmEngine vLLM's "
-                               "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"], "tok/s"))
+            figures.append(Figure.paired(f"vllm_engine_vs_async_llm_{name}", f"{size}, {name}: VllmEngine / vLLM "
+                                         "AsyncLLM streaming", eng, runs[kind, "async_llm"], "tok/s", ">= 0.9").as_dict())
+            figures.append(Figure.paired(f"vllm_engine_vs_llm_{name}", f"{size}, {name}: VllmEngine / vllm.LLM.generate",
+                                         eng, runs[kind, "llm"], "tok/s", ">= 0.9").as_dict())
+            figures.append(Figure.paired(f"vllm_engine_vs_hf_{name}", f"{size}, {name}: VllmEngine / HF generate "
+                                         "(one request after another)", eng, runs[kind, "hf"], "tok/s").as_dict())
+        figures.append(Figure.paired("vllm_engine_gumbel_vs_llm_own_sampler", f"{size}: VllmEngine gumbel-v1 / "
+                                     "vllm.LLM.generate with vLLM's sampler", runs[Sampler.GUMBEL_V1, "engine"],
+                                     runs[Sampler.ANY, "llm"], "tok/s", ">= 0.95").as_dict())
+        figures.append(Figure.paired("vllm_gumbel_vs_own_sampler", f"{size}: VllmEngine gumbel-v1 / VllmEngine vLLM's "
+                                     "sampler", runs[Sampler.GUMBEL_V1, "engine"], runs[Sampler.ANY, "engine"],
+                                     "tok/s").as_dict())
         # A step of `requests` rows with vLLM's own sampler (prefill amortised in), on the fastest of the three
         # paths: the shortest step, so the processor's share is not flattered by a slow path.
         step_ms = 1e3 * requests / max(statistics.median(runs[Sampler.ANY, w]) for w in ("engine", "async_llm", "llm"))

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 
 from neuron import protocol
-from neuron.bench import NETUID, Figure, alternate
-from neuron.mocknet import dev_wallet
+from neuron.harness.bench.figure import NETUID, Figure, alternate, percentile
+from neuron.harness.mocknet import dev_wallet
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.model import LoadedModel
 
@@ -48,23 +48,18 @@ MINER_FLAGS = ("--auth.rate_per_s", "1e9", "--auth.burst", str(10**9), "--auth.m
                "--limits.max_batch", "64")
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
 class _Net:
     """A local chain, `n` miner processes, a validator that ran one round, and a gateway on port 0."""
 
     def __init__(self) -> None:
-        self.nodes: list = []  # neuron.mocknet.Node, one per miner process
+        self.nodes: list = []  # neuron.harness.mocknet.Node, one per miner process
         self.clients: list[httpx.AsyncClient] = []  # one per concurrent user
         self.server = self.task = self.gw = self.validator = None
 
     async def start(self, lm: LoadedModel, sizes: GatewaySizes, workdir: Path, model: str) -> "_Net":
         from neuron.chain.local import LocalChain
         from neuron.gateway.app import Gateway, serve_gateway
-        from neuron.mocknet import Node, start_miner, wait_serving
+        from neuron.harness.mocknet import Node, start_miner, wait_serving
         from neuron.validator.loop import Validator
 
         self.lm, self.sizes, self.model = lm, sizes, model
@@ -102,7 +97,7 @@ class _Net:
 
     async def close(self) -> None:
         """Whatever `start` got to, stopped; the miner processes always (SIGTERM, then SIGKILL)."""
-        from neuron.mocknet import stop
+        from neuron.harness.mocknet import stop
 
         try:
             for client in self.clients:
@@ -212,14 +207,14 @@ async def _figures(net: _Net, sizes: GatewaySizes) -> tuple[list[Figure], list[s
                       "and HTTP clients) / direct (dendrite)", [x * ms for x in cpu["gw"]],
                       [x * ms for x in cpu["direct"]], "ms"),
         Figure("gateway_ttft_added_p50", "time to first token, p50: gateway / direct",
-               _percentile(ttft_gw, 0.5) * ms, _percentile(ttft_d, 0.5) * ms,
+               percentile(ttft_gw, 0.5) * ms, percentile(ttft_d, 0.5) * ms,
                statistics.median(g / d for g, d in zip(ttft_gw, ttft_d)), "ms"),
         Figure("gateway_judge_vs_generate_per_token",
                f"validator judging s/token ({sizes.judge_batch} answers a batch) / a miner's generation s/token",
                judge_s * ms, gen_s * ms, judge_s / gen_s, "ms"),
     ]
     notes = [f"gateway: added time to first token (gateway - direct, {len(added)} pairs): "
-             f"p50 {_percentile(added, 0.5) * ms:.2f} ms, p99 {_percentile(added, 0.99) * ms:.2f} ms; "
+             f"p50 {percentile(added, 0.5) * ms:.2f} ms, p99 {percentile(added, 0.99) * ms:.2f} ms; "
              f"judging {judge_s * ms:.3f} ms per verified user token; miners in their own processes (one thread each), "
              "one HTTP client per user in the gateway's process"]
     return figures, notes

@@ -4,14 +4,13 @@ The reference is the validator's computation, the model in float32: Forward one 
 time, generations teacher-forced in one padded batch (neuron/validator/reference.py). Honest miners compute the
 same thing another way (float16 weights, left-padded Forward batches, seeded generation through the HF
 engine with sequences joining). Cheats serve another model or rewrite the logits (Forward), or choose
-their generated tokens another way than the seeded sampler (neuron/harness/cheats.py). Every check is one
+their generated tokens another way than the seeded sampler (neuron/harness/cheats/). Every check is one
 `verify_forward` or `verify_generation` call on one sequence, as the validator makes it; its metrics (and
 a generation's per-token margins, for the evidence limit) are kept whatever the verdict.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
@@ -23,7 +22,7 @@ import torch
 from neuron import scoring
 from neuron.validator.challenge import Challenge, ChallengeConfig, make_challenge
 from neuron.dataset import PromptSource
-from neuron.harness.cheats import LogitsFilter, cheat_model, quantize_
+from neuron.harness.cheats import MODEL, cheat_model, generation_cheat, lookup, names
 from neuron.harness.decode import Generated, decode, engine_decode, reported_by
 from neuron.model import ForwardJob, LoadedModel, forward_batch, forward_logprobs
 from neuron.validator.reference import Reference as BatchedReference
@@ -50,7 +49,10 @@ THRESHOLD_OF = {
 }
 # The precisions an honest miner may serve in; bfloat16 is measured but not among them (see docs/calibration.md).
 ACCEPTED_DTYPES = ("float32", "float16")
-DISHONEST = ("different", "truncated", "int8", "noise0.1", "noise0.3", "noise1.0", "random")
+# The model cheats whose Forward is measured: every one of the registry's, and logit noise at three more levels.
+# Files stored before the registry (docs/calibration/*.json.gz) label quantized_int8's Forward checks "int8",
+# beside the generation cheat int8's: a rescore keeps their labels, so their tables show one int8 row for both.
+FORWARD_CHEATS = (*names(MODEL), "noise0.1", "noise0.3", "noise1.0")
 
 
 def _sampled(c: "Check") -> bool:
@@ -135,12 +137,6 @@ def forward_checks(ref: Reference, miner: LoadedModel, chs: list[Challenge], th:
     return checks
 
 
-def ranks(ref_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[P, n] rank of each id under ref_rows [P, V] (0 = argmax; ties share the better rank)."""
-    ascending = ref_rows.sort(dim=-1).values
-    return ref_rows.shape[1] - torch.searchsorted(ascending, ref_rows.gather(1, ids), right=True)
-
-
 def specs_of(chs: list[Challenge]) -> list[scoring.GenSpec]:
     return [c.spec for c in chs]
 
@@ -208,56 +204,6 @@ def generation_checks(ref: Reference, chs: list[Challenge], answers: list[Genera
     return checks
 
 
-# Dishonest miners. Each returns a LoadedModel whose `model` computes the cheat; all run in float32.
-
-
-def _with_model(lm: LoadedModel, model: torch.nn.Module) -> LoadedModel:
-    return dataclasses.replace(lm, model=model)
-
-
-def perturbed(lm: LoadedModel, relative: float, seed: int) -> LoadedModel:
-    """Another model of the same architecture: every weight plus noise of `relative` x its tensor's std."""
-    model = copy.deepcopy(lm.model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = float(p.float().std()) if p.numel() > 1 else 0.0
-            p.add_(torch.randn(p.shape, generator=gen).to(p) * relative * scale)
-    return _with_model(lm, model)
-
-
-def int8_quantized(lm: LoadedModel) -> LoadedModel:
-    """Every Linear weight rounded to int8 per output row (symmetric, absmax scale) and dequantized."""
-    model = copy.deepcopy(lm.model)
-    quantize_(model, bits=8)
-    return _with_model(lm, model)
-
-
-def noisy(lm: LoadedModel, std: float, seed: int) -> LoadedModel:
-    """Honest logits plus Gaussian noise of `std` (in logit units, i.e. nats)."""
-    gen = torch.Generator().manual_seed(seed)
-    return _with_model(lm, LogitsFilter(lm.model, lambda x: x + std * torch.randn(x.shape, generator=gen).to(x)))
-
-
-def random_logits(lm: LoadedModel, seed: int) -> LoadedModel:
-    """Standard normal logits, nothing computed."""
-    gen = torch.Generator().manual_seed(seed)
-    return _with_model(lm, LogitsFilter(lm.model, lambda x: torch.randn(x.shape, generator=gen).to(x)))
-
-
-def dishonest_models(ref: LoadedModel, seed: int = 0, different_relative: float = 0.1) -> dict[str, LoadedModel]:
-    """Every model-level cheat of DISHONEST, built from the float32 reference."""
-    return {
-        "different": perturbed(ref, different_relative, seed),
-        "truncated": cheat_model("truncated", ref),
-        "int8": int8_quantized(ref),
-        "noise0.1": noisy(ref, 0.1, seed),
-        "noise0.3": noisy(ref, 0.3, seed),
-        "noise1.0": noisy(ref, 1.0, seed),
-        "random": random_logits(ref, seed),
-    }
-
-
 # Running and summarising.
 
 
@@ -279,13 +225,15 @@ def honest_run(ref: Reference, miners: dict[str, LoadedModel], source: PromptSou
     return checks
 
 
-def dishonest_run(ref: Reference, cheats: dict[str, LoadedModel], source: PromptSource, rng: random.Random,
-                  n: int, cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str) -> list[Check]:
-    """n Forward challenges to each model cheat, one at a time (batch 1, float32: the cheat's best case)."""
+def dishonest_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
+                  cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, seed: int = 0) -> list[Check]:
+    """n Forward challenges to each model cheat of the registry named in `kinds` (built in turn from the float32
+    reference), one at a time (batch 1, float32: the cheat's best case)."""
     chs = challenges(ref.lm, source, rng, n, cfg)
     ref.forget()
     checks = []
-    for label, cheat in cheats.items():
+    for label in kinds:
+        cheat = cheat_model(label, ref.lm, seed)
         for c in chs:
             checks += forward_checks(ref, cheat, [c], th, model=model, label=label, honest=False)
     return checks
@@ -300,11 +248,9 @@ EXACT = "_exact"
 def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptSource, rng: random.Random, n: int,
                          cfg: ChallengeConfig, th: scoring.Thresholds, *, model: str, batch: int = 48) -> list[Check]:
     """n seeded sampled challenges (half with top-p) to each generation cheat (neuron.harness.cheats), in
-    batches, reporting logprobs as the cheat does (exact ones for TEACHER_FORCED kinds and "<kind>_exact"
+    batches, reporting logprobs as the cheat does (exact ones for teacher-forced cheats and "<kind>_exact"
     variants: only the tokens can show those). Sampled only: on a greedy request most of these cheats are
     the honest answer."""
-    from neuron.harness.cheats import TEACHER_FORCED, generation_cheat
-
     chs = challenges(ref.lm, source, rng, n, dataclasses.replace(cfg, sampled_fraction=1.0))
     groups = [chs[i:i + batch] for i in range(0, n, batch)]
     honest = [a for g in groups for a in decode(ref.lm, [c.prompt_ids for c in g], specs_of(g))]
@@ -312,7 +258,7 @@ def generation_cheat_run(ref: Reference, kinds: tuple[str, ...], source: PromptS
     for kind in kinds:
         base = kind.removesuffix(EXACT)
         policy, chooser = generation_cheat(base, ref.lm)
-        exact = base in TEACHER_FORCED or kind != base
+        exact = lookup(base)[0].teacher_forced or kind != base
         answers = []
         for g in groups:
             prompts = [c.prompt_ids for c in g]
