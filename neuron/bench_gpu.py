@@ -54,7 +54,8 @@ class GpuSizes:
     profile_steps: int = 8
 
 
-QUICK_GPU = GpuSizes(prompt_len=8, new_tokens=8, streams=(1, 4), reps=1, profile_streams=2, profile_steps=2)
+# 12 streams: more than one caller may have in flight by default (auth.max_in_flight), which the bench lifts.
+QUICK_GPU = GpuSizes(prompt_len=8, new_tokens=8, streams=(1, 12), reps=1, profile_streams=2, profile_steps=2)
 
 
 def random_lm(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
@@ -114,7 +115,9 @@ class GpuBench:
 
     def config(self, n: int):
         s = self.sizes
-        return _miner_config(**{"batching.max_generate_batch": n, "batching.queue_size": max(256, n),
+        # One caller sends every stream: the per-hotkey bound on calls in flight is lifted.
+        return _miner_config(**{"auth.max_in_flight": 0, "batching.max_generate_batch": n,
+                                "batching.queue_size": max(256, n),
                                 "batching.max_wait_ms": 0.0, "limits.max_seq_len": s.prompt_len + s.new_tokens})
 
     def engine(self, n: int):

@@ -5,7 +5,7 @@
 #   2. `neuron bench --only gpu`: OPT-1.3B's shape in float16, 1/16/64/256 streams, and a decode-step profile,
 #   3. the GPU calibration: honest miners on CUDA in float16 and bfloat16, decode batches 1-64, judged by the
 #      float32 validator on the CPU in the same process (scripts/calibrate.py --miner-device cuda),
-# each under its own time limit inside an overall one (DEADLINE_S, 420 s), every log and figure in one folder.
+# each under its own time limit inside an overall one (DEADLINE_S, 390 s), every log and figure in one folder.
 #
 #   scripts/gpu_check.sh [--cpu-smoke] [--smollm2] [OUTDIR]     OUTDIR: $OUT on the device machine, else gpu-out/
 #
@@ -34,7 +34,7 @@ DEST=$(cd "$DEST" && pwd)
 LOG=$DEST/gpu_check$([ "$SMOL" = 1 ] && echo _smollm2).log
 : >"$LOG"
 PY=${PYTHON:-python3}
-DEADLINE_S=${DEADLINE_S:-420}
+DEADLINE_S=${DEADLINE_S:-390}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false GRPC_VERBOSITY=ERROR
 T0=$(date +%s)
 SUMMARY=()
@@ -67,7 +67,7 @@ STASH=/tmp/neuron-smollm2  # where the first call leaves SmolLM2's first part fo
 
 # ---- the second call: SmolLM2 -----------------------------------------------------------------------------
 if [ "$SMOL" = 1 ]; then
-  DEADLINE_S=${SMOLLM2_DEADLINE_S:-300}
+  DEADLINE_S=${SMOLLM2_DEADLINE_S:-270}
   if [ "$SMOKE" = 1 ]; then  # here: as if the first call had stashed its part; the wheels are this venv's
     cp .gpu/smollm2.part1 .gpu/smollm2.sha256 "$STASH"/ || exit 3
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -177,12 +177,16 @@ fi
 # The embedded tiny model: SmolLM2 (270 MB in float16, 93 MB as its GGUF) cannot travel in a 64 MiB call.
 # Per precision: 8 rounds of decode batches 1-64 (12 sizes, 220 challenges a round): 1,760 Forward checks and
 # 1,760 generations of 16 tokens (28,000 tokens, three quarters of them sampled).
+# With SmolLM2's calibration to follow (.gpu/smollm2.part1 carried), float16 alone and 3 rounds: device time.
+TINY_DTYPES=(float16 bfloat16)
+TINY_ROUNDS=8
+[ -e .gpu/smollm2.part1 ] && TINY_DTYPES=(float16) TINY_ROUNDS=3
 if [ "$SMOKE" = 1 ]; then
   CAL=(--miner-device cpu --batch-sizes 1,3 --rounds 1 --max-new-tokens 4 --seq-len 24 --positions 4)
 else
-  CAL=(--miner-device cuda --batch-sizes 1,2,3,4,6,8,12,16,24,32,48,64 --rounds 8 --max-new-tokens 16)
+  CAL=(--miner-device cuda --batch-sizes 1,2,3,4,6,8,12,16,24,32,48,64 --rounds "$TINY_ROUNDS" --max-new-tokens 16)
 fi
-for dt in float16 bfloat16; do
+for dt in "${TINY_DTYPES[@]}"; do
   step "calibration $dt" 100 "${PYP[@]}" scripts/calibrate.py --model tiny --device cpu --ref-dtype float32 \
     --dtypes "$dt" "${CAL[@]}" --dishonest 0 --generation-cheats 0 --seed 22 --json "$DEST/calibration_$dt.json.gz"
 done
