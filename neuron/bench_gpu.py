@@ -155,7 +155,8 @@ class GpuBench:
                         return sum(counts) / (time.perf_counter() - start)
 
                     async def through_axon() -> float:
-                        requests = [pb.GenerateRequest(prompt_ids=p, max_new_tokens=s.new_tokens) for p in self.prompts(n)]
+                        requests = [pb.GenerateRequest(prompt_ids=p, max_new_tokens=s.new_tokens)
+                                    for p in self.prompts(n)]
 
                         async def one(r) -> int:
                             return len([c async for c in dendrite.stream(target, r, 600)])
@@ -256,7 +257,8 @@ def profile_decode(lm: LoadedModel, sizes: GpuSizes, cuda_graphs: bool) -> str:
               f"{device_us / 1000 / wall_ms:.0%} of the wall time; the rest is host work or gaps" if cuda
               else "device busy per step: (the CPU is the device)"),
              f"host (CPU self time of all ops) per step: {cpu_us / 1000:.3f} ms",
-             "synchronisations, copies and launches per step: " + (", ".join(f"{k} {v:g}" for k, v in syncs.items()) or "none seen"), ""]
+             "synchronisations, copies and launches per step: "
+             + (", ".join(f"{k} {v:g}" for k, v in syncs.items()) or "none seen"), ""]
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines.append(events.table(sort_by=sort, row_limit=20, max_name_column_width=60))
     if cuda:
@@ -294,7 +296,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     if lm.device.type == "cuda":
         profiles.append(profile_decode(lm, sizes, cuda_graphs=False))
     gpu = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"
-    print(f"neuron bench {' '.join(argv)}: model {model}, {lm.dtype} on {lm.device} ({gpu}), torch {torch.__version__}, "
+    print(f"neuron bench {' '.join(argv)}: model {model}, {lm.dtype} on {lm.device} ({gpu}), "
+          f"torch {torch.__version__}, "
           f"{time.perf_counter() - started:.0f} s")
     print(table(figures, notes))
     print("\n".join(p.split("\n\n")[0] for p in profiles))  # the profile's summary lines; the tables go to the file

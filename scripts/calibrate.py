@@ -49,8 +49,8 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     ref = cal.Reference(load_model(name, args.device, args.ref_dtype))
     # The honest miners on --miner-device (a GPU: float16, bfloat16), judged by the reference on --device.
     miner_device = args.miner_device or args.device
-    miners = {dt: (ref.lm if dt == args.ref_dtype and miner_device == args.device else load_model(name, miner_device, dt))
-              for dt in args.dtypes}
+    miners = {dt: (ref.lm if dt == args.ref_dtype and miner_device == args.device
+                   else load_model(name, miner_device, dt)) for dt in args.dtypes}
     source, rng = PromptSource.default(), random.Random(args.seed)
     checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds,
                             forward=not args.generation_only)

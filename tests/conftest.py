@@ -19,8 +19,9 @@ from neuron.model import load_model
 # The CUDA tests (tests/gpu, marker `cuda`): skipped here, run on a lent GPU by scripts/gpu_check.sh (docs/gpu.md).
 # NEURON_CUDA_TESTS_DEVICE=cpu runs their code on the CPU instead (scripts/gpu_check.sh --cpu-smoke: a dry run).
 CUDA_TESTS_DEVICE = os.environ.get("NEURON_CUDA_TESTS_DEVICE", "cuda")
-needs_cuda = pytest.mark.skipif(CUDA_TESTS_DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device on this machine: the cuda tests "
-                                "run on a GPU (scripts/gpu_check.sh, docs/gpu.md)")
+needs_cuda = pytest.mark.skipif(CUDA_TESTS_DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="no CUDA device on this machine: the cuda tests run on a GPU "
+                                "(scripts/gpu_check.sh, docs/gpu.md)")
 _on_cuda: dict[tuple[str, str], object] = {}
 
 
