@@ -397,8 +397,13 @@ def cmd_bench(argv: list[str], _yaml) -> int:
 
     if bench_vllm.wants_vllm(argv):
         return bench_vllm.main(argv)
-    from neuron.harness.bench.run import main as bench_main
+    from neuron.harness.bench.run import main as bench_main, parse
 
+    args = parse(argv)
+    if args.only == "gpu":  # its own module: decode against generate and the bandwidth bound (docs/gpu.md)
+        from neuron.harness.bench.gpu import main as gpu_main
+
+        return gpu_main(args, argv)
     return bench_main(argv)
 
 

@@ -47,7 +47,10 @@ def run_model(name: str, args, th: Thresholds, cfg: ChallengeConfig) -> list[cal
     label = label_of(name)
     t0 = time.perf_counter()
     ref = cal.Reference(load_model(name, args.device, args.ref_dtype))
-    miners = {dt: (ref.lm if dt == args.ref_dtype else load_model(name, args.device, dt)) for dt in args.dtypes}
+    # The honest miners on --miner-device (a GPU: float16, bfloat16), judged by the reference on --device.
+    miner_device = args.miner_device or args.device
+    miners = {dt: (ref.lm if dt == args.ref_dtype and miner_device == args.device
+                   else load_model(name, miner_device, dt)) for dt in args.dtypes}
     source, rng = PromptSource.default(), random.Random(args.seed)
     checks = cal.honest_run(ref, miners, source, rng, args.batch_sizes, cfg, th, model=label, rounds=args.rounds,
                             forward=not args.generation_only)
@@ -203,7 +206,9 @@ def disagreement_tables(dv: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="tiny, a local path or a Hugging Face id (repeatable)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="the validator's (the reference's) device")
+    p.add_argument("--miner-device", default="", help="the honest miners' device (default: --device); e.g. cuda, "
+                   "judged by a float32 reference on the CPU in the same process")
     p.add_argument("--ref-dtype", default="float32", help="the validator's precision")
     p.add_argument("--dtypes", default="float32,float16", help="honest miners' precisions (bfloat16 is measured, "
                    "not accepted)")

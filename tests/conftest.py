@@ -16,6 +16,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from neuron.config import MinerConfig, with_overrides
 from neuron.model import load_model
 
+# The CUDA tests (tests/gpu, marker `cuda`): skipped here, run on a lent GPU by scripts/gpu_check.sh (docs/gpu.md).
+# NEURON_CUDA_TESTS_DEVICE=cpu runs their code on the CPU instead (scripts/gpu_check.sh --cpu-smoke: a dry run).
+CUDA_TESTS_DEVICE = os.environ.get("NEURON_CUDA_TESTS_DEVICE", "cuda")
+needs_cuda = pytest.mark.skipif(CUDA_TESTS_DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="no CUDA device on this machine: the cuda tests run on a GPU "
+                                "(scripts/gpu_check.sh, docs/gpu.md)")
+_on_cuda: dict[tuple[str, str], object] = {}
+
+
+def cuda_model(name: str, dtype: str = "float32"):
+    """An embedded model on the GPU, loaded once per session per dtype (the cuda tests')."""
+    if (name, dtype) not in _on_cuda:
+        _on_cuda[name, dtype] = load_model(name, device=CUDA_TESTS_DEVICE, dtype=dtype)
+    return _on_cuda[name, dtype]
+
+
 SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuron").expanduser() / "smollm2-135m"
 
 

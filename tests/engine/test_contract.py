@@ -90,7 +90,7 @@ def recomputed(lm, prompt: tuple[int, ...], tokens: list[int], sp: SamplingParam
     """The spec's choice at every step, over the model's own logits teacher-forced over `tokens`."""
     logits = lm.model(input_ids=torch.tensor([list(prompt) + tokens]).to(lm.device)).logits[0].float()
     rows = logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
-    rp = S.RowParams.build([(sp.temperature, sp.top_k, sp.top_p, sp.seed, t) for t in range(len(tokens))])
+    rp = S.RowParams.build([(sp.temperature, sp.top_k, sp.top_p, sp.seed, t) for t in range(len(tokens))], lm.device)
     return S.choose(rows, rp).tolist()
 
 
@@ -115,7 +115,7 @@ async def test_concurrent_forwards_equal_the_direct_call(engine, lm):
 async def test_token_logprobs_are_the_next_input_tokens_under_the_full_softmax(engine, lm, backend):
     """OpenAI's echoed prompt logprobs: at each position, the actual next token's, inside the top-k or not."""
     prompt = ids_of(lm, "The capital of France is")
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=lm.device)
     row = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                             do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)[0].tolist()  # a greedy tail: top-1
     rows = torch.tensor([row, row[::-1]])
@@ -137,14 +137,14 @@ async def test_token_logprobs_are_the_next_input_tokens_under_the_full_softmax(e
 
 async def test_greedy_generation_equals_plain_generate_and_reports_raw_logprobs(engine, lm):
     prompt = ids_of(lm, "The capital of France is")
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=lm.device)
     ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                             pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt):].tolist()
     steps = await collect(engine.generate(GenerateJob(prompt, 12, logprobs_topn=3)))
     got = [s.token_id for s in steps]
     assert got == ref[:len(got)] and steps[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
     assert all(s.finish_reason is None for s in steps[:-1])
-    lp, _ = forward_logprobs(lm, torch.tensor([list(prompt) + got]))
+    lp = forward_logprobs(lm, torch.tensor([list(prompt) + got]))[0].cpu()
     want = lp[0, len(prompt) - 1:-1].gather(-1, torch.tensor(got)[:, None]).squeeze(-1)
     assert torch.allclose(torch.tensor([s.logprob for s in steps]), want, atol=1e-3)
     assert all(len(s.top_ids) == 3 and s.top_ids[0] == s.token_id for s in steps)  # greedy: the top one
@@ -167,7 +167,7 @@ async def test_reported_logprobs_equal_a_teacher_forced_pass_past_the_local_wind
     tokens = [s.token_id for s in steps]
     window = getattr(lm.model.config, "window_size", None)
     assert window is None or len(prompt) + len(tokens) > 4 * window
-    lp, _ = forward_logprobs(lm, torch.tensor([list(prompt) + tokens]))
+    lp = forward_logprobs(lm, torch.tensor([list(prompt) + tokens]))[0].cpu()
     rows = lp[0, len(prompt) - 1:len(prompt) - 1 + len(tokens)]
     atol = max(1e-4, BACKENDS[backend].logprob_atol)  # a long generation: float32 steps add up past 1e-5
     want = rows.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)

@@ -42,7 +42,7 @@ OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim
 OPT_1_3B = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
                 max_position_embeddings=2048, word_embed_proj_dim=2048)
 RANDOM = {RANDOM_OPT: OPT_125M, "opt-1.3b-random": OPT_1_3B}
-PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load", "gateway")
+PARTS = ("overhead", "forward", "generate", "sampler", "bound", "validator", "memory", "load", "gateway", "gpu")
 
 
 @dataclass(frozen=True)
@@ -544,7 +544,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--round-model", default="tiny",
                    help="the model of the validator-round figure (miners and validator share it); 'same' for --model")
     p.add_argument("--reps", type=int, default=0, help="alternations per figure (default 3, 1 with --quick)")
-    p.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(PARTS)}")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(PARTS)} (gpu: alone, "
+                   "neuron/harness/bench/gpu.py: decode at 1-256 streams against generate and the bandwidth bound)")
+    p.add_argument("--profile", default="", help="--only gpu: write the decode step's torch.profiler tables here")
     return p.parse_args(argv)
 
 
