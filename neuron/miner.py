@@ -16,7 +16,7 @@ from neuron.config import MinerConfig, WalletConfig
 from neuron.engine import open_engine
 from neuron.engine.types import Engine
 from neuron.signals import until_signalled
-from neuron.model import load_model
+from neuron.model import load_model, precision_problem
 
 
 def external_ip(configured: str) -> str:
@@ -142,9 +142,8 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 logger.info("stopped while the model loaded: not serving")
                 await engine.stop(0)
                 return 0
-            if engine.info().dtype == "bfloat16":
-                logger.warning("bfloat16 answers are too far from the validators' float32 reference to pass "
-                               "verification (docs/calibration.md): serve in float16 or float32 (--model.dtype)")
+            if problem := await asyncio.to_thread(precision_problem, config.model.name, engine.info().dtype):
+                logger.warning(problem)
             server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
             if config.metrics.port:
                 from neuron import metrics

@@ -123,6 +123,22 @@ def _check_quantized_install(name: str, quantization: str) -> None:
                             f"(or pip install bitsandbytes==0.50.2 accelerate==1.16.0)")
 
 
+def precision_problem(name: str, dtype: str) -> str:
+    """Why honest answers of model `name` served in `dtype` fail verification against a float32 reference, as
+    calibration measured it ("" when nothing is known against it): the miner warns at start."""
+    if dtype == "bfloat16":
+        return ("bfloat16 answers are too far from the validators' float32 reference to pass verification "
+                "(docs/calibration.md): serve in float16 or float32 (--model.dtype)")
+    if dtype == "float16":
+        from transformers import AutoConfig
+
+        if AutoConfig.from_pretrained(locate(name)[0]).model_type == "gpt_neo":
+            return ("GPT-Neo in float16: honest generated-token logprob errors up to 0.146 were measured (tiny-gpt-neo, "
+                    "docs/calibration.md) against the validators' 0.1: 4 of 288 honest checks failed. Serve it in "
+                    "float32 (--model.dtype float32) until a GPT-Neo float16 calibration says otherwise")
+    return ""
+
+
 def locate(name: str) -> tuple[str, bool]:
     """(where to load `name` from, whether to stay off the hub): the packaged tiny models by name, a local
     directory, or a Hugging Face id that is cached (or downloadable); ModelNotFound with the fix otherwise.

@@ -44,7 +44,7 @@ async def measure(model: str, dtype: str, generations: int, tokens: int, forward
                             sampler=Sampler.GUMBEL_V1)
         return [step async for step in engine.generate(GenerateJob(prompt, s.max_new_tokens, sp))]
 
-    fwd_ids = [tuple(lm.tokenizer(source.sample_span(rng, 80, 400)).input_ids[:64]) for _ in range(forwards)]
+    fwd_ids = [tuple(lm.tokenizer(source.sample_span(rng, 400, 1200)).input_ids[:64]) for _ in range(forwards)]
     fwd_ids = [ids for ids in fwd_ids if len(ids) == 64]
 
     async def fwd(ids):

@@ -168,3 +168,12 @@ async def test_an_8bit_checkpoint_loads_on_the_cpu_declares_itself_and_serves_as
     finally:
         await engine.stop(timeout=0)
     assert got == want[:len(got)] and engine.info().quantization == "bnb-8bit"
+
+
+def test_the_precisions_calibration_found_failing_are_named():
+    from neuron.model import precision_problem
+
+    assert precision_problem("tiny", "float32") == "" and precision_problem("tiny", "float16") == ""
+    assert precision_problem("tiny", "bfloat16").startswith("bfloat16 answers")
+    assert precision_problem("tiny-gpt-neo", "float16").startswith("GPT-Neo in float16")
+    assert precision_problem("tiny-gpt-neo", "float32") == ""
