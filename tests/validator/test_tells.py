@@ -20,7 +20,7 @@ from neuron.config import GatewayConfig
 from neuron.dataset import PromptSource
 from neuron.gateway import openai_api as oa
 from neuron.gateway.app import Gateway
-from neuron.harness.cheats import SelectiveServicer
+from neuron.harness.cheats.servicers import SelectiveServicer
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from neuron.validator.challenge import STOPS, ChallengeConfig, make_challenge
 from neuron.validator.mix import BUCKETS, PRIOR, TrafficMix
