@@ -169,9 +169,9 @@ class GatewayConfig:
     min_streak: int = 2  # a miner serves users once its last this-many checks (challenges, user answers) verified
     min_clean: int = 20  # and, after a wrong answer (not a timeout or refusal), this many verified checks since
     max_body_bytes: int = 1 << 20  # largest request body
-    # Seconds an idle HTTP connection is kept open. Longer than clients keep theirs (httpx and the openai client:
-    # 5 s), so a client never reuses a connection the gateway is closing at that instant (a failed request).
-    keep_alive_s: float = 30.0
+    # Longer than clients keep theirs (httpx and the openai client: 5 s), so a client never reuses a connection
+    # the gateway is closing at that instant (a failed request).
+    keep_alive_s: float = 30.0  # seconds an idle HTTP connection is kept open
 
 
 @dataclass(frozen=True)
