@@ -164,3 +164,15 @@ async def local_network(tmp_path: Path, lm, servicers: list) -> tuple:
         chain.serve_axon(1, w, "127.0.0.1", await axon.start())
         miners[uid] = axon
     return chain, vwallet, miners
+
+
+class WholeBufferStep:
+    """What DecodeGraphs.logits computes (the step over every column of the KV ring), without the capture:
+    set as a Runner's `graphs` to run the graph's code path eagerly."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def logits(self, b):
+        r = self.runner
+        return r.forward_step(b, r.attention_mask(b, 0, r.max_len), 0, r.max_len)

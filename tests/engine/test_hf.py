@@ -140,13 +140,7 @@ def test_the_whole_buffer_step_a_cuda_graph_replays_equals_the_windowed_step(tin
     from neuron.engine.runner import Runner
     from neuron.engine.types import SamplingParams
 
-    class WholeBuffer:  # what DecodeGraphs.logits computes, without the capture
-        def __init__(self, runner):
-            self.runner = runner
-
-        def logits(self, b):
-            r = self.runner
-            return r.forward_step(b, r.attention_mask(b, 0, r.max_len), 0, r.max_len)
+    from conftest import WholeBufferStep as WholeBuffer
 
     windowed, whole = Runner(tiny, 4, 24, cuda_graphs=False), Runner(tiny, 4, 24, cuda_graphs=False)
     whole.graphs = WholeBuffer(whole)

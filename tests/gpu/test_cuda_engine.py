@@ -95,13 +95,7 @@ def test_every_bucket_is_captured_and_replays_equal_the_eager_step(dtype):
     with the same logprobs through joins, leaves and the ring wrapping; every bucket was captured, none failed."""
     lm = cuda_model("tiny", dtype)
 
-    class EagerWholeBuffer:  # what DecodeGraphs.logits computes, without the graph
-        def __init__(self, runner):
-            self.runner = runner
-
-        def logits(self, b):
-            r = self.runner
-            return r.forward_step(b, r.attention_mask(b, 0, r.max_len), 0, r.max_len)
+    from conftest import WholeBufferStep as EagerWholeBuffer
 
     graphs, eager = Runner(lm, 16, 32), Runner(lm, 16, 32, cuda_graphs=False)
     eager.graphs = EagerWholeBuffer(eager)
