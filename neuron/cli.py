@@ -495,10 +495,10 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:
         raise
     except Exception as exc:
-        from neuron.model import ModelNotFound
+        from neuron.model import ModelNotFound, UnverifiablePrecision
         from neuron.wallets import WalletError
 
-        if isinstance(exc, (ModelNotFound, WalletError, OSError)):
+        if isinstance(exc, (ModelNotFound, UnverifiablePrecision, WalletError, OSError)):
             logger.error(str(exc))
             return 1
         raise

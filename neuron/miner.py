@@ -16,7 +16,7 @@ from neuron.config import MinerConfig, WalletConfig
 from neuron.engine import open_engine
 from neuron.engine.types import Engine
 from neuron.signals import until_signalled
-from neuron.model import load_model, precision_problem
+from neuron.model import UnverifiablePrecision, load_model, precision_problem
 
 
 def external_ip(configured: str) -> str:
@@ -143,7 +143,8 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 await engine.stop(0)
                 return 0
             if problem := await asyncio.to_thread(precision_problem, config.model.name, engine.info().dtype):
-                logger.warning(problem)
+                await engine.stop(0)  # an honest miner rejected round after round is worse than one that never starts
+                raise UnverifiablePrecision(f"not serving: {problem}")
             server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
             if config.metrics.port:
                 from neuron import metrics

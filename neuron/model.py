@@ -51,13 +51,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # On CPU fp16/bf16 matmuls are several times slower than fp32.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+# Architectures whose honest float16 answers calibration found outside verification's tolerances (generated-token
+# logprob errors up to 0.146 against 0.1 on tiny-gpt-neo; GPT-Neo 1.3B was trained with bfloat16 activations, and
+# its fp16 overflows are well known): "auto" serves them in float32 on every device, and float16 is refused.
+FLOAT32_ONLY = {"gpt_neo": "GPT-Neo"}
+
+
+def auto_dtype(model_type: str, on_cuda: bool) -> str:
+    """What "auto" serves in: float16 on CUDA, float32 on the CPU (fp16/bf16 matmuls are several times slower
+    there), and float32 everywhere for an architecture in FLOAT32_ONLY."""
+    return "float16" if on_cuda and model_type not in FLOAT32_ONLY else "float32"
 
 
 def _source(name: str) -> str:
@@ -123,19 +126,25 @@ def _check_quantized_install(name: str, quantization: str) -> None:
                             f"(or pip install bitsandbytes==0.50.2 accelerate==1.16.0)")
 
 
+class UnverifiablePrecision(ValueError):
+    """The model would be served in a precision whose honest answers fail verification: the miner refuses to
+    start rather than be rejected round after round (the message says which flag to change)."""
+
+
 def precision_problem(name: str, dtype: str) -> str:
     """Why honest answers of model `name` served in `dtype` fail verification against a float32 reference, as
-    calibration measured it ("" when nothing is known against it): the miner warns at start."""
+    calibration measured it ("" when nothing is known against it): the miner refuses to serve them."""
     if dtype == "bfloat16":
         return ("bfloat16 answers are too far from the validators' float32 reference to pass verification "
-                "(docs/calibration.md): serve in float16 or float32 (--model.dtype)")
+                "(docs/calibration.md): serve in float16 or float32 (--model.dtype, or --engine.vllm.dtype)")
     if dtype == "float16":
         from transformers import AutoConfig
 
-        if AutoConfig.from_pretrained(locate(name)[0]).model_type == "gpt_neo":
-            return ("GPT-Neo in float16: honest generated-token logprob errors up to 0.146 were measured (tiny-gpt-neo, "
-                    "docs/calibration.md) against the validators' 0.1: 4 of 288 honest checks failed. Serve it in "
-                    "float32 (--model.dtype float32) until a GPT-Neo float16 calibration says otherwise")
+        model_type = AutoConfig.from_pretrained(locate(name)[0]).model_type
+        if model_type in FLOAT32_ONLY:
+            return (f"{FLOAT32_ONLY[model_type]} in float16: honest generated-token logprob errors up to 0.146 were "
+                    "measured (tiny-gpt-neo, docs/calibration.md) against the validators' 0.1, so 4 of 288 honest "
+                    "checks failed. Serve it in float32: --model.dtype auto or float32 (or --engine.vllm.dtype)")
     return ""
 
 
@@ -158,11 +167,14 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: str = "auto") ->
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    dt = resolve_dtype(dtype, dev)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     source, offline = locate(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", local_files_only=offline)
-        quantization = quantization_of(AutoConfig.from_pretrained(source, local_files_only=offline).to_dict())
+        hf_config = AutoConfig.from_pretrained(source, local_files_only=offline)
+        dt = DTYPES[auto_dtype(hf_config.model_type, dev.type == "cuda") if dtype == "auto" else dtype]
+        quantization = quantization_of(hf_config.to_dict())
         _check_quantized_install(name, quantization)
         # A quantized model is placed on its device as it loads: bitsandbytes 8-bit weights cannot be moved after.
         placed = {"device_map": {"": dev}} if quantization else {}

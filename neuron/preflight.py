@@ -17,7 +17,20 @@ def miner(config: MinerConfig) -> MinerConfig:
     on_chain = config.subtensor.network != "none" or bool(config.subtensor.chain_endpoint)
     if on_chain or config.auth.required:
         wallet_files(config.wallet)
+    precision(config)
     return axon_address(config) if on_chain else config
+
+
+def precision(config: MinerConfig | ValidatorConfig) -> None:
+    """A precision asked for by name whose honest answers fail verification (neuron/model.py precision_problem)
+    is refused before the load; "auto" never picks one, and the miner checks what its engine serves again."""
+    vllm = getattr(config, "engine", None) is not None and config.engine.backend == "vllm"
+    flag, dtype = ("--engine.vllm.dtype", config.engine.vllm.dtype) if vllm else ("--model.dtype", config.model.dtype)
+    if dtype != "auto":
+        from neuron.model import precision_problem
+
+        if problem := precision_problem(config.model.name, dtype):
+            raise ConfigError(f"{flag} {dtype}: {problem}")
 
 
 def validator(config: ValidatorConfig) -> None:
@@ -27,6 +40,7 @@ def validator(config: ValidatorConfig) -> None:
     chain_flags(config.subtensor)
     wallet_files(config.wallet)
     state_path(config.state_path)
+    precision(config)  # a reference in a refused precision would reject honest miners as surely
 
 
 def chain_flags(sub: SubtensorConfig) -> None:

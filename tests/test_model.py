@@ -1,3 +1,4 @@
+import asyncio
 import importlib.util
 from pathlib import Path
 
@@ -177,3 +178,29 @@ def test_the_precisions_calibration_found_failing_are_named():
     assert precision_problem("tiny", "bfloat16").startswith("bfloat16 answers")
     assert precision_problem("tiny-gpt-neo", "float16").startswith("GPT-Neo in float16")
     assert precision_problem("tiny-gpt-neo", "float32") == ""
+
+
+def test_auto_serves_gpt_neo_in_float32_on_every_device():
+    from neuron.model import auto_dtype
+
+    assert (auto_dtype("opt", on_cuda=True), auto_dtype("opt", on_cuda=False)) == ("float16", "float32")
+    assert (auto_dtype("gpt_neo", on_cuda=True), auto_dtype("gpt_neo", on_cuda=False)) == ("float32", "float32")
+    assert load_model("tiny-gpt-neo", "cpu", "auto").dtype == torch.float32
+
+
+async def test_the_miner_refuses_to_serve_a_precision_that_fails_verification():
+    """run_miner without the CLI's preflight (the mock network, a harness): the engine's own dtype is checked once
+    it starts, the engine is stopped and the port is never bound."""
+    import socket
+
+    from conftest import miner_config
+    from neuron.miner import run_miner
+    from neuron.model import UnverifiablePrecision
+    from test_metrics import free_port
+
+    port = free_port()
+    config = miner_config(**{"model.name": "tiny-gpt-neo", "model.dtype": "float16", "axon.port": port})
+    with pytest.raises(UnverifiablePrecision, match="not serving: GPT-Neo in float16"):
+        await asyncio.wait_for(run_miner(config, None, None), 60)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # never bound by the miner, so free

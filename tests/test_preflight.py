@@ -36,6 +36,7 @@ def test_a_sound_validator_config_passes_and_the_state_directory_is_made(tmp_pat
     ({"wallet.name": "nobody"}, "--wallet.name nobody: no wallet at"),
     ({"wallet.hotkey": "typo"}, "--wallet.hotkey typo: no hotkey file at .*this wallet has: default"),
     ({"subtensor.chain_endpoint": "http://x"}, "--subtensor.chain_endpoint http://x: expected ws://"),
+    ({"model.name": "tiny-gpt-neo", "model.dtype": "float16"}, "--model.dtype float16: GPT-Neo in float16"),
 ])
 def test_validator_chain_and_wallet_refusals_name_the_flag(tmp_path, chain_and_wallet, changes, needle):
     with pytest.raises(cfg.ConfigError, match=needle):
@@ -102,3 +103,16 @@ def test_a_chainless_dev_miner_needs_no_wallet(tmp_path):
     assert preflight.miner(c) == c
     with pytest.raises(cfg.ConfigError, match="--wallet.name nobody"):
         preflight.miner(miner_config(tmp_path, **{"subtensor.network": "none", "wallet.name": "nobody"}))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ({"model.dtype": "float16", "model.name": "tiny-gpt-neo"}, "--model.dtype float16: GPT-Neo in float16"),
+    ({"model.dtype": "bfloat16"}, "--model.dtype bfloat16: bfloat16 answers"),
+    ({"engine.backend": "vllm", "engine.vllm.dtype": "bfloat16"}, "--engine.vllm.dtype bfloat16: bfloat16 answers"),
+])
+def test_a_precision_that_fails_verification_is_refused_before_the_load(tmp_path, flags, needle):
+    base = {"subtensor.network": "none", "auth.required": "false", "axon.ip": "127.0.0.1"}
+    with pytest.raises(cfg.ConfigError, match=needle):
+        preflight.miner(miner_config(tmp_path, **base, **flags))
+    for fine in ({"model.dtype": "float16", "model.name": "tiny"}, {"model.name": "tiny-gpt-neo"}):
+        preflight.miner(miner_config(tmp_path, **base, **fine))  # tiny OPT in float16, GPT-Neo on auto: served

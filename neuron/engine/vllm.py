@@ -44,6 +44,7 @@ from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardRe
 from neuron.engine.vllm_config import HOST_MEMORY_SHARE, VllmConfig, cpu_kv_cache_bytes
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
 from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint, checkpoint_quantization
+from neuron.model import auto_dtype, tokenizer_fingerprint
 
 
 class GumbelV1LogitsProcessor(LogitsProcessor):
@@ -132,7 +133,7 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     """vLLM's engine arguments for `model` under `config` (what `neuron bench` gives LLM() too)."""
     on_cpu = not torch.cuda.is_available()
     max_len = config.max_model_len or max_seq_len
-    kwargs = config.engine_kwargs(on_cpu, max_len)
+    kwargs = config.engine_kwargs(on_cpu, max_len, auto_dtype(_hf_config(model).get("model_type", ""), not on_cpu))
     if on_cpu and "kv_cache_memory_bytes" not in kwargs:  # sized from the limits, not from a share of the host
         kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(model, kwargs["dtype"], max_len, config.max_num_seqs)
     return AsyncEngineArgs(
@@ -147,10 +148,14 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     )
 
 
-def _cpu_kv_cache(model: str, dtype: str, max_len: int, max_num_seqs: int) -> int:
+def _hf_config(model: str) -> dict:
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(_source(model)).to_dict()
+    return AutoConfig.from_pretrained(_source(model)).to_dict()
+
+
+def _cpu_kv_cache(model: str, dtype: str, max_len: int, max_num_seqs: int) -> int:
+    hf = _hf_config(model)
     max_len = max_len or hf.get("max_position_embeddings") or 2048
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     size, need = cpu_kv_cache_bytes(hf, 4 if dtype == "float32" else 2, max_len, max_num_seqs, host)
@@ -221,7 +226,6 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(args)
         mc = self._llm.model_config
         hf = mc.hf_config
-        from neuron.model import tokenizer_fingerprint
 
         self._info = EngineInfo(
             model_id=self.model_id,

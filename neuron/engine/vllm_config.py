@@ -16,7 +16,7 @@ class VllmConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into, one per host: a model beyond one machine
     distributed_executor_backend: str = ""  # "mp" (one host), "ray" (a Ray cluster: docs/models.md); "": vLLM's choice
     enforce_eager: bool = False  # skip CUDA graphs and compilation: faster start, slower steps (always on for CPU)
-    dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16"
+    dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU and for GPT-Neo), "float32", "float16", "bfloat16"
     max_num_seqs: int = 16  # sequences decoded together; more wait in vLLM's queue
     max_logprobs: int = 64  # largest top-k / top-n a request may ask for: at least limits.max_topk and max_logprobs_topn
 
@@ -28,11 +28,11 @@ class VllmConfig:
             raise ValueError(f"--engine.vllm.distributed_executor_backend {self.distributed_executor_backend}: "
                              f"expected one of {', '.join(repr(e) for e in EXECUTORS)}")
 
-    def engine_kwargs(self, on_cpu: bool, max_model_len: int) -> dict:
-        """These knobs as vLLM's EngineArgs keywords (the rest: neuron/engine/vllm.py engine_args); here, so
-        that what reaches vLLM is tested without it."""
+    def engine_kwargs(self, on_cpu: bool, max_model_len: int, auto_dtype: str) -> dict:
+        """These knobs as vLLM's EngineArgs keywords (the rest: neuron/engine/vllm.py engine_args), "auto" served
+        in `auto_dtype` (neuron/model.py's, not vLLM's own); here, so that what reaches vLLM is tested without it."""
         kwargs = dict(
-            dtype=self.dtype if self.dtype != "auto" else ("float32" if on_cpu else "float16"),
+            dtype=self.dtype if self.dtype != "auto" else auto_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,

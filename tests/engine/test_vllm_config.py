@@ -43,10 +43,11 @@ def test_pipeline_stages_and_the_executor_become_vllms_engine_args():
     flags = ["--engine.backend", "vllm", "--engine.vllm.tensor_parallel_size", "8",
              "--engine.vllm.pipeline_parallel_size", "2", "--engine.vllm.distributed_executor_backend", "ray"]
     knobs = load(MinerConfig, None, parse_dotted(flags)).engine.vllm
-    kwargs = knobs.engine_kwargs(on_cpu=False, max_model_len=2048)
+    kwargs = knobs.engine_kwargs(on_cpu=False, max_model_len=2048, auto_dtype="float16")
     assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (8, 2)
     assert kwargs["distributed_executor_backend"] == "ray" and kwargs["max_model_len"] == 2048
-    assert "distributed_executor_backend" not in VllmConfig().engine_kwargs(on_cpu=False, max_model_len=0)
+    assert kwargs["dtype"] == "float16"
+    assert "distributed_executor_backend" not in VllmConfig().engine_kwargs(on_cpu=False, max_model_len=0, auto_dtype="float16")
 
 
 @pytest.mark.parametrize("flag, value, says", [
