@@ -15,7 +15,7 @@ import pytest
 import torch
 from bittensor import http_auth
 
-from conftest import HangsOn, make_axon, make_wallet, miner_config
+from conftest import HangsOn, make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import auth, wire
 from neuron.chain.local import LocalChain
 from neuron.config import BatchingConfig
@@ -63,11 +63,11 @@ async def serving(lm, chain, keypair, **overrides):
     metagraph = MetagraphCache(chain, NETUID)
     await metagraph.refresh()
     axon = make_axon(lm, miner_config(**{"auth.required": True, **overrides}), keypair=keypair, metagraph=metagraph)
-    port = await axon.start()
+    port = await start_miner(axon)
     try:
         yield axon, f"127.0.0.1:{port}", metagraph
     finally:
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 def forward_request(first_token: int = 5) -> pb.ForwardRequest:

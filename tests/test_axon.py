@@ -8,10 +8,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import make_axon, miner_config
+from conftest import make_axon, miner_config, start_miner, stop_miner
 from neuron import protocol, wire
 from neuron.dendrite import Dendrite, Target
-from neuron.errors import BadResponse
+from neuron.engine.types import ForwardJob
+from neuron.errors import BadResponse, Unavailable
 from neuron.model import forward_logprobs, forward_topk
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -20,11 +21,11 @@ from neuron.pb.neuron.v1 import axon_pb2 as pb
 async def served(lm):
     """(lm, axon, dendrite, target) for each model; the server lives for the module."""
     axon = make_axon(lm, miner_config(**{"limits.max_seq_len": 64, "limits.max_batch": 4}))
-    port = await axon.start()
+    port = await start_miner(axon)
     dendrite = Dendrite()
     yield lm, axon, dendrite, Target(f"127.0.0.1:{port}")
     await dendrite.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 def ids_of(lm, text):
@@ -251,7 +252,7 @@ async def test_health_and_reflection_are_served(served):
 
 async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
     axon = make_axon(tiny, miner_config(**{"batching.queue_size": 2, "batching.max_generate_batch": 1}))
-    port = await axon.start()
+    port = await start_miner(axon)
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     try:
@@ -263,12 +264,12 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
         assert all(r.latency_s < 1.0 for r in exhausted)
     finally:
         await d.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
     axon = make_axon(tiny, miner_config(**{"batching.max_generate_batch": 1}))
-    port = await axon.start()
+    port = await start_miner(axon)
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     try:
@@ -285,23 +286,39 @@ async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
         assert ok.ok
     finally:
         await d.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 async def test_stop_refuses_new_calls_and_lets_in_flight_ones_finish(tiny):
     axon = make_axon(tiny, miner_config())
     assert axon.down == "starting"  # what the readiness probe answers until the axon serves
-    port = await axon.start()
+    port = await start_miner(axon)
     assert axon.down is None
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     in_flight = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=50), 30))
     await asyncio.sleep(0.05)
     started = time.monotonic()
-    await axon.stop(grace=5)
+    await stop_miner(axon, grace=5)
     assert axon.down == "shutting down"
     assert (await in_flight).ok
     assert time.monotonic() - started < 5
     after = await d.call(t, "Info", pb.InfoRequest(), 2)
     assert after.code == grpc.StatusCode.UNAVAILABLE
     await d.close()
+
+
+async def test_the_axon_only_serves_its_engine_whose_owner_stops_it(tiny):
+    axon = make_axon(tiny, miner_config())
+    job = ForwardJob(torch.tensor([[5, 6, 7]]), None, 4)
+    port = await start_miner(axon)
+    d = Dendrite()
+    try:
+        assert (await d.call(Target(f"127.0.0.1:{port}"), "Info", pb.InfoRequest(), 5)).ok
+    finally:
+        await d.close()
+    await axon.stop(grace=0)
+    assert (await axon.engine.forward(job)).topk_ids.shape == (1, 3, 4)  # the engine outlives the server
+    await axon.engine.stop(0)
+    with pytest.raises(Unavailable):
+        await axon.engine.forward(job)

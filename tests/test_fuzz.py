@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import auth, wire
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -37,11 +37,11 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None
 async def dev(tiny):
     """An auth-off miner (a dev miner), and a channel to it."""
     axon = make_axon(tiny, miner_config(**LIMITS))
-    port = await axon.start()
+    port = await start_miner(axon)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield axon, channel
     await channel.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ async def guarded(tiny, tmp_path_factory):
     config = miner_config(**LIMITS, **{"auth.required": True, "auth.allow_hotkeys": (validator.ss58_address,),
                                        "auth.rate_per_s": 1000.0, "auth.burst": 1000})
     axon = make_axon(tiny, config, keypair=miner)
-    port = await axon.start()
+    port = await start_miner(axon)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield axon, channel, miner.ss58_address, validator
     await channel.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 async def answer(channel, method: str, body: bytes, metadata=(), timeout: float = 20.0) -> tuple[grpc.StatusCode, str]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from loguru import logger
 
-from conftest import PoisonRows, make_axon, make_wallet, miner_config
+from conftest import PoisonRows, make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import wire
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -30,7 +30,7 @@ async def serve():
 
     async def start(lm, keypair=None, **overrides):
         axon = make_axon(lm, miner_config(**overrides), keypair=keypair)
-        port = await axon.start()
+        port = await start_miner(axon)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         opened.append((axon, channel))
         return axon, channel
@@ -38,7 +38,7 @@ async def serve():
     yield start
     for axon, channel in opened:
         await channel.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 @pytest.fixture

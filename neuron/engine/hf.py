@@ -157,7 +157,7 @@ class HFEngine:
         return self._dead
 
     async def start(self) -> None:
-        if self._thread.ident is None:  # idempotent: the miner starts it before the axon does
+        if self._thread.ident is None:  # idempotent
             self._beat = time.monotonic()
             self._thread.start()
 

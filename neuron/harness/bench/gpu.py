@@ -142,12 +142,13 @@ class GpuBench:
         dendrite = Dendrite(self.validator.hotkey)
         try:
             for n in s.streams:
-                engine = self.engine(n)
-                await engine.start()
-                axon = Axon(self.engine(n), self.config(n), self.miner.hotkey,
-                            _admit_only(self.validator.hotkey.ss58_address))
-                target = Target(f"127.0.0.1:{await axon.start()}", self.miner.hotkey.ss58_address)
+                engine, served = self.engine(n), self.engine(n)  # called directly; served by the axon
+                axon = Axon(served, self.config(n), self.miner.hotkey, _admit_only(self.validator.hotkey.ss58_address))
                 try:
+                    await engine.start()
+                    await served.start()
+                    target = Target(f"127.0.0.1:{await axon.start()}", self.miner.hotkey.ss58_address)
+
                     async def direct() -> float:
                         jobs = [GenerateJob(tuple(p), s.new_tokens) for p in self.prompts(n)]
                         start = time.perf_counter()
@@ -171,8 +172,9 @@ class GpuBench:
                         await measure()
                     xs, zs, gs = await alternate(s.reps, direct, through_axon, generate)
                 finally:
-                    await engine.stop(0)
                     await axon.stop(grace=0)
+                    await served.stop(0)
+                    await engine.stop(0)
                 context = s.prompt_len + s.new_tokens / 2
                 bound = n * bandwidth / (weights + n * context * kv_per_token)
                 bound_target = (">= 0.5" if n == 1 else ">= 0.3" if n == 64 else "") if cuda else ""

@@ -124,7 +124,7 @@ class Bench:
         self.gen = torch.Generator().manual_seed(1234)
         self.validator_wallet = dev_wallet(workdir / "wallets", "bench-validator")
         self.miner_wallet = dev_wallet(workdir / "wallets", "bench-miner")
-        self.axons = []
+        self.axons, self.engines = [], []  # stopped by close(), the axons first
         self.dendrite = None
 
     def ids(self, rows: int, length: int) -> torch.Tensor:
@@ -153,7 +153,10 @@ class Bench:
 
         keypair = self.miner_wallet.hotkey
         config = _miner_config(**{f"batching.{k}": v for k, v in batching.items()})
-        axon = Axon(self.engine(config), config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
+        engine = self.engine(config)
+        self.engines.append(engine)
+        await engine.start()
+        axon = Axon(engine, config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
         port = await axon.start()
         self.axons.append(axon)
         if self.dendrite is None:
@@ -168,6 +171,8 @@ class Bench:
             await self.dendrite.close()
         for axon in self.axons:
             await axon.stop(grace=0)
+        for engine in self.engines:
+            await engine.stop(0)
 
     async def call(self, target, name: str, request, timeout: float = 600.0):
         r = await self.dendrite.call(target, name, request, timeout)
@@ -421,11 +426,13 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     for w in wallets:
         chain.register(NETUID, w)
     mg = chain.metagraph(NETUID)
-    axons = []
+    axons, engines = [], []
     try:
         for w in wallets:
             config = _miner_config(**{"batching.max_generate_batch": 2, "limits.max_seq_len": 256})
-            axon = Axon(open_engine(config, lm), config, w.hotkey, lambda: mg)
+            engines.append(open_engine(config, lm))
+            await engines[-1].start()
+            axon = Axon(engines[-1], config, w.hotkey, lambda: mg)
             chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
             axons.append(axon)
         validators = {}
@@ -456,6 +463,8 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     finally:
         for axon in axons:
             await axon.stop(grace=0)
+        for engine in engines:
+            await engine.stop(0)
     one = min(sizes.miners)
     # A round with n miners is n times the validator's work: batching the reference over the round must keep
     # its judging under n times one miner's. The whole round also holds the n miners' own compute, on the
