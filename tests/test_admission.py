@@ -76,7 +76,7 @@ def forward_request(first_token: int = 5) -> pb.ForwardRequest:
 
 def work(axon) -> tuple[int, int]:
     stats = axon.engine.stats()
-    return stats.get("forward_rows", 0), stats.get("forward_batches", 0)
+    return stats.forward_rows, stats.forward_batches
 
 
 async def raw_call(address: str, body: bytes, metadata) -> tuple[grpc.StatusCode, str]:
@@ -292,9 +292,9 @@ async def test_queued_work_runs_in_stake_order_through_the_axon(tiny, net, dendr
             calls = [ask("validator", 10)]  # occupies the model
             await until(gate.entered.is_set, "the first batch to reach the model")
             calls.append(ask("low", 20))  # stake 3, queued first
-            await until(lambda: axon.engine.stats()["queued"] == 1, "the low-stake request to queue")
+            await until(lambda: axon.engine.stats().queued == 1, "the low-stake request to queue")
             calls.append(ask("high", 30))  # stake 50, queued second
-            await until(lambda: axon.engine.stats()["queued"] == 2, "the high-stake request to queue")
+            await until(lambda: axon.engine.stats().queued == 2, "the high-stake request to queue")
         finally:
             gate.opened.set()
         results = await asyncio.gather(*calls)
@@ -309,7 +309,7 @@ async def test_the_engine_runs_lower_priority_numbers_first(tiny):
     jobs = {token: ForwardJob(torch.tensor([[token, 1, 2, 3]]), None, 1) for token in (11, 12, 13, 14)}
     priorities = {11: -2.0, 12: -50.0, 13: 0.0, 14: -50.0}  # -stake; ties keep arrival order
     tasks = [asyncio.ensure_future(engine.forward(jobs[t], priority=priorities[t])) for t in jobs]
-    await until(lambda: engine.stats()["queued"] == 4, "all four to queue")  # queued before the engine starts
+    await until(lambda: engine.stats().queued == 4, "all four to queue")  # queued before the engine starts
     await engine.start()
     try:
         await asyncio.gather(*tasks)

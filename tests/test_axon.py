@@ -153,11 +153,11 @@ async def test_cancelling_a_stream_stops_the_generation(served):
             break
     await stream.aclose()
     for _ in range(100):  # the engine drops the sequence between steps
-        if axon.engine.stats()["running"] == 0 and axon.engine.stats()["queued"] == 0:
+        if axon.engine.stats().running == 0 and axon.engine.stats().queued == 0:
             break
         await asyncio.sleep(0.02)
-    assert axon.engine.stats()["running"] == 0, "the cancelled generation is still decoding"
-    assert axon.engine.stats()["kv_bytes_reserved"] == 0
+    assert axon.engine.stats().running == 0, "the cancelled generation is still decoding"
+    assert axon.engine.stats().kv_bytes_reserved == 0
     r = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="after", max_new_tokens=2), 30)
     assert r.ok
 
@@ -216,13 +216,13 @@ async def test_every_bad_input_gets_invalid_argument_and_the_server_keeps_servin
     lm, axon, d, t = served
     good = pb.ForwardRequest(input_ids=wire.to_pb(torch.tensor([ids_of(lm, "good")])), topk=2)
     cases = [("Forward", k, v) for k, v in bad_forward(lm).items()] + [("Generate", k, v) for k, v in bad_generate(lm).items()]
-    rows_before = axon.engine.stats().get("forward_rows", 0)
+    rows_before = axon.engine.stats().forward_rows
     for method, what, req in cases:
         r = await d.call(t, method, req, 10)
         assert r.code == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {r.code} {r.message}"
         assert r.message and "internal" not in r.message.lower(), what
         assert (await d.call(t, "Forward", good, 10)).ok, f"not serving after {what}"
-    assert axon.engine.stats().get("forward_rows", 0) == rows_before + len(cases)  # only the good requests reached the model
+    assert axon.engine.stats().forward_rows == rows_before + len(cases)  # only the good requests reached the model
 
 
 async def test_garbage_bytes_and_oversized_messages_are_refused(served):
@@ -275,13 +275,13 @@ async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
     try:
         busy = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=200), 60))
         await asyncio.sleep(0.05)
-        rows = axon.engine.stats().get("forward_rows", 0)
+        rows = axon.engine.stats().forward_rows
         ids = torch.tensor([ids_of(tiny, "late")])
         # Forwards run between decoding steps, so fill the step with a queued generation instead.
         late = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="late", max_new_tokens=2), 0.001)
         assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (await busy).ok
-        assert axon.engine.stats().get("forward_rows", 0) == rows
+        assert axon.engine.stats().forward_rows == rows
         ok = await d.call(t, "Forward", pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=1), 10)
         assert ok.ok
     finally:

@@ -81,7 +81,7 @@ async def until(condition, what: str, timeout: float = 30.0) -> None:
 
 def idle(axon) -> bool:
     s = axon.engine.stats()
-    return s["running"] == 0 and s["queued"] == 0 and s.get("kv_bytes_reserved", 0) == 0
+    return s.running == 0 and s.queued == 0 and s.kv_bytes_reserved == 0
 
 
 # ---- defect 1: a request whose sampling breaks fails alone --------------------------------------
@@ -229,14 +229,14 @@ async def test_every_finished_call_logs_one_line_and_a_cancel_stops_the_engine_a
     await status_of(channel.unary_unary(AXON + "Forward")(b"\xff\xff", timeout=10))
     gc.disable()  # an abandoned generator must not wait for a collection to stop the decoding
     try:
-        before = axon.engine.stats().get("generated_tokens", 0)
+        before = axon.engine.stats().generated_tokens
         call = channel.unary_stream(AXON + "GenerateStream")(
             pb.GenerateRequest(prompt_text="cancel me", max_new_tokens=240).SerializeToString(), timeout=60)
         async for _ in call:
             break
         call.cancel()
         await until(lambda: idle(axon), "the cancelled generation to leave the engine", 10)
-        assert axon.engine.stats().get("generated_tokens", 0) - before < 240
+        assert axon.engine.stats().generated_tokens - before < 240
         await until(lambda: any("CANCELLED" in line for line in log_lines), "the CANCELLED line", 5)
     finally:
         gc.enable()
