@@ -266,12 +266,15 @@ def _log(method: str, peer: Peer, outcome: str, start: float, detail: str = "") 
 
 
 class Axon:
-    """The server, created apart from running: `await Axon(...).start()` binds and returns the port."""
+    """The server, created apart from running: `await Axon(...).start()` binds and returns the port.
+
+    It only serves: whoever opened the engine starts it before the axon and stops it after (the miner).
+    """
 
     def __init__(self, engine: Engine, config: MinerConfig, keypair=None,
                  metagraph: Callable[[], Metagraph | None] = lambda: None, servicer_factory=AxonServicer):
         self.config = config
-        self.engine = engine
+        self.engine = engine  # served, not owned
         self.guard = Guard(config, keypair, metagraph)
         self.health = health.aio.HealthServicer()
         options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
@@ -288,7 +291,6 @@ class Axon:
         self.port = self.server.add_insecure_port(f"{self.config.axon.ip}:{self.config.axon.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.axon.ip}:{self.config.axon.port} (in use?)")
-        await self.engine.start()
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -298,10 +300,9 @@ class Axon:
 
     async def stop(self, grace: float | None = None, why: str = "shutting down") -> None:
         """Health NOT_SERVING (watchers told at once), refuse new calls, let in-flight ones finish for `grace`
-        seconds, then stop the model worker."""
+        seconds. The engine is left running: its owner stops it next."""
         self.down = why
         await self.health.enter_graceful_shutdown()
         grace = self.config.axon.grace_s if grace is None else grace
         await self.server.stop(grace)
-        await self.engine.stop(grace)
         logger.info("axon stopped")

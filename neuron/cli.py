@@ -19,7 +19,7 @@ from neuron.chain.base import ChainError
 @dataclass(frozen=True)
 class Command:
     run: Callable[[list[str], str | None], int]
-    config: type | None  # the dataclass its flags come from (None: the command parses its own)
+    config: type  # the dataclass its flags come from
     summary: str
     yaml: str | None = None  # name of its shipped YAML defaults
     positional: str = ""  # e.g. "create|list"
@@ -392,19 +392,25 @@ def cmd_mocknet(argv: list[str], yaml_path: str | None) -> int:
     return mocknet_main(_load(cfg.MocknetConfig, "mocknet", argv, yaml_path))
 
 
-def cmd_bench(argv: list[str], _yaml) -> int:
-    from neuron.harness.bench import vllm as bench_vllm
+def cmd_bench(argv: list[str], yaml_path: str | None) -> int:
+    from neuron.engine import BACKENDS
+    from neuron.harness.bench.run import PARTS
 
-    if bench_vllm.wants_vllm(argv):
-        return bench_vllm.main(argv)
-    from neuron.harness.bench.run import main as bench_main, parse
-
-    args = parse(argv)
-    if args.only == "gpu":  # its own module: decode against generate and the bandwidth bound (docs/gpu.md)
-        from neuron.harness.bench.gpu import main as gpu_main
-
-        return gpu_main(args, argv)
-    return bench_main(argv)
+    layers = (yaml_path,) if yaml_path is not None else ()  # no logs.setup: the bench logs warnings only, its own way
+    c = cfg.load(cfg.BenchConfig, cfg.default_yaml("bench"), cfg.parse_dotted(argv), layers=layers)
+    if c.engine.backend not in BACKENDS:
+        raise cfg.ConfigError(f"--engine.backend {c.engine.backend}: expected one of {', '.join(BACKENDS)}")
+    if unknown := [p for p in c.bench.only if p not in PARTS]:
+        raise cfg.ConfigError(f"--bench.only {','.join(unknown)}: expected some of {','.join(PARTS)}")
+    if "gpu" in c.bench.only and len(c.bench.only) > 1:
+        raise cfg.ConfigError("--bench.only gpu runs alone")
+    if c.engine.backend == "vllm":  # the vLLM engine against vLLM's own generate
+        from neuron.harness.bench.vllm import main
+    elif c.bench.only == ("gpu",):  # decode against generate and the bandwidth bound (docs/gpu.md)
+        from neuron.harness.bench.gpu import main
+    else:
+        from neuron.harness.bench.run import main
+    return main(c, argv)
 
 
 COMMANDS: dict[str, Command] = {
@@ -421,7 +427,8 @@ COMMANDS: dict[str, Command] = {
     "query": Command(cmd_query, cfg.QueryConfig, "ask a miner to generate text"),
     "gateway": Command(cmd_gateway, cfg.GatewayKeysConfig, "add, list or revoke the gateway's API keys",
                        positional="keys add|list|revoke"),
-    "bench": Command(cmd_bench, None, "measure batching, overhead and generation speed side by side"),
+    "bench": Command(cmd_bench, cfg.BenchConfig, "measure batching, overhead and generation speed side by side",
+                     "bench"),
 }
 
 
@@ -480,12 +487,12 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     spec = COMMANDS[command]
-    if spec.config is not None and ("-h" in rest or "--help" in rest):
+    if "-h" in rest or "--help" in rest:
         print(command_help(command))
         return 0
     logs.setup()
     try:
-        yaml_path, rest = _split_config(rest) if spec.config is not None else (None, rest)
+        yaml_path, rest = _split_config(rest)
         return spec.run(rest, yaml_path)
     except (cfg.ConfigError, ChainError) as exc:
         logger.error(str(exc))

@@ -152,6 +152,44 @@ class MinerConfig:
 
 
 @dataclass(frozen=True)
+class BenchModelConfig:
+    """The model measured."""
+
+    # opt-125m-random and opt-1.3b-random: those models' shapes with random weights, made on the fly. Empty: tiny
+    # with bench.quick or bench.only gateway, ~/.cache/neuron/smollm2-135m with vllm, else opt-125m-random.
+    name: str = ""  # opt-125m-random, opt-1.3b-random, tiny, a path or an HF id; "": opt-125m-random (tiny if quick)
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "auto"  # "auto" (float16 on cuda, float32 on cpu), "float32", "float16", "bfloat16"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the bench measures, and how much."""
+
+    # gpu runs alone: decode at 1 to 256 streams against model.generate and the bandwidth bound (docs/gpu.md).
+    only: tuple[str, ...] = ()  # of overhead,forward,generate,sampler,bound,validator,memory,load,gateway ("": all); or gpu
+    quick: bool = False  # small sizes, a smoke test (on the tiny model unless model.name says otherwise)
+    reps: int = 0  # alternations per figure; 0: the part's own (3, 1 with bench.quick; 2 for gpu; 5 for vllm)
+    json: str = ""  # write the figures here as JSON
+    round_model: str = "tiny"  # the validator-round figure's model (its miners and validator share it); same: model.name
+    profile: str = ""  # with bench.only gpu: write the decode step's torch.profiler tables here
+    requests: int = 8  # with engine.backend vllm: concurrent generations per measurement
+    prompt_len: int = 32  # with engine.backend vllm: tokens per prompt
+    new_tokens: int = 32  # with engine.backend vllm: tokens per generation
+    agreement_only: bool = False  # with engine.backend vllm: only count gumbel-v1 tokens that differ from the HF model's
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Measure batching, axon overhead, generation speed, validator rounds and memory as ratios of two things
+    measured side by side (with --engine.backend vllm: the vLLM engine against vLLM's own generate)."""
+
+    bench: BenchOptions = field(default_factory=BenchOptions)
+    model: BenchModelConfig = field(default_factory=BenchModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The validator's OpenAI-compatible HTTP API for users, served in the validator's process."""
 

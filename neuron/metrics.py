@@ -4,6 +4,7 @@ with the miner's readiness beside them at /health (200 while it serves, 503 othe
 from __future__ import annotations
 
 import collections
+import dataclasses
 import platform
 import re
 import socket
@@ -26,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
+from neuron.engine.types import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -79,48 +80,44 @@ def refusal_reason(status: str, message: str) -> str:
 class EngineCollector:
     """Exports `stats()` (engine state: queue depth, running rows, batches, tokens) at scrape time.
 
-    The stats every backend reports (engine.types.STATS_GAUGES, STATS_COUNTERS) become
-    `neuron_miner_engine_<key>` (counters with `_total`): one set of series whichever engine serves; a
-    backend's own extras stay out of the metrics. A generated-tokens count also yields tokens per
-    second over the last RATE_WINDOW_S (measured from the scrapes in the window and the last one before
-    it, or from start-up: never 0 just because nobody scraped in between; Prometheus users can take
-    `rate(neuron_miner_engine_generated_tokens_total[1m])` instead).
+    Every field of EngineStats becomes `neuron_miner_engine_<field>` (a gauge, or a counter with `_total`):
+    one set of series whichever engine serves; a backend's own extras stay out of the metrics. Generated
+    tokens also yield tokens per second over the last RATE_WINDOW_S (measured from the scrapes in the
+    window and the last one before it, or from start-up: never 0 just because nobody scraped in between;
+    Prometheus users can take `rate(neuron_miner_engine_generated_tokens_total[1m])` instead).
     """
 
-    def __init__(self, stats: Callable[[], dict[str, float]]):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self.stats = stats
-        self._seen = collections.deque([(time.monotonic(), 0.0)])  # (time, generated_tokens) at scrapes
+        self._seen = collections.deque([(time.monotonic(), 0)])  # (time, generated_tokens) at scrapes
         self._lock = threading.Lock()
 
     def collect(self):
-        values = self.stats()
-        for key in STATS_GAUGES:
-            if key in values:
-                yield GaugeMetricFamily(f"neuron_miner_engine_{key}", f"engine: {key} now", value=float(values[key]))
-        for key in STATS_COUNTERS:
-            if key in values:
-                yield CounterMetricFamily(f"neuron_miner_engine_{key}", f"engine: {key} since start",
-                                          value=float(values[key]))
-        if "forward_batches" in values and "forward_rows" in values:
-            mean = values["forward_rows"] / values["forward_batches"] if values["forward_batches"] else 0.0
-            yield GaugeMetricFamily("neuron_miner_engine_forward_batch_rows_mean",
-                                    "mean rows per forward batch since start", value=mean)
-        if "generated_tokens" in values:
-            now, tokens = time.monotonic(), float(values["generated_tokens"])
-            with self._lock:
-                while len(self._seen) > 1 and self._seen[1][0] <= now - RATE_WINDOW_S:
-                    self._seen.popleft()  # keep one sample at or before the window's start
-                then, before = self._seen[0]
-                self._seen.append((now, tokens))
-            rate = (tokens - before) / (now - then) if now > then else 0.0
-            yield GaugeMetricFamily("neuron_miner_engine_tokens_per_second",
-                                    f"generated tokens per second over the last {RATE_WINDOW_S:.0f} s", value=rate)
+        s = self.stats()
+        for f in dataclasses.fields(EngineStats):
+            value = float(getattr(s, f.name))
+            if f.name in EngineStats.GAUGES:
+                yield GaugeMetricFamily(f"neuron_miner_engine_{f.name}", f"engine: {f.name} now", value=value)
+            else:
+                yield CounterMetricFamily(f"neuron_miner_engine_{f.name}", f"engine: {f.name} since start", value=value)
+        mean = s.forward_rows / s.forward_batches if s.forward_batches else 0.0
+        yield GaugeMetricFamily("neuron_miner_engine_forward_batch_rows_mean",
+                                "mean rows per forward batch since start", value=mean)
+        now, tokens = time.monotonic(), s.generated_tokens
+        with self._lock:
+            while len(self._seen) > 1 and self._seen[1][0] <= now - RATE_WINDOW_S:
+                self._seen.popleft()  # keep one sample at or before the window's start
+            then, before = self._seen[0]
+            self._seen.append((now, tokens))
+        rate = (tokens - before) / (now - then) if now > then else 0.0
+        yield GaugeMetricFamily("neuron_miner_engine_tokens_per_second",
+                                f"generated tokens per second over the last {RATE_WINDOW_S:.0f} s", value=rate)
 
 
 class MinerMetrics:
     """Requests by RPC and status, latency, admission refusals, generated tokens, and engine state."""
 
-    def __init__(self, stats: Callable[[], dict[str, float]] | None = None):
+    def __init__(self, stats: Callable[[], EngineStats] | None = None):
         self.registry = registry("miner")
         r = self.registry
         self.requests = Counter("neuron_miner_requests_total", "calls by RPC and gRPC status", ["rpc", "status"],

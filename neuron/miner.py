@@ -111,7 +111,7 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
     engine can no longer serve, then return EXIT_ENGINE_DEAD. servicer_factory and model_transform
     (LoadedModel -> LoadedModel) are for harnesses (neuron/harness/cheat_miner.py)."""
     stop = stop or asyncio.Event()
-    axon = refresher = metrics_server = died = None
+    engine = axon = refresher = metrics_server = died = None
     # Handlers first: a SIGTERM while the model loads must still end in a clean shutdown, not a kill.
     with until_signalled(stop):
         try:
@@ -137,10 +137,9 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 lm = await asyncio.to_thread(
                     lambda: model_transform(load_model(config.model.name, config.model.device, config.model.dtype)))
             engine = await asyncio.to_thread(open_engine, config, lm)
-            await engine.start()  # vLLM knows its model only once started; the axon's start is then a no-op
+            await engine.start()  # the miner owns the engine: the axon only serves it (vLLM knows its model only now)
             if stop.is_set():  # SIGTERM while the model loaded (a load cannot be cut short): serve nothing, publish nothing
                 logger.info("stopped while the model loaded: not serving")
-                await engine.stop(0)
                 return 0
             if problem := await asyncio.to_thread(precision_problem, config.model.name, engine.info().dtype):
                 await engine.stop(0)  # an honest miner rejected round after round is worse than one that never starts
@@ -174,8 +173,10 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
         finally:
             if refresher is not None:
                 refresher.cancel()
-            if axon is not None:
+            if axon is not None:  # the server first (in-flight calls finish within grace), then its engine
                 await axon.stop(why=f"the engine can no longer serve: {died}" if died else "shutting down")
+            if engine is not None:  # stopped however far the start got (a port taken after the check included)
+                await engine.stop(config.axon.grace_s)
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()

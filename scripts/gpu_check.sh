@@ -2,7 +2,7 @@
 # The GPU check of issue 22, in one command for a lent CUDA machine (docs/gpu.md, "One call on a lent GPU"):
 # install the wheels carried in .gpu/wheels (scripts/gpu_wheels.py) beside the machine's own torch, then
 #   1. the CUDA tests (pytest -m cuda: tests/gpu),
-#   2. `neuron bench --only gpu`: OPT-1.3B's shape in float16, 1/16/64/256 streams, and a decode-step profile,
+#   2. `neuron bench --bench.only gpu`: OPT-1.3B's shape in float16, 1/16/64/256 streams, and a decode-step profile,
 #   3. the GPU calibration: honest miners on CUDA in float16 and bfloat16, decode batches 1-64, judged by the
 #      float32 validator on the CPU in the same process (scripts/calibrate.py --miner-device cuda),
 # each under its own time limit inside an overall one (DEADLINE_S, 390 s), every log and figure in one folder.
@@ -167,10 +167,11 @@ fi
 
 # ---- 2. the bench -----------------------------------------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then
-  step bench 150 "${PYP[@]}" -m neuron.cli bench --only gpu --quick --json "$DEST/bench.json" --profile "$DEST/profile.txt"
+  step bench 150 "${PYP[@]}" -m neuron.cli bench --bench.only gpu --bench.quick --bench.json "$DEST/bench.json" \
+    --bench.profile "$DEST/profile.txt"
 else
-  step bench 170 "${PYP[@]}" -m neuron.cli bench --only gpu --device cuda --dtype float16 --model opt-1.3b-random \
-    --json "$DEST/bench.json" --profile "$DEST/profile.txt"
+  step bench 170 "${PYP[@]}" -m neuron.cli bench --bench.only gpu --model.device cuda --model.dtype float16 \
+    --model.name opt-1.3b-random --bench.json "$DEST/bench.json" --bench.profile "$DEST/profile.txt"
 fi
 
 # ---- 3. the calibration -----------------------------------------------------------------------------------

@@ -83,12 +83,28 @@ def miner_config(**overrides) -> MinerConfig:
 
 
 def make_axon(lm, config: MinerConfig | None = None, **kwargs):
-    """A real axon over the HF engine on `lm` (not started)."""
+    """A real axon over its own HF engine on `lm`, neither started: start_miner and stop_miner run both."""
     from neuron.axon import Axon
     from neuron.engine import open_engine
 
     config = config or miner_config()
     return Axon(open_engine(config, lm), config, **kwargs)
+
+
+async def start_miner(axon) -> int:
+    """As the miner does: the engine, then the axon over it (the engine stopped again if the axon fails); the port."""
+    await axon.engine.start()
+    try:
+        return await axon.start()
+    except BaseException:
+        await axon.engine.stop(0)
+        raise
+
+
+async def stop_miner(axon, grace: float = 0) -> None:
+    """As the miner does: the axon (in-flight calls get `grace` seconds), then its engine."""
+    await axon.stop(grace=grace)
+    await axon.engine.stop(grace)
 
 
 class PoisonRows(torch.nn.Module):
@@ -161,7 +177,7 @@ async def local_network(tmp_path: Path, lm, servicers: list) -> tuple:
         extra = {"servicer_factory": servicer} if servicer is not None else {}
         axon = make_axon(lm, miner_config(**{"auth.required": True}), keypair=w.hotkey,
                          metagraph=lambda: chain.metagraph(1), **extra)
-        chain.serve_axon(1, w, "127.0.0.1", await axon.start())
+        chain.serve_axon(1, w, "127.0.0.1", await start_miner(axon))
         miners[uid] = axon
     return chain, vwallet, miners
 

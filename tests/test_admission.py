@@ -15,7 +15,7 @@ import pytest
 import torch
 from bittensor import http_auth
 
-from conftest import HangsOn, make_axon, make_wallet, miner_config
+from conftest import HangsOn, make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import auth, wire
 from neuron.chain.local import LocalChain
 from neuron.config import BatchingConfig
@@ -63,11 +63,11 @@ async def serving(lm, chain, keypair, **overrides):
     metagraph = MetagraphCache(chain, NETUID)
     await metagraph.refresh()
     axon = make_axon(lm, miner_config(**{"auth.required": True, **overrides}), keypair=keypair, metagraph=metagraph)
-    port = await axon.start()
+    port = await start_miner(axon)
     try:
         yield axon, f"127.0.0.1:{port}", metagraph
     finally:
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 def forward_request(first_token: int = 5) -> pb.ForwardRequest:
@@ -76,7 +76,7 @@ def forward_request(first_token: int = 5) -> pb.ForwardRequest:
 
 def work(axon) -> tuple[int, int]:
     stats = axon.engine.stats()
-    return stats.get("forward_rows", 0), stats.get("forward_batches", 0)
+    return stats.forward_rows, stats.forward_batches
 
 
 async def raw_call(address: str, body: bytes, metadata) -> tuple[grpc.StatusCode, str]:
@@ -292,9 +292,9 @@ async def test_queued_work_runs_in_stake_order_through_the_axon(tiny, net, dendr
             calls = [ask("validator", 10)]  # occupies the model
             await until(gate.entered.is_set, "the first batch to reach the model")
             calls.append(ask("low", 20))  # stake 3, queued first
-            await until(lambda: axon.engine.stats()["queued"] == 1, "the low-stake request to queue")
+            await until(lambda: axon.engine.stats().queued == 1, "the low-stake request to queue")
             calls.append(ask("high", 30))  # stake 50, queued second
-            await until(lambda: axon.engine.stats()["queued"] == 2, "the high-stake request to queue")
+            await until(lambda: axon.engine.stats().queued == 2, "the high-stake request to queue")
         finally:
             gate.opened.set()
         results = await asyncio.gather(*calls)
@@ -309,7 +309,7 @@ async def test_the_engine_runs_lower_priority_numbers_first(tiny):
     jobs = {token: ForwardJob(torch.tensor([[token, 1, 2, 3]]), None, 1) for token in (11, 12, 13, 14)}
     priorities = {11: -2.0, 12: -50.0, 13: 0.0, 14: -50.0}  # -stake; ties keep arrival order
     tasks = [asyncio.ensure_future(engine.forward(jobs[t], priority=priorities[t])) for t in jobs]
-    await until(lambda: engine.stats()["queued"] == 4, "all four to queue")  # queued before the engine starts
+    await until(lambda: engine.stats().queued == 4, "all four to queue")  # queued before the engine starts
     await engine.start()
     try:
         await asyncio.gather(*tasks)

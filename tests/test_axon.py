@@ -8,10 +8,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import make_axon, miner_config
+from conftest import make_axon, miner_config, start_miner, stop_miner
 from neuron import protocol, wire
 from neuron.dendrite import Dendrite, Target
-from neuron.errors import BadResponse
+from neuron.engine.types import ForwardJob
+from neuron.errors import BadResponse, Unavailable
 from neuron.model import forward_logprobs, forward_topk
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -20,11 +21,11 @@ from neuron.pb.neuron.v1 import axon_pb2 as pb
 async def served(lm):
     """(lm, axon, dendrite, target) for each model; the server lives for the module."""
     axon = make_axon(lm, miner_config(**{"limits.max_seq_len": 64, "limits.max_batch": 4}))
-    port = await axon.start()
+    port = await start_miner(axon)
     dendrite = Dendrite()
     yield lm, axon, dendrite, Target(f"127.0.0.1:{port}")
     await dendrite.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 def ids_of(lm, text):
@@ -152,11 +153,11 @@ async def test_cancelling_a_stream_stops_the_generation(served):
             break
     await stream.aclose()
     for _ in range(100):  # the engine drops the sequence between steps
-        if axon.engine.stats()["running"] == 0 and axon.engine.stats()["queued"] == 0:
+        if axon.engine.stats().running == 0 and axon.engine.stats().queued == 0:
             break
         await asyncio.sleep(0.02)
-    assert axon.engine.stats()["running"] == 0, "the cancelled generation is still decoding"
-    assert axon.engine.stats()["kv_bytes_reserved"] == 0
+    assert axon.engine.stats().running == 0, "the cancelled generation is still decoding"
+    assert axon.engine.stats().kv_bytes_reserved == 0
     r = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="after", max_new_tokens=2), 30)
     assert r.ok
 
@@ -215,13 +216,13 @@ async def test_every_bad_input_gets_invalid_argument_and_the_server_keeps_servin
     lm, axon, d, t = served
     good = pb.ForwardRequest(input_ids=wire.to_pb(torch.tensor([ids_of(lm, "good")])), topk=2)
     cases = [("Forward", k, v) for k, v in bad_forward(lm).items()] + [("Generate", k, v) for k, v in bad_generate(lm).items()]
-    rows_before = axon.engine.stats().get("forward_rows", 0)
+    rows_before = axon.engine.stats().forward_rows
     for method, what, req in cases:
         r = await d.call(t, method, req, 10)
         assert r.code == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {r.code} {r.message}"
         assert r.message and "internal" not in r.message.lower(), what
         assert (await d.call(t, "Forward", good, 10)).ok, f"not serving after {what}"
-    assert axon.engine.stats().get("forward_rows", 0) == rows_before + len(cases)  # only the good requests reached the model
+    assert axon.engine.stats().forward_rows == rows_before + len(cases)  # only the good requests reached the model
 
 
 async def test_garbage_bytes_and_oversized_messages_are_refused(served):
@@ -251,7 +252,7 @@ async def test_health_and_reflection_are_served(served):
 
 async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
     axon = make_axon(tiny, miner_config(**{"batching.queue_size": 2, "batching.max_generate_batch": 1}))
-    port = await axon.start()
+    port = await start_miner(axon)
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     try:
@@ -263,45 +264,61 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tiny):
         assert all(r.latency_s < 1.0 for r in exhausted)
     finally:
         await d.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 async def test_work_whose_deadline_passed_in_the_queue_is_not_started(tiny):
     axon = make_axon(tiny, miner_config(**{"batching.max_generate_batch": 1}))
-    port = await axon.start()
+    port = await start_miner(axon)
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     try:
         busy = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=200), 60))
         await asyncio.sleep(0.05)
-        rows = axon.engine.stats().get("forward_rows", 0)
+        rows = axon.engine.stats().forward_rows
         ids = torch.tensor([ids_of(tiny, "late")])
         # Forwards run between decoding steps, so fill the step with a queued generation instead.
         late = await d.call(t, "Generate", pb.GenerateRequest(prompt_text="late", max_new_tokens=2), 0.001)
         assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (await busy).ok
-        assert axon.engine.stats().get("forward_rows", 0) == rows
+        assert axon.engine.stats().forward_rows == rows
         ok = await d.call(t, "Forward", pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=1), 10)
         assert ok.ok
     finally:
         await d.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 async def test_stop_refuses_new_calls_and_lets_in_flight_ones_finish(tiny):
     axon = make_axon(tiny, miner_config())
     assert axon.down == "starting"  # what the readiness probe answers until the axon serves
-    port = await axon.start()
+    port = await start_miner(axon)
     assert axon.down is None
     d = Dendrite()
     t = Target(f"127.0.0.1:{port}")
     in_flight = asyncio.ensure_future(d.call(t, "Generate", pb.GenerateRequest(prompt_text="x", max_new_tokens=50), 30))
     await asyncio.sleep(0.05)
     started = time.monotonic()
-    await axon.stop(grace=5)
+    await stop_miner(axon, grace=5)
     assert axon.down == "shutting down"
     assert (await in_flight).ok
     assert time.monotonic() - started < 5
     after = await d.call(t, "Info", pb.InfoRequest(), 2)
     assert after.code == grpc.StatusCode.UNAVAILABLE
     await d.close()
+
+
+async def test_the_axon_only_serves_its_engine_whose_owner_stops_it(tiny):
+    axon = make_axon(tiny, miner_config())
+    job = ForwardJob(torch.tensor([[5, 6, 7]]), None, 4)
+    port = await start_miner(axon)
+    d = Dendrite()
+    try:
+        assert (await d.call(Target(f"127.0.0.1:{port}"), "Info", pb.InfoRequest(), 5)).ok
+    finally:
+        await d.close()
+    await axon.stop(grace=0)
+    assert (await axon.engine.forward(job)).topk_ids.shape == (1, 3, 4)  # the engine outlives the server
+    await axon.engine.stop(0)
+    with pytest.raises(Unavailable):
+        await axon.engine.forward(job)

@@ -1,4 +1,4 @@
-"""`neuron bench --quick` runs end to end and writes every figure; its numbers are never asserted."""
+"""`neuron bench --bench.quick` runs end to end and writes every figure; its numbers are never asserted."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import sys
 
 def test_bench_quick_runs_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--quick", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--bench.quick", "--bench.json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -27,7 +27,8 @@ def test_bench_quick_runs_and_writes_every_figure(tmp_path):
 
 def test_bench_gateway_quick_runs_and_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--quick", "--only", "gateway", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "neuron.cli", "bench", "--bench.quick", "--bench.only", "gateway",
+                           "--bench.json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]

@@ -174,7 +174,7 @@ def test_a_new_user_serves_a_miner_validates_it_queries_it_and_stops_it(tmp_path
     assert f"Generate from {validator_hotkey[:8]} OK" in text and "Traceback" not in text
 
 
-COMMANDS = ["miner", "validator", "mocknet", "wallet", "register", "stake", "metagraph", "query"]
+COMMANDS = ["miner", "validator", "mocknet", "wallet", "register", "stake", "metagraph", "query", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -190,10 +190,25 @@ def test_every_command_has_a_help_listing_its_flags_with_defaults(command):
                 "register": ["--wallet.name TEXT", "--subtensor.chain_endpoint", "--logging.debug", "--yes"],
                 "stake": ["add|remove", "--amount FLOAT", "--yes"],
                 "metagraph": ["--json", "--logging.debug", "--netuid = --subtensor.netuid"],
-                "query": ["--max_new_tokens INT", "--axon TEXT"]}[command]
+                "query": ["--max_new_tokens INT", "--axon TEXT"],
+                "bench": ["--bench.only A,B,...", "--bench.reps INT", "alternations per figure", "--model.name TEXT",
+                          "--engine.backend TEXT", "--engine.vllm.kv_cache_memory_bytes INT", "default: 536870912"]}[command]
     for needle in expected:
         assert needle in shown.stdout, needle
     assert neuron("help", command).stdout == shown.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bench.only", "forward,gpu"], "--bench.only gpu runs alone"),
+    (["--bench.only", "froward"], "--bench.only froward: expected some of overhead,forward,"),
+    (["--engine.backend", "tgi"], "--engine.backend tgi: expected one of hf, vllm"),
+    (["--quick"], "unknown option --quick; did you mean --bench.quick?"),
+])
+def test_bench_refuses_what_it_cannot_run_before_any_work(argv, message):
+    run = neuron("bench", *argv)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    [line] = error_lines(run.stderr)
+    assert message in line
 
 
 def test_version_usage_and_a_mistyped_command_or_flag():

@@ -18,7 +18,8 @@ def test_yaml_then_dotted_flags_override_defaults(tmp_path):
 def test_shipped_yaml_files_load_from_inside_the_package():
     # Package data: a wheel install carries them (pyproject's package-data), not only a checkout.
     assert cfg.CONFIG_DIR.parent == Path(cfg.__file__).parent
-    for cls, name in [(cfg.MinerConfig, "miner"), (cfg.ValidatorConfig, "validator"), (cfg.MocknetConfig, "mocknet")]:
+    for cls, name in [(cfg.MinerConfig, "miner"), (cfg.ValidatorConfig, "validator"), (cfg.MocknetConfig, "mocknet"),
+                      (cfg.BenchConfig, "bench")]:
         path = cfg.default_yaml(name)
         assert path is not None and path.parent == cfg.CONFIG_DIR
         cfg.load(cls, path)
@@ -63,8 +64,19 @@ def test_btcli_names_and_one_spelling_for_every_command():
     assert cfg.load(cfg.QueryConfig, None, cfg.parse_dotted(["--max_new_tokens=4"])).max_new_tokens == 4
 
 
+def test_bench_flags_are_dotted_like_every_other_command():
+    c = cfg.load(cfg.BenchConfig, cfg.default_yaml("bench"), cfg.parse_dotted(
+        ["--bench.only", "forward,generate", "--bench.reps=2", "--bench.quick", "--engine.backend", "vllm",
+         "--model.name", "tiny", "--bench.round-model", "same"]))
+    assert c.bench.only == ("forward", "generate") and c.bench.reps == 2 and c.bench.quick
+    assert (c.engine.backend, c.model.name, c.model.device, c.bench.round_model) == ("vllm", "tiny", "cpu", "same")
+    assert c.engine.vllm.kv_cache_memory_bytes == 512 << 20  # the shipped defaults: room on a shared CPU
+    with pytest.raises(cfg.ConfigError, match=r"did you mean --bench.reps\?"):
+        cfg.load(cfg.BenchConfig, None, cfg.parse_dotted(["--reps", "2"]))  # the old spelling points to the new
+
+
 CONFIGS = [cfg.MinerConfig, cfg.ValidatorConfig, cfg.MocknetConfig, cfg.RegisterConfig, cfg.StakeConfig,
-           cfg.MetagraphConfig, cfg.WalletCommandConfig, cfg.QueryConfig]
+           cfg.MetagraphConfig, cfg.WalletCommandConfig, cfg.QueryConfig, cfg.BenchConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)

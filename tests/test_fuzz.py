@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 
-from conftest import make_axon, make_wallet, miner_config
+from conftest import make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import auth, wire
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -37,11 +37,11 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None
 async def dev(tiny):
     """An auth-off miner (a dev miner), and a channel to it."""
     axon = make_axon(tiny, miner_config(**LIMITS))
-    port = await axon.start()
+    port = await start_miner(axon)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield axon, channel
     await channel.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ async def guarded(tiny, tmp_path_factory):
     config = miner_config(**LIMITS, **{"auth.required": True, "auth.allow_hotkeys": (validator.ss58_address,),
                                        "auth.rate_per_s": 1000.0, "auth.burst": 1000})
     axon = make_axon(tiny, config, keypair=miner)
-    port = await axon.start()
+    port = await start_miner(axon)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield axon, channel, miner.ss58_address, validator
     await channel.close()
-    await axon.stop(grace=0)
+    await stop_miner(axon)
 
 
 async def answer(channel, method: str, body: bytes, metadata=(), timeout: float = 20.0) -> tuple[grpc.StatusCode, str]:
@@ -240,7 +240,7 @@ async def test_random_bytes_to_every_rpc_are_refused_cleanly(dev, body, method):
 async def test_the_dev_miner_still_serves_after_the_fuzzing(dev, tiny):
     axon, channel = dev
     await still_serves(channel, tiny.vocab_size)
-    assert axon.engine.stats()["running"] == 0
+    assert axon.engine.stats().running == 0
 
 
 # Printable ASCII: other header values are refused by the gRPC client itself, before they travel.
@@ -270,4 +270,4 @@ async def test_the_guarded_miner_still_serves_a_signed_request(guarded, tiny):
     body = pb.ForwardRequest(input_ids=wire.to_pb(ids), topk=2).SerializeToString()
     meta = tuple(auth.sign(validator, auth.REQUEST, AXON + "Forward", body, miner))
     assert await answer(channel, "Forward", body, meta) == (grpc.StatusCode.OK, "")
-    assert axon.engine.stats()["running"] == 0
+    assert axon.engine.stats().running == 0

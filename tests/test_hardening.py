@@ -16,7 +16,7 @@ import pytest
 import torch
 from loguru import logger
 
-from conftest import PoisonRows, make_axon, make_wallet, miner_config
+from conftest import PoisonRows, make_axon, make_wallet, miner_config, start_miner, stop_miner
 from neuron import wire
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 
@@ -30,7 +30,7 @@ async def serve():
 
     async def start(lm, keypair=None, **overrides):
         axon = make_axon(lm, miner_config(**overrides), keypair=keypair)
-        port = await axon.start()
+        port = await start_miner(axon)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         opened.append((axon, channel))
         return axon, channel
@@ -38,7 +38,7 @@ async def serve():
     yield start
     for axon, channel in opened:
         await channel.close()
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ async def until(condition, what: str, timeout: float = 30.0) -> None:
 
 def idle(axon) -> bool:
     s = axon.engine.stats()
-    return s["running"] == 0 and s["queued"] == 0 and s.get("kv_bytes_reserved", 0) == 0
+    return s.running == 0 and s.queued == 0 and s.kv_bytes_reserved == 0
 
 
 # ---- defect 1: a request whose sampling breaks fails alone --------------------------------------
@@ -229,14 +229,14 @@ async def test_every_finished_call_logs_one_line_and_a_cancel_stops_the_engine_a
     await status_of(channel.unary_unary(AXON + "Forward")(b"\xff\xff", timeout=10))
     gc.disable()  # an abandoned generator must not wait for a collection to stop the decoding
     try:
-        before = axon.engine.stats().get("generated_tokens", 0)
+        before = axon.engine.stats().generated_tokens
         call = channel.unary_stream(AXON + "GenerateStream")(
             pb.GenerateRequest(prompt_text="cancel me", max_new_tokens=240).SerializeToString(), timeout=60)
         async for _ in call:
             break
         call.cancel()
         await until(lambda: idle(axon), "the cancelled generation to leave the engine", 10)
-        assert axon.engine.stats().get("generated_tokens", 0) - before < 240
+        assert axon.engine.stats().generated_tokens - before < 240
         await until(lambda: any("CANCELLED" in line for line in log_lines), "the CANCELLED line", 5)
     finally:
         gc.enable()

@@ -1,6 +1,7 @@
 """Prometheus metrics and the readiness probe: scraped from a real miner process, and the validator's and the
 engine's exporters."""
 
+import dataclasses
 import json
 import socket
 import urllib.error
@@ -9,6 +10,7 @@ import urllib.request
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from neuron.engine.types import EngineStats
 from neuron.metrics import MinerMetrics, ValidatorMetrics, refusal_reason, serve
 from test_cli import neuron, start, stop, wait_serving
 
@@ -90,14 +92,19 @@ def test_readiness_is_200_while_serving_and_503_with_the_reason_otherwise():
         server.server_close()
 
 
+def engine_stats(**values) -> EngineStats:
+    """EngineStats with the given fields, the others 0."""
+    return EngineStats(**{**{f.name: 0 for f in dataclasses.fields(EngineStats)}, **values})
+
+
 def test_engine_stats_become_counters_gauges_and_a_token_rate():
-    stats = {"queued": 3.0, "running": 2.0, "forward_batches": 4.0, "forward_rows": 10.0, "generated_tokens": 0.0}
-    m = MinerMetrics(lambda: dict(stats))
+    stats = engine_stats(queued=3, running=2, forward_batches=4, forward_rows=10)
+    m = MinerMetrics(lambda: stats)
     first = samples(generate_latest(m.registry).decode())
     assert first[("neuron_miner_engine_queued", ())] == 3.0
     assert first[("neuron_miner_engine_forward_rows_total", ())] == 10.0
     assert first[("neuron_miner_engine_forward_batch_rows_mean", ())] == 2.5
-    stats["generated_tokens"] = 50.0
+    stats = dataclasses.replace(stats, generated_tokens=50)
     second = samples(generate_latest(m.registry).decode())
     assert second[("neuron_miner_engine_generated_tokens_total", ())] == 50.0
     assert second[("neuron_miner_engine_tokens_per_second", ())] > 0
@@ -137,9 +144,9 @@ def test_failed_calls_are_labelled_by_status_not_by_message():
 
 def test_one_scrape_after_tokens_shows_their_rate():
     """An operator's first curl after traffic: not 0 because nobody scraped before."""
-    stats = {"generated_tokens": 0.0}
-    m = MinerMetrics(lambda: dict(stats))
-    stats["generated_tokens"] = 40.0
+    stats = engine_stats()
+    m = MinerMetrics(lambda: stats)
+    stats = engine_stats(generated_tokens=40)
     assert samples(generate_latest(m.registry).decode())[("neuron_miner_engine_tokens_per_second", ())] > 0
 
 
@@ -185,10 +192,9 @@ def test_the_hf_engine_reports_the_series_every_engine_reports(tiny):
     """The vLLM engine's twin of this runs in CI's vLLM step (tests/engine/test_vllm.py)."""
     from neuron.config import BatchingConfig
     from neuron.engine.hf import HFEngine
-    from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
-
     stats = HFEngine(tiny, BatchingConfig(), 512).stats()
-    assert set(STATS_GAUGES + STATS_COUNTERS) <= set(stats)
+    assert isinstance(stats, EngineStats) and stats.capacity == BatchingConfig().max_generate_batch
     exported = {f.name for f in MinerMetrics(lambda: stats).registry.collect() if f.name.startswith("neuron_miner_engine")}
-    assert exported == {f"neuron_miner_engine_{k}" for k in STATS_GAUGES + STATS_COUNTERS} | {
+    assert exported == {f"neuron_miner_engine_{f.name}" for f in dataclasses.fields(EngineStats)} | {
         "neuron_miner_engine_forward_batch_rows_mean", "neuron_miner_engine_tokens_per_second"}
+    assert "neuron_miner_engine_joins" not in exported  # a backend's own extras stay out of the metrics

@@ -3,15 +3,20 @@ whose engine dies or hangs goes NOT_SERVING, fails its calls with UNAVAILABLE, s
 
 import asyncio
 import dataclasses
+import socket
 import time
 
 import grpc
+import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loguru import logger
 
 from conftest import FailsOn, HangsOn, miner_config
 from neuron.dendrite import Dendrite, Target
-from neuron.miner import EXIT_ENGINE_DEAD, run_miner
+from neuron.engine.types import ForwardJob
+from neuron.errors import Unavailable
+from neuron.miner import EXIT_ENGINE_DEAD, PortInUse, run_miner
 from neuron.pb.neuron.v1 import axon_pb2 as pb
 from test_metrics import free_port, readiness
 
@@ -128,3 +133,28 @@ async def test_a_stop_during_the_model_load_serves_nothing(tiny):
     assert code == 0
     assert "stopped while the model loaded: not serving" in lines
     assert not any(line.startswith("axon serving") for line in lines)
+
+
+async def test_a_port_taken_after_the_check_fails_the_start_and_the_engine_is_stopped(tiny, monkeypatch):
+    """The axon's port is taken between the miner's early check and the bind: the start fails with PortInUse,
+    and the engine the miner had started is stopped, not left running."""
+    from neuron import miner
+    from neuron.engine import open_engine
+
+    port, opened, taken = free_port(), [], socket.socket()
+
+    def take_the_port(lm):  # runs after the check, before the engine opens
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        return lm
+
+    monkeypatch.setattr(miner, "open_engine", lambda c, lm: opened.append(open_engine(c, lm)) or opened[-1])
+    try:
+        with pytest.raises(PortInUse, match=f"port {port}"):
+            await run_miner(miner_config(**{"model.name": "tiny", "axon.port": port}), None, None,
+                            model_transform=take_the_port)
+    finally:
+        taken.close()
+    [engine] = opened
+    with pytest.raises(Unavailable):
+        await engine.forward(ForwardJob(torch.tensor([[5, 6, 7]]), None, 4))

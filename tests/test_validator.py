@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import local_network, make_wallet
+from conftest import local_network, make_wallet, stop_miner
 from neuron.axon import AxonServicer
 from neuron.chain.local import LocalChain
 from neuron.config import ValidatorConfig, with_overrides
@@ -40,7 +40,7 @@ async def network(tmp_path, tiny):
         "state_path": str(tmp_path / "state.json")})
     yield chain, vwallet, axons, config
     for _, axon in axons:
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 async def test_killing_a_miner_mid_round_costs_that_miner_and_nothing_else(network, tiny):
@@ -50,7 +50,7 @@ async def test_killing_a_miner_mid_round_costs_that_miner_and_nothing_else(netwo
     victim_uid, victim = axons[2]
     round_task = asyncio.ensure_future(v.run_round())
     await asyncio.wait_for(Hanging.arrived.wait(), 10)
-    await victim.stop(grace=0)  # the miner dies with the validator's request in flight
+    await stop_miner(victim)  # the miner dies with the validator's request in flight
     judgements = await round_task
     await v.close()
     assert not judgements[victim_uid].verified and judgements[victim_uid].reason
@@ -64,7 +64,7 @@ async def test_killing_a_miner_mid_round_costs_that_miner_and_nothing_else(netwo
 
 async def test_a_restarted_validator_resumes_its_moving_averages(network, tiny):
     chain, vwallet, axons, config = network
-    await axons[2][1].stop(grace=0)
+    await stop_miner(axons[2][1])
     v = Validator(config, chain, vwallet, tiny)
     await v.run_round()
     await v.run_round()
@@ -195,7 +195,7 @@ async def test_run_validator_stops_after_its_rounds_and_saves_state(network, tmp
     from neuron.validator.loop import run_validator
 
     chain, vwallet, axons, config = network
-    await axons[2][1].stop(grace=0)
+    await stop_miner(axons[2][1])
     config = with_overrides(config, **{"rounds": 2, "round_interval_s": 0.0, "timeout_s": 2.0})
     await asyncio.wait_for(run_validator(config, chain, vwallet), 60)
     state = State.load(tmp_path / "state.json")

@@ -26,7 +26,7 @@ from neuron.config import BatchingConfig
 from neuron.engine import sampler as S
 from neuron.engine.runner import Runner, StepOutput
 from neuron.engine.scheduler import FORWARD, GENERATE, Plan, Request, Scheduler
-from neuron.engine.types import EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, TokenStep
+from neuron.engine.types import EngineInfo, EngineStats, FinishReason, ForwardJob, ForwardResult, GenerateJob, TokenStep
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable
 from neuron.model import LoadedModel, forward_batch
 
@@ -100,6 +100,16 @@ class Generation:
         return 0.0 if d.started is None else (d.started - self._req.enqueued) * 1000
 
 
+@dataclass(frozen=True)
+class HFStats(EngineStats):
+    """The HF engine's stats: every engine's, and its KV budget, decode steps and joins."""
+
+    kv_bytes_reserved: int  # KV cache admitted generations hold (the scheduler admits against kv_bytes_capacity)
+    kv_bytes_capacity: int  # KV cache budget (batching.kv_cache_mb, or every slot at max_seq_len)
+    decode_steps: int  # decode steps run
+    joins: int  # generations that joined while others were decoding
+
+
 class HFEngine:
     """The default backend: Hugging Face model code, our scheduler, runner and sampler."""
 
@@ -141,10 +151,10 @@ class HFEngine:
                           hidden_size=int(lm.model.config.hidden_size), supports_hidden=True,
                           quantization=lm.quantization)
 
-    def stats(self) -> dict[str, float]:
-        return {"queued": self.scheduler.waiting, "running": len(self.scheduler.running), "capacity": self.runner.slots,
-                "kv_bytes_reserved": self.scheduler.kv_reserved, "kv_bytes_capacity": self.scheduler.kv_bytes,
-                "rejected": float(self._rejected), **{k: float(v) for k, v in self._counts.items()}}
+    def stats(self) -> HFStats:
+        return HFStats(queued=self.scheduler.waiting, running=len(self.scheduler.running), capacity=self.runner.slots,
+                       kv_bytes_reserved=self.scheduler.kv_reserved, kv_bytes_capacity=self.scheduler.kv_bytes,
+                       rejected=self._rejected, **self._counts)
 
     def dead_reason(self) -> str | None:
         """Also the watchdog: the loop goes round at least every 0.5 s when idle and after every step, so
@@ -157,7 +167,7 @@ class HFEngine:
         return self._dead
 
     async def start(self) -> None:
-        if self._thread.ident is None:  # idempotent: the miner starts it before the axon does
+        if self._thread.ident is None:  # idempotent
             self._beat = time.monotonic()
             self._thread.start()
 

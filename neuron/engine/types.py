@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, ClassVar, Protocol
 
 import torch
 
@@ -29,11 +29,23 @@ class Sampler(str, enum.Enum):
     GUMBEL_V1 = "gumbel-v1"  # the seeded, recomputable sampler of docs/sampling.md
 
 
-# What every engine's stats() reports: gauges now, and counters since start. `generations`: generations
-# started; `cancelled`: work whose caller went away; `rejected`: refused as the queue was full.
-STATS_GAUGES = ("queued", "running", "capacity")
-STATS_COUNTERS = ("forward_batches", "forward_rows", "generations", "generated_tokens", "cancelled", "rejected",
-                  "deadline_exceeded")
+@dataclass(frozen=True)
+class EngineStats:
+    """What every engine's stats() reports (the miner's metrics export these fields, the same series for every
+    backend): gauges, the state now, and counters since start. A backend adds its own fields in a subclass."""
+
+    GAUGES: ClassVar[tuple[str, ...]] = ("queued", "running", "capacity")  # the other fields are counters
+
+    queued: int  # requests admitted and waiting for the model
+    running: int  # sequences decoding now
+    capacity: int  # sequences that can decode at once
+    forward_batches: int  # Forward batches run
+    forward_rows: int  # rows in those batches
+    generations: int  # generations started
+    generated_tokens: int  # tokens generated
+    cancelled: int  # work whose caller went away
+    rejected: int  # requests refused as the queue was full
+    deadline_exceeded: int  # work dropped at its deadline
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -141,9 +153,8 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
-    def stats(self) -> dict[str, float]:
-        """STATS_GAUGES and STATS_COUNTERS under those names (the miner's metrics export them, the same
-        series for every backend), and whatever else the backend keeps (benches and tests read those)."""
+    def stats(self) -> EngineStats:
+        """An EngineStats, or the backend's subclass of it with what else it keeps (benches and tests read those)."""
         ...
 
     def dead_reason(self) -> str | None:

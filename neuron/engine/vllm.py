@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -39,8 +40,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from neuron.engine import vllm_sampler
-from neuron.engine.types import (EngineInfo, FinishReason, ForwardJob, ForwardResult, GenerateJob, Sampler,
-                                 TokenStep)
+from neuron.engine.types import (EngineInfo, EngineStats, FinishReason, ForwardJob, ForwardResult, GenerateJob,
+                                 Sampler, TokenStep)
 from neuron.engine.vllm_config import HOST_MEMORY_SHARE, VllmConfig, cpu_kv_cache_bytes
 from neuron.errors import DeadlineExceeded, InvalidArgument, NeuronError, ResourceExhausted, Unavailable, check
 from neuron.fingerprint import checkpoint_dir, checkpoint_fingerprint, checkpoint_quantization
@@ -188,6 +189,15 @@ def _top(entries: dict, k: int) -> tuple[list[int], list[float]]:
     return [i for i, _ in best], [lp.logprob for _, lp in best]
 
 
+@dataclass(frozen=True)
+class VllmStats(EngineStats):
+    """The vLLM engine's stats: every engine's (running: at most max_num_seqs of the requests vLLM holds; queued:
+    the rest of them, waiting in vLLM's scheduler), and the miner's own bound in front of vLLM's queue."""
+
+    in_hand: int  # requests admitted and not finished
+    queue_size: int  # the most requests in hand at once (batching.queue_size)
+
+
 class VllmEngine:
     """The engine contract over vLLM's AsyncLLM; `queue_size` requests at most are in hand at once."""
 
@@ -213,8 +223,8 @@ class VllmEngine:
         self._last_output = time.monotonic()  # when vLLM last answered anything (or work arrived at an idle engine)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stats = {"forward_batches": 0.0, "forward_rows": 0.0, "generated_tokens": 0.0, "generations": 0.0,
-                       "cancelled": 0.0, "rejected": 0.0, "deadline_exceeded": 0.0}
+        self._stats = {"forward_batches": 0, "forward_rows": 0, "generated_tokens": 0, "generations": 0,
+                       "cancelled": 0, "rejected": 0, "deadline_exceeded": 0}
 
     # life cycle
 
@@ -287,13 +297,11 @@ class VllmEngine:
             raise Unavailable("the engine is not started")
         return self._info
 
-    def stats(self) -> dict[str, float]:
-        """Counters, and gauges: in_hand (admitted, not finished), running (at most max_num_seqs of the
-        requests vLLM holds) and queued (the rest of them, waiting in vLLM's scheduler)."""
-        in_vllm = float(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0.0
-        running = min(in_vllm, float(self.config.max_num_seqs))
-        return {**self._stats, "in_hand": float(self._in_hand), "running": running, "queued": in_vllm - running,
-                "capacity": float(self.config.max_num_seqs), "queue_size": float(self.queue_size)}
+    def stats(self) -> VllmStats:
+        in_vllm = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        running = min(in_vllm, self.config.max_num_seqs)
+        return VllmStats(**self._stats, in_hand=self._in_hand, running=running, queued=in_vllm - running,
+                         capacity=self.config.max_num_seqs, queue_size=self.queue_size)
 
     # admission: the miner's own bound in front of vLLM's unbounded waiting queue
 

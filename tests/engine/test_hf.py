@@ -32,14 +32,14 @@ async def test_concurrent_forwards_run_as_one_model_call(lm):
             ForwardJob(torch.tensor([tok("a first row").input_ids[:3], tok("and a second").input_ids[:3]]), None, 3, True)]
     engine = HFEngine(lm, BatchingConfig(max_wait_ms=0.0), 128)
     futures = [asyncio.ensure_future(engine.forward(j)) for j in jobs]
-    while engine.stats()["queued"] < len(jobs):  # queued before the engine starts
+    while engine.stats().queued < len(jobs):  # queued before the engine starts
         await asyncio.sleep(0.001)
     await engine.start()
     try:
         outs = await asyncio.gather(*futures)
     finally:
         await engine.stop()
-    assert engine.stats()["forward_batches"] == 1 and engine.stats()["forward_rows"] == 4
+    assert engine.stats().forward_batches == 1 and engine.stats().forward_rows == 4
     for job, out in zip(jobs, outs):
         alone = forward_topk(lm, job.input_ids, job.positions, job.topk, job.want_hidden)
         assert torch.equal(out.topk_ids, alone.topk_ids)
@@ -67,7 +67,7 @@ async def test_a_finished_sequence_frees_its_slot_for_a_waiting_one(tiny):
     # "waiting" got no slot until "quick" finished, and then ran alongside "slow".
     assert events.index(("waiting", 0)) > events.index(("quick", 1))
     assert events.index(("waiting", 0)) < events.index(("slow", 39))
-    assert engine.stats()["joins"] >= 1
+    assert engine.stats().joins >= 1
 
 
 async def test_free_slots_never_walk_off_the_position_table(tiny):
@@ -101,7 +101,7 @@ async def test_a_sequence_whose_logits_break_fails_alone(tiny):
         assert isinstance(results[0], NeuronError) and "not finite" in str(results[0])
         assert [s.token_id for s in results[1]] == alone
         assert [first.token_id] + [s.token_id for s in results[2]] == alone
-        assert engine.stats()["running"] == 0
+        assert engine.stats().running == 0
     finally:
         await engine.stop()
 

@@ -168,18 +168,18 @@ async def test_queue_bound_close_aborts_and_deadline(engine, smollm2):
     streams = [engine.generate(job) for _ in range(QUEUE)]
     for s in streams:
         await s.__anext__()  # each holds a place now
-    assert engine.stats()["in_hand"] == QUEUE
+    assert engine.stats().in_hand == QUEUE
     with pytest.raises(ResourceExhausted):
         engine.generate(job)
-    aborted = engine.stats()["cancelled"]
+    aborted = engine.stats().cancelled
     for s in streams:
         await s.aclose()
-    assert engine.stats()["in_hand"] == 0 and engine.stats()["cancelled"] == aborted + QUEUE
+    assert engine.stats().in_hand == 0 and engine.stats().cancelled == aborted + QUEUE
     with pytest.raises(DeadlineExceeded):
         await run(engine, job, deadline=time.monotonic() + 0.3)
-    assert engine.stats()["in_hand"] == 0
+    assert engine.stats().in_hand == 0
     await asyncio.sleep(0.5)
-    assert engine.stats()["running"] == 0  # vLLM let go of every aborted request
+    assert engine.stats().running == 0  # vLLM let go of every aborted request
     assert len(await run(engine, GenerateJob(prompt, 3, SamplingParams()))) == 3  # and still serves
 
 
@@ -215,9 +215,10 @@ async def test_the_hf_validator_accepts_every_vllm_answer(engine, smollm2):
 
 
 def test_stats_report_the_series_every_engine_reports(engine):
-    from neuron.engine.types import STATS_COUNTERS, STATS_GAUGES
+    from neuron.engine.types import EngineStats
 
-    assert set(STATS_GAUGES + STATS_COUNTERS) <= set(engine.stats())
+    stats = engine.stats()
+    assert isinstance(stats, EngineStats) and stats.capacity == engine.config.max_num_seqs and stats.in_hand == 0
 
 
 def test_vllm_errors_become_the_contracts():

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import local_network
+from conftest import local_network, stop_miner
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.gateway.app import Gateway, serve_gateway
 from neuron.gateway.keys import KeyLimits, KeyStore
@@ -42,7 +42,7 @@ async def _down(v, miners, server_task):
     await gw.stop()
     await v.close()
     for axon in miners.values():
-        await axon.stop(grace=0)
+        await stop_miner(axon)
 
 
 @contextlib.asynccontextmanager
@@ -202,7 +202,7 @@ async def test_metrics_count_requests_tokens_and_verifications(net):
 async def test_a_dead_miner_fails_over_before_the_first_token(net):
     v, gw, miners, _, _, client = net
     dead, alive = list(miners)
-    await miners[dead].stop(grace=0)
+    await stop_miner(miners[dead])
     gw.pool.set_standing({dead: 1000.0, alive: 0.001})  # the dead one is nearly always drawn first
     for _ in range(3):
         r = await client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=4)
@@ -212,7 +212,7 @@ async def test_a_dead_miner_fails_over_before_the_first_token(net):
 
 async def test_a_client_that_disconnects_cancels_the_miners_stream(net):
     v, gw, miners, port, key, _ = net
-    before = {u: a.engine.stats()["cancelled"] for u, a in miners.items()}
+    before = {u: a.engine.stats().cancelled for u, a in miners.items()}
     body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "temperature": 0.7, "stream": True}
     async with httpx.AsyncClient(timeout=30) as h:
         async with h.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
@@ -222,10 +222,10 @@ async def test_a_client_that_disconnects_cancels_the_miners_stream(net):
                 if line.startswith("data: "):
                     break  # one token, then the client goes away
     for _ in range(200):
-        if any(a.engine.stats()["cancelled"] > before[u] for u, a in miners.items()):
+        if any(a.engine.stats().cancelled > before[u] for u, a in miners.items()):
             break
         await asyncio.sleep(0.05)
-    assert any(a.engine.stats()["cancelled"] > before[u] for u, a in miners.items())
+    assert any(a.engine.stats().cancelled > before[u] for u, a in miners.items())
     assert gw.served and not gw.pool.in_flight
 
 

@@ -66,7 +66,7 @@ async def test_seeded_tokens_are_the_spec_over_the_engines_own_logits(dtype):
     assert all(len(a) > 0 for a in answers) and record.steps
     for logits, rp, tokens in record.steps:
         assert torch.equal(S.choose(logits, rp), tokens)
-    assert engine.stats()["joins"] >= 1
+    assert engine.stats().joins >= 1
 
 
 def _drive(r: Runner, sampled: SamplingParams) -> list:
@@ -144,4 +144,4 @@ async def test_cancels_while_graphs_replay_never_disturb_the_others():
     assert [len(k) for k in kept] == [40, 40] and kept[-1][-1].finish_reason is not None
     for logits, rp, tokens in record.steps:
         assert torch.equal(S.choose(logits, rp), tokens)
-    assert engine.stats()["running"] == 0 and engine.stats()["cancelled"] >= 1
+    assert engine.stats().running == 0 and engine.stats().cancelled >= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import local_network
+from conftest import local_network, stop_miner
 from neuron.axon import AxonServicer
 from neuron.config import ValidatorConfig, with_overrides
 from neuron.validator.declared import REFRESH_S, Declared, difference
@@ -76,5 +76,5 @@ async def test_a_miner_that_declares_another_model_is_not_judged_against_ours(tm
     finally:
         await v.close()
         for axon in axons:
-            await axon.stop(grace=0)
+            await stop_miner(axon)
 

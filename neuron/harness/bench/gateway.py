@@ -1,6 +1,6 @@
-"""`neuron bench --only gateway`: what the OpenAI gateway costs over going to the miners directly.
+"""`neuron bench --bench.only gateway`: what the OpenAI gateway costs over going to the miners directly.
 
-Real miners (`neuron miner` processes serving --model, tiny unless named: one thread each, on loopback,
+Real miners (`neuron miner` processes serving --model.name, tiny unless named: one thread each, on loopback,
 signed) on a local chain, verified by
 one validator round; a gateway (auth off) in front of them. The same requests go through the gateway
 (HTTP + SSE) and straight to a miner with the validator's dendrite, in alternation: one stream's

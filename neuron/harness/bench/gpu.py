@@ -1,4 +1,4 @@
-"""`neuron bench --only gpu`: decode speed on a GPU, side by side in one run, and a profile of one decode step.
+"""`neuron bench --bench.only gpu`: decode speed on a GPU, side by side in one run, and a profile of one decode step.
 
 For 1, 16, 64 and 256 streams (64-token prompts, 128 new tokens, greedy), in alternation: the HF engine
 called directly, the same through a signed axon over gRPC, plain `model.generate` on the batch, and the
@@ -8,10 +8,11 @@ large device-to-device copy timed in the same run. Targets (issue 22): the engin
 at 1 stream and >= 30% at 64, and never below `model.generate`.
 
 Then torch.profiler over a few decode steps of the runner, with CUDA graphs and without: wall time per
-step, device busy time, the host's share, the synchronisations, and the top operations (--profile FILE).
+step, device busy time, the host's share, the synchronisations, and the top operations (--bench.profile FILE).
 
-    neuron bench --only gpu --device cuda --dtype float16 --model opt-1.3b-random --json bench.json --profile prof.txt
-    neuron bench --only gpu --quick        # the same code on the CPU with the tiny model (a smoke test)
+    neuron bench --bench.only gpu --model.device cuda --model.dtype float16 --model.name opt-1.3b-random
+    neuron bench ... --bench.json bench.json --bench.profile prof.txt   # keep the figures and the profile tables
+    neuron bench --bench.only gpu --bench.quick        # the same code on the CPU with the tiny model (a smoke test)
 
 OPT-1.3B's shape with random weights (the speed of a model does not depend on its weights), built on the
 device in memory: nothing is downloaded or written.
@@ -19,7 +20,6 @@ device in memory: nothing is downloaded or written.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -35,7 +35,8 @@ import torch
 from loguru import logger
 
 from neuron.harness.bench.figure import Figure, alternate, table
-from neuron.harness.bench.run import RANDOM, _admit_only, _miner_config, copy_bandwidth
+from neuron.config import BenchConfig
+from neuron.harness.bench.run import RANDOM, _admit_only, _miner_config, copy_bandwidth, model_of
 from neuron.model import TINY_PATH, LoadedModel, load_model
 
 # Where the host waits for the device (a copy to the host waits for the work queued before it).
@@ -45,7 +46,7 @@ PROFILE_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSyn
 
 @dataclass
 class GpuSizes:
-    """The issue's sizes; --quick shrinks them to a smoke test."""
+    """The issue's sizes; --bench.quick shrinks them to a smoke test."""
 
     prompt_len: int = 64
     new_tokens: int = 128
@@ -142,12 +143,13 @@ class GpuBench:
         dendrite = Dendrite(self.validator.hotkey)
         try:
             for n in s.streams:
-                engine = self.engine(n)
-                await engine.start()
-                axon = Axon(self.engine(n), self.config(n), self.miner.hotkey,
-                            _admit_only(self.validator.hotkey.ss58_address))
-                target = Target(f"127.0.0.1:{await axon.start()}", self.miner.hotkey.ss58_address)
+                engine, served = self.engine(n), self.engine(n)  # called directly; served by the axon
+                axon = Axon(served, self.config(n), self.miner.hotkey, _admit_only(self.validator.hotkey.ss58_address))
                 try:
+                    await engine.start()
+                    await served.start()
+                    target = Target(f"127.0.0.1:{await axon.start()}", self.miner.hotkey.ss58_address)
+
                     async def direct() -> float:
                         jobs = [GenerateJob(tuple(p), s.new_tokens) for p in self.prompts(n)]
                         start = time.perf_counter()
@@ -171,8 +173,9 @@ class GpuBench:
                         await measure()
                     xs, zs, gs = await alternate(s.reps, direct, through_axon, generate)
                 finally:
-                    await engine.stop(0)
                     await axon.stop(grace=0)
+                    await served.stop(0)
+                    await engine.stop(0)
                 context = s.prompt_len + s.new_tokens / 2
                 bound = n * bandwidth / (weights + n * context * kv_per_token)
                 bound_target = (">= 0.5" if n == 1 else ">= 0.3" if n == 64 else "") if cuda else ""
@@ -274,23 +277,23 @@ async def run_gpu(lm: LoadedModel, sizes: GpuSizes, workdir: Path) -> tuple[list
     return figures, notes, bandwidth
 
 
-def main(args: argparse.Namespace, argv: list[str]) -> int:
-    """`neuron bench --only gpu` (bench.main hands over here)."""
+def main(c: BenchConfig, argv: list[str]) -> int:
+    """`neuron bench --bench.only gpu` (neuron/cli.py hands over here)."""
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} | {level: <7} | {message}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sizes = QUICK_GPU if args.quick else GpuSizes()
-    if args.reps:
-        sizes = dataclasses.replace(sizes, reps=args.reps)
-    model = "tiny" if args.quick and args.model == "opt-125m-random" else args.model
-    device = torch.device(args.device)
+    sizes = QUICK_GPU if c.bench.quick else GpuSizes()
+    if c.bench.reps:
+        sizes = dataclasses.replace(sizes, reps=c.bench.reps)
+    model = model_of(c)
+    device = torch.device(c.model.device)
     started = time.perf_counter()
     if model in RANDOM:
-        dtype = torch.float16 if args.dtype == "auto" and device.type == "cuda" else (
-            torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype))
+        dtype = torch.float16 if c.model.dtype == "auto" and device.type == "cuda" else (
+            torch.float32 if c.model.dtype == "auto" else getattr(torch, c.model.dtype))
         lm = random_lm(RANDOM[model], device, dtype)
     else:
-        lm = load_model(model, args.device, args.dtype)
+        lm = load_model(model, c.model.device, c.model.dtype)
     with tempfile.TemporaryDirectory(prefix="neuron-bench-gpu-") as tmp:
         figures, notes, bandwidth = asyncio.run(run_gpu(lm, sizes, Path(tmp)))
     profiles = [profile_decode(lm, sizes, cuda_graphs=True)]
@@ -302,12 +305,12 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
           f"{time.perf_counter() - started:.0f} s")
     print(table(figures, notes))
     print("\n".join(p.split("\n\n")[0] for p in profiles))  # the profile's summary lines; the tables go to the file
-    if args.profile:
-        Path(args.profile).write_text("\n\n".join(profiles) + "\n")
-    if args.json:
+    if c.bench.profile:
+        Path(c.bench.profile).write_text("\n\n".join(profiles) + "\n")
+    if c.bench.json:
         report = {"command": ["neuron", "bench", *argv], "model": model, "device": str(lm.device), "gpu": gpu,
                   "dtype": str(lm.dtype), "torch": torch.__version__, "sizes": dataclasses.asdict(sizes),
                   "bandwidth_bytes_per_s": bandwidth, "notes": notes,
                   "figures": {f.key: f.as_dict() for f in figures}}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(c.bench.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""`neuron bench --only load`: a real miner process under ten times its capacity.
+"""`neuron bench --bench.only load`: a real miner process under ten times its capacity.
 
 Capacity is `batching.max_generate_batch` streams decoding plus `batching.queue_size` requests waiting.
 Ten times that many streams and forwards arrive at once: the figure is the share shed at once with

@@ -7,7 +7,6 @@ Benchmarks live here and print numbers: no test ever asserts a timing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -28,7 +27,7 @@ from loguru import logger
 
 from neuron import wire
 from neuron.harness.bench.figure import NETUID, Figure, alternate, status_kb, table
-from neuron.config import MinerConfig, ValidatorConfig, with_overrides
+from neuron.config import BenchConfig, MinerConfig, ValidatorConfig, with_overrides
 from neuron.engine import open_engine
 from neuron.harness.mocknet import dev_wallet
 from neuron.model import TINY_PATH, ForwardJob, LoadedModel, forward_batch, forward_topk, load_model
@@ -62,7 +61,7 @@ _V = ValidatorConfig()
 
 @dataclass
 class Sizes:
-    """How much work each figure does; --quick shrinks it to a smoke test."""
+    """How much work each figure does; --bench.quick shrinks it to a smoke test."""
 
     latency: Shape = Shape(128, 0, 16)  # the Forward whose latency is compared (every position)
     traffic: Shape = Shape(_V.forward_seq_len, _V.forward_positions, _V.topk)  # what a validator sends
@@ -124,7 +123,7 @@ class Bench:
         self.gen = torch.Generator().manual_seed(1234)
         self.validator_wallet = dev_wallet(workdir / "wallets", "bench-validator")
         self.miner_wallet = dev_wallet(workdir / "wallets", "bench-miner")
-        self.axons = []
+        self.axons, self.engines = [], []  # stopped by close(), the axons first
         self.dendrite = None
 
     def ids(self, rows: int, length: int) -> torch.Tensor:
@@ -153,7 +152,10 @@ class Bench:
 
         keypair = self.miner_wallet.hotkey
         config = _miner_config(**{f"batching.{k}": v for k, v in batching.items()})
-        axon = Axon(self.engine(config), config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
+        engine = self.engine(config)
+        self.engines.append(engine)
+        await engine.start()
+        axon = Axon(engine, config, keypair, _admit_only(self.validator_wallet.hotkey.ss58_address))
         port = await axon.start()
         self.axons.append(axon)
         if self.dendrite is None:
@@ -168,6 +170,8 @@ class Bench:
             await self.dendrite.close()
         for axon in self.axons:
             await axon.stop(grace=0)
+        for engine in self.engines:
+            await engine.stop(0)
 
     async def call(self, target, name: str, request, timeout: float = 600.0):
         r = await self.dendrite.call(target, name, request, timeout)
@@ -421,11 +425,13 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     for w in wallets:
         chain.register(NETUID, w)
     mg = chain.metagraph(NETUID)
-    axons = []
+    axons, engines = [], []
     try:
         for w in wallets:
             config = _miner_config(**{"batching.max_generate_batch": 2, "limits.max_seq_len": 256})
-            axon = Axon(open_engine(config, lm), config, w.hotkey, lambda: mg)
+            engines.append(open_engine(config, lm))
+            await engines[-1].start()
+            axon = Axon(engines[-1], config, w.hotkey, lambda: mg)
             chain.serve_axon(NETUID, w, "127.0.0.1", await axon.start())
             axons.append(axon)
         validators = {}
@@ -456,6 +462,8 @@ async def validator_figures(lm: LoadedModel, sizes: Sizes, workdir: Path) -> lis
     finally:
         for axon in axons:
             await axon.stop(grace=0)
+        for engine in engines:
+            await engine.stop(0)
     one = min(sizes.miners)
     # A round with n miners is n times the validator's work: batching the reference over the round must keep
     # its judging under n times one miner's. The whole round also holds the n miners' own compute, on the
@@ -532,31 +540,20 @@ async def memory_figures(model: str, device: str, dtype: str, lm: LoadedModel, s
 
 # ---- the command -------------------------------------------------------------------------------
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="neuron bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=RANDOM_OPT,
-                   help=f"{', '.join(RANDOM)} (those models' shapes, random weights made on the fly), tiny, "
-                        "a local directory (e.g. ~/.cache/neuron/smollm2-135m) or a Hugging Face id")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    p.add_argument("--json", default="", help="write the figures here as JSON")
-    p.add_argument("--quick", action="store_true", help="small sizes, the tiny model unless --model says otherwise")
-    p.add_argument("--round-model", default="tiny",
-                   help="the model of the validator-round figure (miners and validator share it); 'same' for --model")
-    p.add_argument("--reps", type=int, default=0, help="alternations per figure (default 3, 1 with --quick)")
-    p.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(PARTS)} (gpu: alone, "
-                   "neuron/harness/bench/gpu.py: decode at 1-256 streams against generate and the bandwidth bound)")
-    p.add_argument("--profile", default="", help="--only gpu: write the decode step's torch.profiler tables here")
-    return p.parse_args(argv)
+def model_of(c: BenchConfig) -> str:
+    """model.name, or when empty the bench's own: tiny for a smoke test or the gateway alone, else opt-125m-random."""
+    return c.model.name or ("tiny" if c.bench.quick or c.bench.only == ("gateway",) else RANDOM_OPT)
 
 
-async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
-    wanted = set(args.only.split(",")) if args.only else set(PARTS)
-    if wanted == {"gateway"}:  # its miners serve --model (tiny unless named): the gateway's cost against a real step
+async def run(c: BenchConfig, sizes: Sizes, name: str, model: str, workdir: Path) -> tuple[list[Figure], list[str]]:
+    """The figures of the parts asked for, on `model` (what `name` names: a directory when made on the fly)."""
+    device, dtype, quick = c.model.device, c.model.dtype, c.bench.quick
+    wanted = set(c.bench.only or PARTS)
+    if wanted == {"gateway"}:  # its miners serve the model (tiny unless named): the gateway's cost against a real step
         from neuron.harness.bench.gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
-        return await run_gateway(load_model(model, args.device, args.dtype),
-                                 QUICK_GATEWAY if args.quick else GatewaySizes(), workdir, model)
-    lm = load_model(model, args.device, args.dtype)
+        return await run_gateway(load_model(model, device, dtype), QUICK_GATEWAY if quick else GatewaySizes(), workdir,
+                                 model)
+    lm = load_model(model, device, dtype)
     figures: list[Figure] = []
     notes: list[str] = []
     bench = Bench(lm, sizes, workdir)
@@ -575,59 +572,59 @@ async def run(args: argparse.Namespace, sizes: Sizes, model: str, workdir: Path)
     finally:
         await bench.close()
     if "validator" in wanted:
-        same = args.round_model in ("same", args.model)
-        round_lm = lm if same else load_model(args.round_model, args.device, args.dtype)
+        same = c.bench.round_model in ("same", name)
+        round_lm = lm if same else load_model(c.bench.round_model, device, dtype)
         figures += await validator_figures(round_lm, sizes, workdir)
-        notes.append(f"validator rounds: the {args.model if same else args.round_model} model; "
+        notes.append(f"validator rounds: the {name if same else c.bench.round_model} model; "
                      f"every miner an axon in this process")
     if "memory" in wanted:
-        figures += await memory_figures(model, args.device, args.dtype, lm, sizes, workdir)
+        figures += await memory_figures(model, device, dtype, lm, sizes, workdir)
     if "load" in wanted:
         from neuron.harness.bench.load import QUICK_LOAD, LoadSizes, run_load
-        more, load_notes = await run_load(model, args.device, args.dtype, lm.vocab_size,
-                                          QUICK_LOAD if args.quick else LoadSizes(), workdir)
+        more, load_notes = await run_load(model, device, dtype, lm.vocab_size, QUICK_LOAD if quick else LoadSizes(),
+                                          workdir)
         figures, notes = figures + more, notes + load_notes
     if "gateway" in wanted:
         from neuron.harness.bench.gateway import QUICK_GATEWAY, GatewaySizes, run_gateway
-        gw_lm = lm if args.model == "tiny" else load_model("tiny", args.device, args.dtype)
-        more, gw_notes = await run_gateway(gw_lm, QUICK_GATEWAY if args.quick else GatewaySizes(), workdir)
+        gw_lm = lm if name == "tiny" else load_model("tiny", device, dtype)
+        more, gw_notes = await run_gateway(gw_lm, QUICK_GATEWAY if quick else GatewaySizes(), workdir)
         figures, notes = figures + more, notes + gw_notes
     return figures, notes
 
 
-def main(argv: list[str]) -> int:
-    args = parse(argv)
+def main(c: BenchConfig, argv: list[str]) -> int:
+    """`neuron bench` (neuron/cli.py hands --bench.only gpu to gpu.py and --engine.backend vllm to vllm.py)."""
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} | {level: <7} | {message}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sizes = QUICK if args.quick else Sizes()
-    if args.device.startswith("cuda") and not args.quick:
+    device, dtype = c.model.device, c.model.dtype
+    sizes = QUICK if c.bench.quick else Sizes()
+    if device.startswith("cuda") and not c.bench.quick:
         sizes = dataclasses.replace(sizes, **GPU)
-    if args.reps:
-        sizes = dataclasses.replace(sizes, reps=args.reps)
-    if (args.quick or args.only == "gateway") and args.model == RANDOM_OPT:
-        args.model = "tiny"  # the gateway part runs on tiny alone
+    if c.bench.reps:
+        sizes = dataclasses.replace(sizes, reps=c.bench.reps)
+    name = model_of(c)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="neuron-bench-") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model in RANDOM and args.only != "gateway":
-            model = str(workdir / model)
-            make_random_opt(Path(model), RANDOM[args.model])
-        figures, notes = asyncio.run(run(args, sizes, model, workdir))
-    print(f"neuron bench {' '.join(argv)}: model {args.model}, device {args.device}, dtype {args.dtype}, "
+        model = name
+        if name in RANDOM and c.bench.only != ("gateway",):
+            model = str(workdir / name)
+            make_random_opt(Path(model), RANDOM[name])
+        figures, notes = asyncio.run(run(c, sizes, name, model, workdir))
+    print(f"neuron bench {' '.join(argv)}: model {name}, device {device}, dtype {dtype}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"{time.perf_counter() - started:.0f} s")
     print(table(figures, notes))
-    if args.model == "tiny" and any(f.met is False for f in figures):
+    if name == "tiny" and any(f.met is False for f in figures):
         # The targets are set for 125M-parameter models (OPT-125M's shape, SmolLM2-135M); on tiny (0.1M)
         # fixed per-call costs dominate and batching has little to save, so a MISSED there is expected.
         print("note: the targets are set for 125M-parameter models (the default opt-125m-random, or "
               "~/.cache/neuron/smollm2-135m); on tiny a MISSED target says little"
-              f"{' (--quick runs tiny: a smoke test)' if args.quick else ''}.")
-    if args.json:
-        report = {"command": ["neuron", "bench", *argv], "model": args.model, "device": args.device,
-                  "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "sizes": asdict(sizes),
-                  "notes": notes, "figures": {f.key: f.as_dict() for f in figures}}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+              f"{' (--bench.quick runs tiny: a smoke test)' if c.bench.quick else ''}.")
+    if c.bench.json:
+        report = {"command": ["neuron", "bench", *argv], "model": name, "device": device, "dtype": dtype,
+                  "torch_threads": torch.get_num_threads(), "sizes": asdict(sizes), "notes": notes,
+                  "figures": {f.key: f.as_dict() for f in figures}}
+        Path(c.bench.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -13,8 +13,8 @@ adjacent pairs, as in neuron/harness/bench/run.py):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -24,22 +24,13 @@ from pathlib import Path
 
 import torch
 
+from neuron.config import BenchConfig
 from neuron.engine import sampler as S
 from neuron.engine.types import GenerateJob, Sampler, SamplingParams
 from neuron.engine.vllm_config import VllmConfig
 from neuron.harness.bench.figure import Figure
 
 SMOLLM2 = Path(os.environ.get("NEURON_CACHE") or Path.home() / ".cache" / "neuron").expanduser() / "smollm2-135m"
-
-
-def wants_vllm(argv: list[str]) -> bool:
-    """The hook for `neuron bench`: true when argv selects this bench (`--engine.backend vllm`)."""
-    for i, arg in enumerate(argv):
-        if arg == "--engine.backend" and i + 1 < len(argv):
-            return argv[i + 1] == "vllm"
-        if arg.startswith("--engine.backend="):
-            return arg.split("=", 1)[1] == "vllm"
-    return False
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -281,28 +272,16 @@ def print_table(figures: list[dict]) -> None:
                   f"{f['worst_score_gap']:.2e})")
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="neuron bench --engine.backend vllm", description=__doc__.splitlines()[0])
-    p.add_argument("--engine.backend", dest="backend", default="vllm", choices=["vllm"])
-    p.add_argument("--model.name", dest="model", default=str(SMOLLM2), help="local checkpoint directory or HF id")
-    p.add_argument("--requests", type=int, default=8, help="concurrent generations per measurement")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5, help="alternations; fewer are noisy on a busy machine")
-    p.add_argument("--vllm.kv_cache_memory_bytes", dest="kv", type=int, default=512 << 20)
-    p.add_argument("--vllm.gpu_memory_utilization", dest="util", type=float, default=0.1)
-    p.add_argument("--vllm.max_model_len", dest="max_len", type=int, default=512)
-    p.add_argument("--agreement-only", action="store_true", help="only count gumbel-v1 tokens differing from HF")
-    p.add_argument("--json", default="", help="write the figures to this file")
-    a = p.parse_args(argv)
+def main(c: BenchConfig, argv: list[str]) -> int:
+    """`neuron bench --engine.backend vllm` (neuron/cli.py hands over here)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = VllmConfig(max_model_len=a.max_len, kv_cache_memory_bytes=a.kv, gpu_memory_utilization=a.util,
-                        max_num_seqs=max(16, a.requests))
-    if a.agreement_only:
-        figures = asyncio.run(run_agreement(a.model, config, a.requests, a.new_tokens, a.prompt_len))
+    b, model = c.bench, c.model.name or str(SMOLLM2)
+    config = dataclasses.replace(c.engine.vllm, max_num_seqs=max(c.engine.vllm.max_num_seqs, b.requests))
+    if b.agreement_only:
+        figures = asyncio.run(run_agreement(model, config, b.requests, b.new_tokens, b.prompt_len))
     else:
-        figures = asyncio.run(run(a.model, config, a.requests, a.new_tokens, a.prompt_len, a.reps))
+        figures = asyncio.run(run(model, config, b.requests, b.new_tokens, b.prompt_len, b.reps or 5))
     print_table(figures)
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=2))
+    if b.json:
+        Path(b.json).write_text(json.dumps(figures, indent=2))
     return 0
