@@ -142,7 +142,7 @@ async def run_miner(config: MinerConfig, chain: Chain | None, wallet, stop: asyn
                 logger.info("stopped while the model loaded: not serving")
                 return 0
             if problem := await asyncio.to_thread(precision_problem, config.model.name, engine.info().dtype):
-                await engine.stop(0)  # an honest miner rejected round after round is worse than one that never starts
+                # an honest miner rejected round after round is worse than one that never starts (the engine stops below)
                 raise UnverifiablePrecision(f"not serving: {problem}")
             server = Axon(engine, config, keypair, metagraph, servicer_factory=servicer_factory)
             if config.metrics.port:
