@@ -181,7 +181,7 @@ def _top_p(x, temp, top_k, top_p, step_keys, *, sort: bool, slack: float) -> tor
     the likeliest probability bins that hold top_p + slack of the row's mass by a histogram, and the whole row
     sorted only for rows where those turn out not to hold the nucleus (reads counts on the host)."""
     V = x.shape[1]
-    e = torch.div(x, temp.unsqueeze(1), out=_WORK.get("f64", x, torch.float64))
+    e = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
     lse, total = _lse_(e)
     if sort:
         cand = _ids_of(order_keys(x).sort(dim=1, descending=True).values)
@@ -230,7 +230,7 @@ def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 
 def _whole_vocabulary(x, temp, top_k, top_p, step_keys) -> torch.Tensor:
     """Rows with neither top-k nor top-p: logits / T + g over every id, in buffers."""
-    scores = torch.div(x, temp.unsqueeze(1), out=_WORK.get("f64", x, torch.float64))
+    scores = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
     bits = torch.bitwise_xor(step_keys.unsqueeze(1), sampler._id_hashes(x.shape[1], x.device),
                              out=_WORK.get("keys", x, torch.int64))
     _mix32_(bits, _WORK.get("tmp", x, torch.int64))
