@@ -6,21 +6,25 @@ over the raw logits of those rows and leaves only that id finite, so vLLM's gree
 spec's token. vLLM computes `raw_logprobs` before any logits processor, so reported log-probabilities stay
 those of the unmodified distribution. Free of vLLM, so it is tested in every venv.
 
-`choose` is the spec's choice for the whole batch at once, with the cost of a decode step in mind. Rows are
-ranked once by one int64 key per id that orders (value descending, id ascending) with no ties, so torch's
-topk gives the spec's order itself; top-k, top-p and the noise are then computed on the candidates alone:
-- top-k: the first k candidates;
-- top-p: the nucleus is found among the likeliest ids, a few tiers of them (NUCLEUS_TIERS), with the mass
-  over the whole row; a row whose candidates do not hold the top-p mass goes to the next tier, and past
-  the last to the whole row sorted;
+`choose` is the spec's choice for the whole batch at once, with the cost of a decode step in mind. Ids are
+ranked by one int64 key per id that orders (value descending, id ascending) with no ties, so torch's topk and
+sort give the spec's order itself; top-k, top-p and the noise are then computed on candidates alone:
+- top-k (with a top-p or not): the first k ids by key; a top-p's mass is the spec's softmax over the whole
+  row with the other ids at -inf, its sum taken over the same values at the same places, so the same bits;
+- top-p without a top-k: the row's log-sum-exp over every id (the spec's), its probabilities counted into a
+  histogram of bins a quarter of an octave wide (BIN_SHIFT); the likeliest bins that hold the top-p mass
+  are a prefix of the spec's order only a little longer than the nucleus, so only those ids are sorted, and
+  the spec's cumulative sum over them decides the nucleus; a row whose candidates hold less exact mass than
+  top_p + MASS_MARGIN (none of 1,200 random rows; tests force it) is sorted whole;
 - the whole vocabulary: the noise over every id, but only for those rows.
-On a GPU the nucleus is searched over the whole row (a sort is cheap there), so nothing is read back to the
-host; on the CPU reading whether a tier sufficed costs nothing.
+On a GPU top-p rows are sorted whole (a sort is cheap there), so nothing is read back to the host; on the CPU
+reading the candidates' counts costs nothing.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -44,7 +48,14 @@ def row_args(extra: dict | None) -> tuple[float, int, float, int] | None:
     return float(args["temperature"]), int(args["top_k"]), float(args["top_p"]), int(args["seed"])
 
 
-NUCLEUS_TIERS = (64, 4096)  # candidate counts tried in turn for a top-p row without a top-k (CPU)
+NUCLEUS_SLACK = 1e-9  # mass beyond top_p that a top-p row's candidate bins must hold by the histogram's sums
+# (float64 too, but added in another order than the spec's): enough that the exact check below passes.
+MASS_MARGIN = 1e-12  # candidates hold the whole nucleus once their exact cumulative mass reaches top_p + this:
+# the mass before any later id is then at least that minus one rounding of a sum below 2 (2**-53), so >= top_p.
+BIN_SHIFT = 50  # a probability's bin: its float64 bits >> 50, the exponent and two mantissa bits, so bins a
+# quarter of an octave wide (0.17 of a logit / T) and 2**13 per row. Measured on 8 rows of randn * 3 logits
+# (flatter than SmolLM2's) at top-p 0.9: nuclei of 1,700-2,800 ids, candidates 2-10% more.
+_PAD_KEY = -(1 << 63) | sampler.MASK32  # below every order key, and read back as id 0
 _LOW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -93,12 +104,21 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
     return keys.bitwise_left_shift_(32).bitwise_or_(_low_ids(x.shape[1], x.device))
 
 
-def _logsumexp(x: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """torch.logsumexp(x.double() / temp) over each row (the same operations, so the same bits), in a buffer."""
-    scaled = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
+def _keys_at(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """order_keys of some float32 values at their vocabulary ids (two [N] tensors)."""
+    bits = values.view(torch.int32)
+    sign = bits >> 31
+    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign
+    return (ordered.long() << 32) | (sampler.MASK32 - ids)
+
+
+def _lse_(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.logsumexp(scaled, dim=1) by the same operations, so the same bits: the spec's softmax denominator.
+    Overwrites scaled [B, V] (float64) with exp(scaled - its row's max); returns the log-sum-exp and that sum."""
     top = scaled.amax(dim=1, keepdim=True)
     top.masked_fill_(top.isinf(), 0.0)
-    return scaled.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+    total = scaled.sub_(top).exp_().sum(dim=1)
+    return total.log().add_(top.squeeze(1)), total
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -119,32 +139,84 @@ def _pick(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return torch.where(scores == best, ids, torch.iinfo(torch.int64).max).min(dim=1).values
 
 
-def _from_candidates(x: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor,
-                     top_p: torch.Tensor, any_top_p: bool, nucleus_rows: torch.Tensor,
-                     full_lse: torch.Tensor | None, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec's token per row from its candidates cand [B, K] (the first K ids in the spec's order), and
-    whether the candidates held the row's top-p mass (the answer is exact only then).
+def _from_candidates(x: torch.Tensor, cand: torch.Tensor, allowed: torch.Tensor | None, temp: torch.Tensor,
+                     top_p: torch.Tensor, lse: torch.Tensor | None,
+                     step_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The spec's token per row from its candidates cand [B, K], the first K ids of the row in the spec's order,
+    of which `allowed` [B, K] are in the running (None: all). With lse [B], the log-sum-exp of the allowed
+    scaled logits over the whole row, the top-p rule runs on them as the spec's does (same values, the
+    same sequential cumulative sum), and the candidates' mass comes back too: the answer is the spec's when
+    no id after them would be kept. temp, top_p float64 [B] (top_p 1: off)."""
+    scaled = x.gather(1, cand).double().div_(temp.unsqueeze(1))
+    if allowed is not None:
+        scaled.masked_fill_(~allowed, -math.inf)
+    mass = None
+    if lse is not None:
+        probs = (scaled - lse.unsqueeze(1)).exp()
+        cum = probs.cumsum(1)
+        keep = ((cum - probs) < top_p.unsqueeze(1)) & torch.isfinite(scaled)
+        scaled.masked_fill_(~keep & (top_p < 1.0).unsqueeze(1), -math.inf)
+        mass = cum[:, -1]
+    return _pick(cand, scaled.add_(sampler.gumbel(step_keys, x.shape[1], cand))), mass
 
-    temp, top_p float64 [B]; top_k int64 [B] (0: off, else <= K); any_top_p: whether some top_p < 1 (known on
-    the host); nucleus_rows bool [B]: top-p rows without a top-k, whose mass is over the whole row (full_lse
-    [B], the log-sum-exp of the row's scaled logits)."""
-    B, K = cand.shape
-    scaled = x.gather(1, cand).double() / temp.unsqueeze(1)
-    pos = torch.arange(K, device=x.device)
-    allowed = pos.unsqueeze(0) < torch.where(top_k > 0, top_k, K).unsqueeze(1)
-    covered = torch.ones(B, dtype=torch.bool, device=x.device)
+
+def _top_k(x, temp, top_k, top_p, step_keys, *, K: int, any_top_p: bool) -> torch.Tensor:
+    """Rows with a top-k (<= K), some perhaps with a top-p: every allowed id is among the first K."""
+    cand = _ids_of(order_keys(x).topk(K, dim=1).values)
+    allowed = torch.arange(K, device=x.device).unsqueeze(0) < top_k.unsqueeze(1)
+    lse = None
     if any_top_p:
-        masked = scaled.masked_fill(~allowed, -math.inf)
-        lse = torch.logsumexp(masked, dim=1)
-        if full_lse is not None:
-            lse = torch.where(nucleus_rows, full_lse, lse)
-        probs = (masked - lse.unsqueeze(1)).exp()
-        mass = probs.cumsum(1)
-        keep = ((mass - probs) < top_p.unsqueeze(1)) & torch.isfinite(masked)
-        allowed = torch.where((top_p < 1.0).unsqueeze(1), keep, allowed)
-        covered = ~nucleus_rows | (mass[:, -1] >= top_p)
-    scores = (scaled + sampler.gumbel(keys, x.shape[1], cand)).masked_fill(~allowed, -math.inf)
-    return _pick(cand, scores), covered
+        # The spec's softmax runs over the whole row, the ids past the top-k at -inf: torch.logsumexp's steps, the
+        # row's exp() zero but at the candidates, so that the sum adds the same values at the same places.
+        scaled = x.gather(1, cand).double().div_(temp.unsqueeze(1)).masked_fill_(~allowed, -math.inf)
+        top = scaled.amax(dim=1, keepdim=True)
+        top.masked_fill_(top.isinf(), 0.0)
+        row = _WORK.get("f64", x, torch.float64).zero_().scatter_(1, cand, scaled.sub_(top).exp_())
+        lse = row.sum(dim=1).log_().add_(top.squeeze(1))
+    return _from_candidates(x, cand, allowed, temp, top_p, lse, step_keys)[0]
+
+
+def _top_p(x, temp, top_k, top_p, step_keys, *, sort: bool, slack: float) -> torch.Tensor:
+    """Rows with a top-p and no top-k. sort: each whole row in the spec's order (no host read). Else the ids in
+    the likeliest probability bins that hold top_p + slack of the row's mass by a histogram, and the whole row
+    sorted only for rows where those turn out not to hold the nucleus (reads counts on the host)."""
+    V = x.shape[1]
+    e = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
+    lse, total = _lse_(e)
+    if sort:
+        cand = _ids_of(order_keys(x).sort(dim=1, descending=True).values)
+        return _from_candidates(x, cand, None, temp, top_p, lse, step_keys)[0]
+    cand, counts = _likeliest(x, e, total * (top_p + slack))
+    real = torch.arange(cand.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
+    tokens, mass = _from_candidates(x, cand, real, temp, top_p, lse, step_keys)
+    short = (~(mass >= top_p + MASS_MARGIN) & (counts < V)).nonzero().squeeze(1)  # NaN mass: short too
+    if short.numel():
+        xs = x.index_select(0, short)
+        cand = _ids_of(order_keys(xs).sort(dim=1, descending=True).values)
+        rest = (t.index_select(0, short) for t in (temp, top_p, lse, step_keys))
+        chosen, _ = _from_candidates(xs, cand, None, *rest)
+        tokens.index_copy_(0, short, chosen)
+    return tokens
+
+
+def _likeliest(x: torch.Tensor, e: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ids in its likeliest probability bins (BIN_SHIFT) that together hold `want` [B] of e [B, V]
+    (exp(scaled - max), float64 >= 0), as candidates [B, M] in the spec's order, id 0 past a row's count, and
+    the counts [B]. A set of bins is a prefix of the spec's order: a bin holds every id of each value in it."""
+    B, V = e.shape
+    nb = 1 << (63 - BIN_SHIFT)
+    bins = torch.bitwise_right_shift(e.view(torch.int64), BIN_SHIFT, out=_WORK.get("keys", e, torch.int64))
+    bins.bitwise_and_(nb - 1)  # a NaN logit's bits may be negative
+    mass_from_top = torch.zeros(B, nb, dtype=torch.float64).scatter_add_(1, bins, e).flip(1).cumsum(1)
+    lowest = (nb - 1) - (mass_from_top < want.unsqueeze(1)).sum(1)  # -1: no set of bins holds `want`, take all
+    flat = (bins >= lowest.unsqueeze(1)).view(-1).nonzero().squeeze(1)  # row-major
+    row = flat.div(V, rounding_mode="floor")
+    ids = flat - row * V
+    counts = torch.bincount(row, minlength=B)
+    keys = torch.full((B, max(1, int(counts.max()))), _PAD_KEY, dtype=torch.int64)
+    keys[row, torch.arange(flat.numel()) - (counts.cumsum(0) - counts).index_select(0, row)] = \
+        _keys_at(x.view(-1).index_select(0, flat), ids)
+    return _ids_of(keys.sort(dim=1, descending=True).values), counts
 
 
 def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
@@ -156,10 +228,10 @@ def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp))
 
 
-def _whole_vocabulary(x: torch.Tensor, temp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The token of rows with neither top-k nor top-p: logits / T + g over every id, in buffers."""
+def _whole_vocabulary(x, temp, top_k, top_p, step_keys) -> torch.Tensor:
+    """Rows with neither top-k nor top-p: logits / T + g over every id, in buffers."""
     scores = _WORK.get("f64", x, torch.float64).copy_(x).div_(temp.unsqueeze(1))
-    bits = torch.bitwise_xor(keys.unsqueeze(1), sampler._id_hashes(x.shape[1], x.device),
+    bits = torch.bitwise_xor(step_keys.unsqueeze(1), sampler._id_hashes(x.shape[1], x.device),
                              out=_WORK.get("keys", x, torch.int64))
     _mix32_(bits, _WORK.get("tmp", x, torch.int64))
     u = _WORK.get("u", x, torch.float64).copy_(bits)
@@ -168,79 +240,40 @@ def _whole_vocabulary(x: torch.Tensor, temp: torch.Tensor, keys: torch.Tensor) -
     return scores.argmax(dim=1)  # the first maximum: ties go to the lowest id
 
 
-def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]],
-           tiers: tuple[int, ...] | None = None) -> torch.Tensor:
+def choose(logits: torch.Tensor, rows: list[tuple[float, int, float, int, int]], sort_nucleus: bool | None = None,
+           slack: float = NUCLEUS_SLACK) -> torch.Tensor:
     """The spec's token (int64 [B], on the logits' device) of each row of logits [B, V] under its
-    (temperature, top_k, top_p, seed, step): what sampler.choose gives, computed on candidates."""
+    (temperature, top_k, top_p, seed, step): what sampler.choose gives, computed on candidates.
+    sort_nucleus: top-p rows sorted whole, with no host read (default: on devices other than the CPU);
+    slack: NUCLEUS_SLACK's value (tests vary it to reach the other paths)."""
     x = logits.float().contiguous()
     B, V = x.shape
     dev = x.device
-    if tiers is None:
-        tiers = NUCLEUS_TIERS if dev.type == "cpu" else (V,)
     temps = [t for t, *_ in rows]
     ks = [min(k, V) if k > 0 and t > 0 else 0 for t, k, *_ in rows]
     ps = [p if t > 0 else 1.0 for t, _, p, *_ in rows]
-    nucleus = [t > 0 and k == 0 and p < 1.0 for t, k, p in zip(temps, ks, ps)]
-    tokens = x.argmax(dim=1)  # greedy rows: the first maximum, the lowest id among ties
-    filtered = [i for i in range(B) if ks[i] > 0 or nucleus[i]]
-    whole = [i for i in range(B) if temps[i] > 0 and not ks[i] and not nucleus[i]]
-    if not filtered and not whole:
+    greedy = any(t <= 0 for t in temps)
+    # greedy rows: the first maximum, the lowest id among ties
+    tokens = x.argmax(dim=1) if greedy else torch.empty(B, dtype=torch.int64, device=dev)
+    with_k = [i for i in range(B) if ks[i]]
+    nucleus = [i for i in range(B) if temps[i] > 0 and not ks[i] and ps[i] < 1.0]
+    whole = [i for i in range(B) if temps[i] > 0 and not ks[i] and ps[i] >= 1.0]
+    if not with_k and not nucleus and not whole:
         return tokens
-    temp = _to(dev, [t if t > 0 else 1.0 for t in temps], torch.float64)
     seeds, steps = _to(dev, [r[3] for r in rows], torch.int64), _to(dev, [r[4] for r in rows], torch.int64)
-    step_keys = sampler.step_keys(seeds, steps)
-    if filtered:
-        at = _to(dev, filtered, torch.int64) if len(filtered) < B else None
-        pick = (lambda t: t) if at is None else (lambda t: t.index_select(0, at))
-        xs = pick(x)
-        top_k = _to(dev, [ks[i] for i in filtered], torch.int64)
-        top_p = _to(dev, [ps[i] for i in filtered], torch.float64)
-        nucleus_rows = _to(dev, [nucleus[i] for i in filtered], torch.bool)
-        any_nucleus = any(nucleus[i] for i in filtered)
-        K = min(V, max([ks[i] for i in filtered] + [tiers[0]] * any_nucleus))
-        keys = order_keys(xs)
-        cand = _ids_of(keys.topk(K, dim=1).values)
-        full_lse = None
-        if any_nucleus:  # the row's mass: over the whole row, as the spec's softmax is
-            full_lse = _logsumexp(xs, pick(temp))
-        chosen, covered = _from_candidates(xs, cand, pick(temp), top_k, top_p, any(ps[i] < 1.0 for i in filtered),
-                                           nucleus_rows, full_lse, pick(step_keys))
-        if K < V and any_nucleus:
-            chosen = _widen(xs, keys, chosen, covered, pick(temp), top_p, full_lse, pick(step_keys), tiers[1:])
-        if at is None:
-            tokens = chosen
+    per_row = (x, _to(dev, [t if t > 0 else 1.0 for t in temps], torch.float64), _to(dev, ks, torch.int64),
+               _to(dev, ps, torch.float64), sampler.step_keys(seeds, steps))
+    sort = dev.type != "cpu" if sort_nucleus is None else sort_nucleus
+    for group, rule in ((with_k, partial(_top_k, K=max(ks), any_top_p=any(ps[i] < 1.0 for i in with_k))),
+                        (nucleus, partial(_top_p, sort=sort, slack=slack)), (whole, _whole_vocabulary)):
+        if not group:
+            continue
+        if len(group) == B:
+            tokens = rule(*per_row)
         else:
-            tokens[at] = chosen
-    if whole:
-        at = _to(dev, whole, torch.int64) if len(whole) < B else None
-        pick = (lambda t: t) if at is None else (lambda t: t.index_select(0, at))
-        chosen = _whole_vocabulary(pick(x), pick(temp), pick(step_keys))
-        if at is None:
-            tokens = chosen
-        else:
-            tokens[at] = chosen
+            at = _to(dev, group, torch.int64)
+            tokens[at] = rule(*(t.index_select(0, at) for t in per_row))
     return tokens
-
-
-def _widen(x, keys, tokens, covered, temp, top_p, full_lse, step_keys, tiers) -> torch.Tensor:
-    """Top-p rows whose candidates fell short of their mass: the next tier of candidates, and past the last
-    one the whole row in the spec's order. Reads `covered` on the host: only ever called on the CPU."""
-    short = (~covered).nonzero().flatten()
-    n, V = short.numel(), x.shape[1]
-    if n == 0:
-        return tokens
-    if n < x.shape[0]:
-        x, keys, temp, top_p, full_lse, step_keys = (t.index_select(0, short)
-                                                     for t in (x, keys, temp, top_p, full_lse, step_keys))
-    if tiers and tiers[0] < V:
-        cand = _ids_of(keys.topk(tiers[0], dim=1).values)
-    else:
-        cand = _ids_of(keys.sort(dim=1, descending=True).values)
-    chosen, ok = _from_candidates(x, cand, temp, torch.zeros(n, dtype=torch.int64), top_p, True,
-                                  torch.ones(n, dtype=torch.bool), full_lse, step_keys)
-    if cand.shape[1] < V:
-        chosen = _widen(x, keys, chosen, ok, temp, top_p, full_lse, step_keys, tiers[1:])
-    return chosen if n == tokens.shape[0] else tokens.index_copy_(0, short, chosen)
 
 
 def force_choice(logits: torch.Tensor, rows: dict[int, tuple[float, int, float, int, int]]) -> torch.Tensor:
