@@ -144,9 +144,14 @@ def _allowed(scaled: torch.Tensor, rp: RowParams) -> tuple[torch.Tensor, torch.T
         if candidates is None and V > NUCLEUS_CANDIDATES:
             # A nucleus rarely holds more than a few hundred ids: sort only the most likely ones when, in every
             # top-p row, they already hold the top-p mass (one host read decides), else the whole vocabulary.
-            likely = masked.topk(NUCLEUS_CANDIDATES, dim=1).indices.sort(dim=1).values
-            mass = (masked.gather(1, likely) - torch.logsumexp(masked, dim=1, keepdim=True)).exp().sum(1)
-            if bool(((mass >= rp.top_p) | (rp.top_p >= 1.0)).all()):
+            top = masked.topk(NUCLEUS_CANDIDATES, dim=1)
+            likely = top.indices.sort(dim=1).values
+            mass = (top.values - torch.logsumexp(masked, dim=1, keepdim=True)).exp().sum(1)
+            # topk breaks ties at its cut arbitrarily: the set is the spec's first ids only when no finite id
+            # outside it ties the last value (else the whole row, as the spec's order decides those ties).
+            cut = top.values[:, -1:]
+            prefix = ((masked >= cut) & torch.isfinite(masked)).sum(1) <= NUCLEUS_CANDIDATES
+            if bool(((prefix & (mass >= rp.top_p)) | (rp.top_p >= 1.0)).all()):
                 nucleus_from = likely
         if nucleus_from is not None:
             vals = masked.gather(1, nucleus_from)
