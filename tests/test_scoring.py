@@ -115,6 +115,29 @@ def test_forward_median_logprob_error_ignores_one_outlier_position():
     assert v.reason == "median logprob error 0.1823 > 0.1000 over 3 positions"
 
 
+def test_forward_limits_widen_only_where_the_context_is_short():
+    """float16's outliers sit at the second and third positions (docs/calibration.md): a 0.6-nat error is honest
+    noise there, judged at early_scale x the limit, and a rejection anywhere else or past the widened limit."""
+    ref = ref_from([PROBS] * 5)
+    loose = Thresholds(max_prob_distance=1, max_rest_mass_error=1)
+
+    def with_error_at(row, nats):
+        probs, rest = [[0.5, 0.3]] * 5, [0.2] * 5
+        probs[row], rest[row] = [0.5, 0.3 * math.exp(-nats)], 0.5 - 0.3 * math.exp(-nats)
+        return answer([[0, 1]] * 5, probs, rest)
+
+    early = torch.tensor([1, 2, 3, 4, 5])  # rows 0 and 1 have 2 and 3 tokens of context
+    assert verify_forward(ref, *with_error_at(1, 0.6), loose, positions=early).ok
+    assert verify_forward(ref, *with_error_at(1, 0.6), loose).reason == "logprob error 0.6000 > 0.4000 at position 1"
+    assert verify_forward(ref, *with_error_at(2, 0.6), loose, positions=early).reason == \
+        "logprob error 0.6000 > 0.4000 at position 2"
+    assert verify_forward(ref, *with_error_at(0, 1.3), loose, positions=early).reason == \
+        "logprob error 1.3000 > 1.2000 at position 0"
+    rest_off = answer([[0, 1]] * 5, [[0.5, 0.25]] + [[0.5, 0.3]] * 4, [0.25, 0.2, 0.2, 0.2, 0.2])  # 0.05 off
+    assert verify_forward(ref, *rest_off, Thresholds(max_prob_distance=1), positions=early).ok
+    assert not verify_forward(ref, *rest_off, Thresholds(max_prob_distance=1), positions=early + 10).ok
+
+
 def test_forward_random_ids_fail_overlap():
     ref = ref_from([PROBS])
     v = verify_forward(ref, *answer([[3, 2]], [[0.5, 0.3]], [0.2]), TH)
