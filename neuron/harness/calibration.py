@@ -132,7 +132,8 @@ def forward_checks(ref: Reference, miner: LoadedModel, chs: list[Challenge], th:
     checks = []
     for c, out in zip(chs, forward_batch(miner, jobs)):
         ref_rows = ref.rows(c.forward_ids, c.positions)
-        v = scoring.verify_forward(ref_rows, out.topk_ids[0], out.topk_logprobs[0], out.rest_mass[0], th)
+        v = scoring.verify_forward(ref_rows, out.topk_ids[0], out.topk_logprobs[0], out.rest_mass[0], th,
+                                   torch.tensor(c.positions))  # as the validator judges them
         checks.append(Check(model, label, honest, "forward", len(chs), v.ok, v.reason, dict(v.metrics)))
     return checks
 
