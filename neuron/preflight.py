@@ -24,7 +24,7 @@ def miner(config: MinerConfig) -> MinerConfig:
 def precision(config: MinerConfig | ValidatorConfig) -> None:
     """A precision asked for by name whose honest answers fail verification (neuron/model.py precision_problem)
     is refused before the load; "auto" never picks one, and the miner checks what its engine serves again."""
-    vllm = getattr(config, "engine", None) is not None and config.engine.backend == "vllm"
+    vllm = isinstance(config, MinerConfig) and config.engine.backend == "vllm"
     flag, dtype = ("--engine.vllm.dtype", config.engine.vllm.dtype) if vllm else ("--model.dtype", config.model.dtype)
     if dtype != "auto":
         from neuron.model import precision_problem

@@ -134,9 +134,12 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     """vLLM's engine arguments for `model` under `config` (what `neuron bench` gives LLM() too)."""
     on_cpu = not torch.cuda.is_available()
     max_len = config.max_model_len or max_seq_len
-    kwargs = config.engine_kwargs(on_cpu, max_len, auto_dtype(_hf_config(model).get("model_type", ""), not on_cpu))
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(_source(model)).to_dict()
+    kwargs = config.engine_kwargs(on_cpu, max_len, auto_dtype(hf.get("model_type", ""), not on_cpu))
     if on_cpu and "kv_cache_memory_bytes" not in kwargs:  # sized from the limits, not from a share of the host
-        kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(model, kwargs["dtype"], max_len, config.max_num_seqs)
+        kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache(hf, kwargs["dtype"], max_len, config.max_num_seqs)
     return AsyncEngineArgs(
         model=_source(model),
         logprobs_mode="raw_logprobs",  # logprobs of the unmodified distribution, before any processor
@@ -149,14 +152,7 @@ def engine_args(model: str, config: VllmConfig, max_seq_len: int = 0) -> AsyncEn
     )
 
 
-def _hf_config(model: str) -> dict:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(_source(model)).to_dict()
-
-
-def _cpu_kv_cache(model: str, dtype: str, max_len: int, max_num_seqs: int) -> int:
-    hf = _hf_config(model)
+def _cpu_kv_cache(hf: dict, dtype: str, max_len: int, max_num_seqs: int) -> int:
     max_len = max_len or hf.get("max_position_embeddings") or 2048
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     size, need = cpu_kv_cache_bytes(hf, 4 if dtype == "float32" else 2, max_len, max_num_seqs, host)
